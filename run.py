@@ -1,0 +1,67 @@
+"""Run one (method, benchmark, model, context_len) job, or a sweep with -m.
+
+    python run.py                                   # the default job (full cache, synthetic)
+    python run.py -m method=full,sliding_window context_len=512,4096 budget=0.25
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from atskv.config import register_configs
+from atskv.types import ConfigError
+
+OmegaConf.register_new_resolver("atskv_suffix", lambda s: f"_{s}".replace("/", "-") if s else "",
+                                replace=True)
+register_configs()
+log = logging.getLogger("atskv")
+
+
+def quote_group_numbers(argv: list[str], groups: tuple[str, ...] = ("context_len",)) -> list[str]:
+    """Hydra parses ``context_len=512,4096`` as integers, which it refuses as config-group
+    choices; quote plain numeric choices of those groups so the natural spelling works."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in groups and all(v.strip().isdigit() for v in value.split(",")):
+            arg = key + "=" + ",".join(f"'{v.strip()}'" for v in value.split(","))
+        out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from atskv.runner import run
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    try:
+        result = run(cfg, out_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result is None:
+        return
+    if result["status"] != "ok":
+        log.error("failed: %s (recorded in %s)", result["error"], out_dir / "result.json")
+        if hc.mode == RunMode.RUN:
+            sys.exit(1)
+        return
+    frac = result.get("kv_cache_fraction")
+    log.info("%s on %s ctx=%d: accuracy %.1f, KV %.1f%% of full, TTFT %.2fs, decode %s tok/s",
+             result["method"], result["benchmark"], result["context_len"], result["accuracy"],
+             100 * frac if frac is not None else float("nan"), result["ttft_s"],
+             f"{result['decode_tokens_per_s']:.1f}" if result["decode_tokens_per_s"] else "n/a")
+    print(f"results: {out_dir / 'result.json'}")
+
+
+if __name__ == "__main__":
+    sys.argv = quote_group_numbers(sys.argv)
+    main()

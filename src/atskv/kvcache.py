@@ -1,0 +1,155 @@
+"""KV storage for one layer, at KV-head granularity, with real (ragged) memory savings.
+
+Two phases:
+
+* prefill: :class:`DenseKV` holds ``(H_kv, T, d)`` keys/values as they arrive (chunked prefill
+  appends), uncompressed, so a method can score every prompt token;
+* decode: :class:`PackedKV` holds, per KV head, only the tokens the method kept, packed one head
+  after another in one flat ``(N, d)`` buffer: head ``h`` owns rows ``[offset[h], offset[h] +
+  capacity[h])`` and fills the first ``length[h]`` of them. Heads (and layers) may keep different
+  numbers of tokens; nothing is padded to a common length, so a smaller budget is a smaller
+  tensor, not a mask. Tokens of a head are kept in their original position order; their rotary
+  position was applied before caching, so eviction never shifts positions.
+
+Pure torch: nothing here knows about transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tensor_bytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class DenseKV:
+    """Prompt keys/values during prefill, ``(H_kv, T, d)``."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``(H_kv, t, d)`` and return the whole ``(H_kv, T, d)`` keys and values."""
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = torch.cat([self.keys, k], dim=1)
+            self.values = torch.cat([self.values, v], dim=1)
+        return self.keys, self.values
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+
+class PackedKV:
+    """Kept tokens of one layer, packed per KV head (see the module docstring)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, lengths: list[int], capacities: list[int]):
+        assert keys.shape == values.shape and keys.dim() == 2
+        assert len(lengths) == len(capacities)
+        self.k = keys  # (N, d)
+        self.v = values
+        self.lengths = list(lengths)
+        self.capacities = list(capacities)
+        self.offsets = [0]
+        for c in capacities:
+            self.offsets.append(self.offsets[-1] + c)
+        assert self.offsets[-1] == keys.shape[0]
+        self.uniform = len(set(capacities)) == 1
+
+    @classmethod
+    def from_selection(
+        cls, keys: Tensor, values: Tensor, keep: list[Tensor], headroom: list[int]
+    ) -> PackedKV:
+        """Pack ``keys[h, keep[h]]`` for every head, with ``headroom[h]`` free rows after them.
+
+        Args:
+            keys, values: ``(H_kv, T, d)`` prefill tensors.
+            keep: per head, a 1-D tensor of token indices (sorted ascending).
+            headroom: per head, rows reserved for tokens appended during decoding.
+        """
+        n_heads, _, d = keys.shape
+        lengths = [int(k.numel()) for k in keep]
+        caps = [n + r for n, r in zip(lengths, headroom)]
+        total = sum(caps)
+        k_buf = keys.new_empty(total, d)
+        v_buf = values.new_empty(total, d)
+        off = 0
+        for h in range(n_heads):
+            n = lengths[h]
+            k_buf[off : off + n] = keys[h].index_select(0, keep[h])
+            v_buf[off : off + n] = values[h].index_select(0, keep[h])
+            off += caps[h]
+        return cls(k_buf, v_buf, lengths, caps)
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.lengths)
+
+    def head(self, h: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of head ``h``: two ``(length[h], d)`` views."""
+        s = self.offsets[h]
+        e = s + self.lengths[h]
+        return self.k[s:e], self.v[s:e]
+
+    def dense(self) -> tuple[Tensor, Tensor] | None:
+        """``(H_kv, T, d)`` views when every head has the same capacity and length, else None."""
+        if not self.uniform or len(set(self.lengths)) != 1:
+            return None
+        h, cap, n = self.n_heads, self.capacities[0], self.lengths[0]
+        d = self.k.shape[1]
+        return self.k.view(h, cap, d)[:, :n], self.v.view(h, cap, d)[:, :n]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Append one token per head; ``k``, ``v`` are ``(H_kv, d)``."""
+        full = [h for h in range(self.n_heads) if self.lengths[h] >= self.capacities[h]]
+        if full:
+            raise RuntimeError(f"KV heads {full} are at capacity; the method must evict first")
+        if self.uniform and len(set(self.lengths)) == 1:
+            h, cap, n = self.n_heads, self.capacities[0], self.lengths[0]
+            d = self.k.shape[1]
+            self.k.view(h, cap, d)[:, n] = k
+            self.v.view(h, cap, d)[:, n] = v
+        else:
+            for h in range(self.n_heads):
+                row = self.offsets[h] + self.lengths[h]
+                self.k[row] = k[h]
+                self.v[row] = v[h]
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def evict(self, h: int, index: int) -> None:
+        """Remove token ``index`` of head ``h``, shifting the later ones left (order kept)."""
+        s = self.offsets[h]
+        n = self.lengths[h]
+        if not 0 <= index < n:
+            raise IndexError(f"token {index} out of range for head {h} of length {n}")
+        if index < n - 1:
+            self.k[s + index : s + n - 1] = self.k[s + index + 1 : s + n].clone()
+            self.v[s + index : s + n - 1] = self.v[s + index + 1 : s + n].clone()
+        self.lengths[h] = n - 1
+
+    def keep_only(self, h: int, keep: Tensor) -> None:
+        """Keep only tokens ``keep`` (sorted segment indices) of head ``h``."""
+        s = self.offsets[h]
+        n = int(keep.numel())
+        self.k[s : s + n] = self.k[s + keep].clone()
+        self.v[s : s + n] = self.v[s + keep].clone()
+        self.lengths[h] = n
+
+    def total_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def nbytes(self) -> int:
+        """Bytes allocated for this layer's keys and values (headroom included)."""
+        return tensor_bytes(self.k, self.v)
+
+    def token_bytes(self) -> int:
+        """Bytes of one token's key + value in one head."""
+        return 2 * self.k.shape[1] * self.k.element_size()

@@ -1,0 +1,141 @@
+"""Result files: ``result.json`` and ``samples.jsonl`` per run, written atomically, plus
+provenance (versions, git commit, device, date)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+RESULT = "result.json"
+SAMPLES = "samples.jsonl"
+PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "datasets", "wandb", "lm-eval",
+            "atskv")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder and rename it into place: readers see either
+    the old file or the complete new one, never a partial one (also on Ctrl-C or a crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+
+
+def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+
+
+def read_result(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished(folder: Path) -> bool:
+    """True when the folder holds a successful result (failed runs are rerun)."""
+    res = read_result(folder)
+    return bool(res) and res.get("status") == "ok"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(device: str) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dev = torch.device(device)
+    device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                   else platform.processor() or platform.machine())
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": now_iso(),
+        "device": str(dev),
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return mean(vals) if vals else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate per-sample rows into the run's summary metrics. Accuracy is the mean over tasks
+    of each task's mean score (tasks weigh equally, as LongBench reports)."""
+    by_task: dict[str, list[float]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["score"])
+    task_scores = {t: mean(s) for t, s in sorted(by_task.items())}
+    kv = _mean([r["kv_cache_bytes"] for r in rows])
+    kv_full = _mean([r["kv_cache_bytes_uncompressed"] for r in rows])
+    return {
+        "accuracy": mean(task_scores.values()) if task_scores else None,
+        "task_scores": task_scores,
+        "kv_cache_bytes": kv,
+        "kv_cache_bytes_after_compression": _mean([r["kv_cache_bytes_after_compression"] for r in rows]),
+        "kv_cache_bytes_uncompressed": kv_full,
+        "kv_cache_fraction": (kv / kv_full) if kv is not None and kv_full else None,
+        "decode_kv_read_bytes": _mean([r["decode_kv_read_bytes"] for r in rows]),
+        "ttft_s": _mean([r["ttft_s"] for r in rows]),
+        "decode_tokens_per_s": _mean([r["decode_tokens_per_s"] for r in rows]),
+        "prompt_tokens": _mean([r["prompt_tokens"] for r in rows]),
+        "generated_tokens": _mean([r["generated_tokens"] for r in rows]),
+    }

@@ -1,0 +1,13 @@
+"""The full cache: no compression; the baseline every ratio is taken against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atskv.methods.base import METHODS, Method
+
+
+@METHODS.register("full")
+@dataclass
+class Full(Method):
+    name = "full"

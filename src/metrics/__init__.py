@@ -1,0 +1,6 @@
+"""Measurement collectors: latency (device-synchronised) and peak memory."""
+
+from atskv.metrics.memory import PeakMemory
+from atskv.metrics.timing import Timer
+
+__all__ = ["PeakMemory", "Timer"]

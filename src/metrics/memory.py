@@ -1,0 +1,59 @@
+"""Peak memory over a region: the CUDA allocator's peak on GPU, the process's peak resident set
+size on CPU (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Each figure says which
+kind it is; a figure that cannot be measured is ``None``, never 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CUDA_KIND = "cuda_max_allocated"
+RSS_KIND = "process_peak_rss"
+
+
+def _read_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` and ``m.kind``.
+
+    On CPU, when the peak RSS cannot be reset (non-Linux), the figure is the process's lifetime
+    peak and ``m.since_reset`` is False; callers should record that.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.kind = CUDA_KIND if self.device.type == "cuda" else RSS_KIND
+        self.peak_bytes: int | None = None
+        self.since_reset = True
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.since_reset = _reset_hwm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak_bytes = _read_hwm()

@@ -1,0 +1,125 @@
+"""Cache-engine invariants on the tiny random Llama: the full method equals plain transformers,
+evicted caches keep original positions, ragged heads really shrink memory, memory is released."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from atskv import hf_seam
+from atskv.engine import Engine
+from atskv.kvcache import PackedKV
+from atskv.methods import METHODS, Method, PrefillContext
+
+PROMPT = list(range(100, 160))  # 60 tokens
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_full_matches_transformers_generate(tiny_model, chunk):
+    ref_tokens, ref_logits = hf_seam.reference_greedy(tiny_model, torch.tensor([PROMPT]), 8)
+    eng = Engine(tiny_model, None, METHODS.get("full")(), prefill_chunk=chunk)
+    out = eng.generate(PROMPT, 8, stop_at_eos=False, return_logits=True)
+    assert out.token_ids == ref_tokens
+    assert max_diff(out.stats["logits"], ref_logits) < 1e-4
+    assert out.kv_bytes_peak == out.kv_bytes_uncompressed
+    # the attention implementation is restored afterwards
+    assert tiny_model.config._attn_implementation != hf_seam.ATTN_NAME
+
+
+def test_budget_one_sliding_window_equals_full(tiny_model):
+    full = Engine(tiny_model, None, METHODS.get("full")()).generate(
+        PROMPT, 6, stop_at_eos=False, return_logits=True)
+    sw = Engine(tiny_model, None, METHODS.get("sliding_window")(budget=1.0)).generate(
+        PROMPT, 6, stop_at_eos=False, return_logits=True)
+    assert sw.token_ids == full.token_ids
+    assert max_diff(sw.stats["logits"], full.stats["logits"]) == 0.0
+
+
+@dataclass
+class KeepSubset(Method):
+    """Test method: keeps a fixed, different subset of prompt tokens per KV head."""
+
+    name = "keep_subset"
+    subsets: tuple = ()
+
+    def select(self, ctx: PrefillContext):
+        self.seen_keys = [weakref.ref(k) for k in ctx.keys]
+        keep = [torch.tensor(s) for s in self.subsets]
+        return [keep for _ in range(ctx.n_layers)]
+
+
+def oracle_logits(model, tokens, prompt_len, subsets, n_q_heads):
+    """Plain transformers forward with a 4-D mask: prompt rows causal, each later query row sees
+    only its head's kept prompt tokens plus the generated tokens (at their true positions)."""
+    n = len(tokens)
+    n_kv = len(subsets)
+    group = n_q_heads // n_kv
+    allowed = torch.ones(n_q_heads, n, n, dtype=torch.bool).tril()
+    for h in range(n_q_heads):
+        row_ok = torch.zeros(n, dtype=torch.bool)
+        row_ok[list(subsets[h // group])] = True
+        row_ok[prompt_len:] = True
+        for q in range(prompt_len, n):
+            allowed[h, q, :] = row_ok & (torch.arange(n) <= q)
+    mask = torch.zeros(1, n_q_heads, n, n).masked_fill(~allowed[None], float("-inf"))
+    with torch.inference_mode():
+        out = model(torch.tensor([tokens]), attention_mask=mask, use_cache=False)
+    return out.logits[0]
+
+
+def test_eviction_keeps_original_positions_and_ragged_heads(tiny_model):
+    subsets = ((0, 1, 2, 10, 30, 59), (0, 5, 6, 7, 20, 21, 22, 40, 50, 58, 59))
+    method = KeepSubset(subsets=subsets)
+    out = Engine(tiny_model, None, method).generate(PROMPT, 5, stop_at_eos=False, return_logits=True)
+    tokens = PROMPT + out.token_ids[:-1]
+    ref = oracle_logits(tiny_model, tokens, len(PROMPT), subsets,
+                        tiny_model.config.num_attention_heads)
+    for step, logits in enumerate(out.stats["logits"]):
+        torch.testing.assert_close(logits, ref[len(PROMPT) - 1 + step], atol=1e-4, rtol=1e-4)
+    # ragged storage: bytes are exactly the kept tokens (+ decode headroom) per head, no padding
+    d = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
+    n_layers = tiny_model.config.num_hidden_layers
+    per_layer = sum(len(s) + 5 for s in subsets) * 2 * d * 4
+    assert out.kv_bytes_after_compression == n_layers * per_layer
+    assert out.stats["kept_tokens"] == [[6, 11]] * n_layers
+
+
+def test_prefill_tensors_are_released(tiny_model):
+    method = KeepSubset(subsets=((0, 59), (1, 59)))
+    Engine(tiny_model, None, method).generate(PROMPT, 2, stop_at_eos=False)
+    gc.collect()
+    assert all(ref() is None for ref in method.seen_keys)
+
+
+def test_sliding_window_keeps_sinks_and_recent_and_stays_in_budget(tiny_model):
+    prompt = list(range(100, 290))  # 190 tokens + 10 new; budget 0.25 -> 50 tokens
+    method = METHODS.get("sliding_window")(budget=0.25, n_sink=4)
+    out = Engine(tiny_model, None, method).generate(prompt, 10, stop_at_eos=False,
+                                                      return_logits=True)
+    kept = out.stats["kept_indices"][0][0].tolist()
+    assert kept == list(range(4)) + list(range(144, 190))
+    full = Engine(tiny_model, None, METHODS.get("full")()).generate(prompt, 10, stop_at_eos=False)
+    assert out.kv_bytes_peak == out.kv_bytes_after_compression  # never grows past the budget
+    assert out.kv_bytes_peak / full.kv_bytes_peak == pytest.approx(0.25)
+
+
+def test_packed_append_and_evict_order():
+    keys = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)
+    store = PackedKV.from_selection(keys, keys.clone(), [torch.tensor([0, 2, 4]), torch.tensor([1])],
+                                    [1, 2])
+    assert store.nbytes() == (4 + 3) * 2 * 4
+    store.append(torch.tensor([[100.0], [200.0]]), torch.tensor([[100.0], [200.0]]))
+    assert store.head(0)[0].flatten().tolist() == [0, 2, 4, 100]
+    assert store.head(1)[0].flatten().tolist() == [6, 200]
+    with pytest.raises(RuntimeError, match="capacity"):
+        store.append(torch.zeros(2, 1), torch.zeros(2, 1))
+    store.evict(0, 1)
+    assert store.head(0)[0].flatten().tolist() == [0, 4, 100]
