@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,9 @@ OmegaConf.register_new_resolver("atskv_suffix", lambda s: f"_{s}".replace("/", "
                                 replace=True)
 register_configs()
 log = logging.getLogger("atskv")
+# conf/hydra/launcher/submitit_local.yaml shares its name with the submitit plugin's schema, which
+# Hydra then checks it against (wanted) with a deprecation warning on every sweep (not wanted).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated")
 
 
 def quote_group_numbers(argv: list[str], groups: tuple[str, ...] = ("context_len",)) -> list[str]:
@@ -45,6 +49,11 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run(cfg, out_dir)
     except ConfigError as e:
+        if hc.mode == RunMode.MULTIRUN:
+            # Hydra records the job as failed and goes on with the rest of the sweep, which then
+            # exits non-zero with the first such error. Nothing is written for this job.
+            log.error("error: %s (nothing written; the sweep goes on)", e)
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if result is None:

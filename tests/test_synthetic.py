@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from types import SimpleNamespace
 
 import pytest
+
 from atskv.benchmarks.base import BENCHMARKS
 from atskv.benchmarks.synthetic import TASKS, SyntheticBenchmark
-
 from atskv.types import ConfigError, Sample
 
 ESSAYS = os.path.join(

@@ -17,10 +17,8 @@ from torch import Tensor
 from atskv import hf_seam
 from atskv.kvcache import DenseKV, PackedKV
 from atskv.methods.base import Method, PrefillContext
-from atskv.types import GenerationOutput
-
-
 from atskv.metrics.timing import synchronize  # noqa: E402
+from atskv.types import GenerationOutput
 
 
 class _Session:

@@ -22,7 +22,7 @@ class Benchmark(ABC):
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook
         """Check inputs (files, task names, ...) cheaply, before any model is loaded.
         Raise :class:`atskv.types.ConfigError` naming the bad value and the valid choices."""
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from atskv.benchmarks.base import BENCHMARKS, Benchmark
-
 from atskv.types import ConfigError, Sample
 
 TASKS: dict[str, int] = {  # task name -> default max_new_tokens

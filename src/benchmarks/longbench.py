@@ -1,0 +1,341 @@
+"""LongBench v1 (THUDM, arXiv 2308.14508): the 16 English tasks and their LongBench-E variants.
+
+Protocol (THUDM's ``pred.py``/``eval.py``, as shipped by lm-eval 0.4.13):
+
+* prompts and maximum generation lengths are read at run time from lm-eval's task YAMLs
+  (``lm_eval/tasks/longbench/<task>.yaml``); their ``{{question}}`` is THUDM's ``input`` field;
+* the prompt is middle-truncated (first and last halves kept) to ``context_len`` minus the
+  generation room minus the chat-template tokens, token-exact;
+* the chat template is applied except for trec, triviaqa, samsum, lsht, lcc and repobench-p;
+* trec, triviaqa, samsum and lsht keep only the first line of the prediction;
+* the score is the task's metric (qa_f1, ROUGE-L, classification, retrieval, count or code
+  similarity; lm-eval's implementations of THUDM's functions), max over the references, x100.
+
+Data: ``datasets.load_dataset("THUDM/LongBench", task, split="test")``, falling back to the
+parquet copy lm-eval uses; or, with ``data_dir``, THUDM-format ``<data_dir>/<task>.jsonl`` files
+(the content of THUDM's ``data.zip``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import yaml
+
+from atskv.benchmarks.base import BENCHMARKS, Benchmark
+from atskv.benchmarks.textmetrics import (
+    cfg_get,
+    check_fields,
+    check_task_names,
+    encode,
+    hub_load,
+    iter_jsonl,
+    lm_eval_longbench_metrics,
+    max_over_references,
+    middle_truncate,
+    prompt_wrapper,
+    requested_tasks,
+    subset_indices,
+)
+from atskv.types import ConfigError, Sample
+
+TASKS: tuple[str, ...] = (
+    "narrativeqa",
+    "qasper",
+    "multifieldqa_en",
+    "hotpotqa",
+    "2wikimqa",
+    "musique",
+    "gov_report",
+    "qmsum",
+    "multi_news",
+    "trec",
+    "triviaqa",
+    "samsum",
+    "passage_count",
+    "passage_retrieval_en",
+    "lcc",
+    "repobench-p",
+)
+"""The 16 English LongBench v1 tasks (the default task list)."""
+
+E_TASKS: tuple[str, ...] = tuple(
+    f"{t}_e"
+    for t in (
+        "qasper",
+        "multifieldqa_en",
+        "hotpotqa",
+        "2wikimqa",
+        "gov_report",
+        "multi_news",
+        "trec",
+        "triviaqa",
+        "samsum",
+        "passage_count",
+        "passage_retrieval_en",
+        "lcc",
+        "repobench-p",
+    )
+)
+"""LongBench-E: the same tasks with lengths spread evenly over 0-4k, 4-8k and 8k+ words."""
+
+ALL_TASKS: tuple[str, ...] = TASKS + E_TASKS
+
+TASK_METRIC: dict[str, str] = {
+    "narrativeqa": "qa_f1_score",
+    "qasper": "qa_f1_score",
+    "multifieldqa_en": "qa_f1_score",
+    "hotpotqa": "qa_f1_score",
+    "2wikimqa": "qa_f1_score",
+    "musique": "qa_f1_score",
+    "gov_report": "rouge_score",
+    "qmsum": "rouge_score",
+    "multi_news": "rouge_score",
+    "trec": "classification_score",
+    "triviaqa": "qa_f1_score",
+    "samsum": "rouge_score",
+    "passage_count": "count_score",
+    "passage_retrieval_en": "retrieval_score",
+    "lcc": "code_sim_score",
+    "repobench-p": "code_sim_score",
+}
+"""Per-pair metric of each base task: a function name in ``lm_eval.tasks.longbench.metrics``."""
+
+NO_CHAT_TEMPLATE = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+FIRST_LINE_ONLY = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+HUB_PATH = "THUDM/LongBench"
+
+_FIELDS: dict[str, tuple[type, ...]] = {"input": (str,), "context": (str,), "answers": (list,)}
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_DATA_HINT = (
+    "a folder of THUDM-format <task>.jsonl files (THUDM/LongBench's data.zip, extracted), "
+    "e.g. benchmark.data_dir=/path/to/LongBench/data"
+)
+
+
+def base_task(task: str) -> str:
+    """``qasper_e`` -> ``qasper`` (LongBench-E tasks share the prompt rules and metric)."""
+    return task[:-2] if task.endswith("_e") else task
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What lm-eval's YAML says about one task."""
+
+    prompt: str  # template with {{context}} and {{question}}
+    max_new_tokens: int
+    until: tuple[str, ...]
+    process_results: str
+    dataset_path: str
+    dataset_name: str
+
+
+class _YamlLoader(yaml.SafeLoader):
+    pass
+
+
+_YamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def lm_eval_task_dir() -> str:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("LongBench prompts come from lm-eval: pip install lm-eval==0.4.13")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tasks", "longbench")
+
+
+@cache
+def task_spec(task: str) -> TaskSpec:
+    """Prompt template, generation length and metric of ``task`` from lm-eval's YAML."""
+    path = os.path.join(lm_eval_task_dir(), f"{task}.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"lm-eval has no LongBench task file {path} (expected lm-eval 0.4.13)")
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.load(f, Loader=_YamlLoader)
+    gen = doc.get("generation_kwargs") or {}
+    return TaskSpec(
+        prompt=str(doc["doc_to_text"]),
+        max_new_tokens=int(gen.get("max_gen_toks", 256)),
+        until=tuple(gen.get("until") or ()),
+        process_results=str(doc.get("process_results", "")),
+        dataset_path=str(doc.get("dataset_path", "")),
+        dataset_name=str(doc.get("dataset_name", task)),
+    )
+
+
+def render_prompt(template: str, record: dict[str, Any]) -> str:
+    """Fill ``{{context}}`` and ``{{question}}`` (THUDM's ``input``) from a record."""
+    values = {"context": record["context"], "question": record["input"], "input": record["input"]}
+
+    def fill(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise ConfigError(f"LongBench prompt uses unknown field {m.group(1)!r}")
+        return str(values[m.group(1)])
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def score_prediction(
+    task: str, prediction: str, references: list[str], all_classes: list[str] | None = None
+) -> float:
+    """THUDM's scorer for one prediction: first-line post-processing where the protocol says so,
+    then the task's metric, max over the references, in [0, 100]."""
+    base = base_task(task)
+    if base in FIRST_LINE_ONLY:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    fn = getattr(lm_eval_longbench_metrics(), TASK_METRIC[base])
+    best = max_over_references(fn, prediction, references, all_classes=all_classes)
+    return round(100.0 * best, 6)  # rouge's F1 carries a 1e-8 epsilon: 99.9999995 -> 100
+
+
+def check_record(task: str, record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate one THUDM-schema record (lm-eval's copies name ``input`` ``question``)."""
+    if "input" not in record and "question" in record:
+        record = {**record, "input": record["question"]}
+    check_fields(record, _FIELDS, where)
+    answers = record["answers"]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ConfigError(f"{where}: field 'answers' should be a non-empty list of strings")
+    if base_task(task) in ("trec", "lsht"):
+        check_fields(record, {"all_classes": (list,)}, where)
+    return record
+
+
+@BENCHMARKS.register("longbench")
+class LongBench(Benchmark):
+    """LongBench v1 English tasks (and LongBench-E with ``<task>_e``).
+
+    Config fields: ``tasks`` (None: the 16 English tasks from the hub, or every task whose
+    ``<task>.jsonl`` exists in ``data_dir``), ``data_dir``, ``n_samples`` (cap per task, used
+    when ``load`` gets ``n=None``), ``max_new_tokens`` (overrides the per-task lengths).
+    """
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self._hub_cache: dict[str, list[dict[str, Any]]] = {}
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> str | None:
+        d = cfg_get(self.cfg, "data_dir")
+        return os.path.expanduser(str(d)) if d else None
+
+    def task_file(self, task: str) -> str:
+        assert self.data_dir is not None
+        return os.path.join(self.data_dir, f"{task}.jsonl")
+
+    def tasks(self) -> list[str]:
+        """The tasks this config selects (validated names, in order, no duplicates)."""
+        requested = requested_tasks(self.cfg)
+        if requested is not None:
+            check_task_names("longbench", requested, ALL_TASKS)
+            return list(dict.fromkeys(requested))
+        if self.data_dir is None:
+            return list(TASKS)
+        self._check_data_dir()
+        found = [t for t in ALL_TASKS if os.path.isfile(self.task_file(t))]
+        if not found:
+            raise ConfigError(
+                f"benchmark.data_dir {self.data_dir} holds no LongBench task file; expected "
+                f"<task>.jsonl for tasks among: {', '.join(ALL_TASKS)}"
+            )
+        return found
+
+    def _check_data_dir(self) -> None:
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"benchmark.data_dir {self.data_dir} is not a directory")
+
+    def validate(self) -> None:
+        self._check_data_dir()
+        for task in self.tasks():
+            task_spec(task)
+            if not self._records(task):
+                raise ConfigError(f"LongBench task {task}: no records in {self._source(task)}")
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def _source(self, task: str) -> str:
+        return self.task_file(task) if self.data_dir else f"hub {HUB_PATH}/{task}"
+
+    def _records(self, task: str) -> list[dict[str, Any]]:
+        if self.data_dir is not None:
+            path = self.task_file(task)
+            return [
+                check_record(task, rec, f"{path}, line {lineno}")
+                for lineno, rec in iter_jsonl(path)
+            ]
+        if task not in self._hub_cache:
+            spec = task_spec(task)
+            candidates = [(HUB_PATH, task)]
+            if spec.dataset_path and spec.dataset_path != HUB_PATH:
+                candidates.append((spec.dataset_path, spec.dataset_name))
+            rows = hub_load(candidates, "test", _DATA_HINT)
+            self._hub_cache[task] = [
+                check_record(task, r, f"hub {HUB_PATH}/{task}, record {i}")
+                for i, r in enumerate(rows)
+            ]
+        return self._hub_cache[task]
+
+    def load(self, tokenizer: Any, context_len: int, n: int | None, seed: int) -> list[Sample]:
+        cap = n if n is not None else cfg_get(self.cfg, "n_samples")
+        wrappers = {chat: prompt_wrapper(tokenizer, chat) for chat in (True, False)}
+        samples: list[Sample] = []
+        for task in self.tasks():
+            records = self._records(task)
+            for i in subset_indices(len(records), cap, seed):
+                samples.append(self._sample(task, i, records[i], tokenizer, context_len, wrappers))
+        return samples
+
+    def _sample(
+        self,
+        task: str,
+        index: int,
+        record: dict[str, Any],
+        tokenizer: Any,
+        context_len: int,
+        wrappers: dict[bool, tuple[list[int], list[int], bool]],
+    ) -> Sample:
+        spec = task_spec(task)
+        base = base_task(task)
+        max_new = int(cfg_get(self.cfg, "max_new_tokens") or spec.max_new_tokens)
+        pre, post, used_chat = wrappers[base not in NO_CHAT_TEMPLATE]
+        content = encode(tokenizer, render_prompt(spec.prompt, record))
+        budget = context_len - max_new - len(pre) - len(post)
+        if budget <= 0:
+            raise ConfigError(
+                f"context_len {context_len} leaves no room for a LongBench {task} prompt "
+                f"({max_new} new tokens + {len(pre) + len(post)} template tokens)"
+            )
+        kept = middle_truncate(content, budget)
+        rid = record.get("_id") or str(index)
+        return Sample(
+            id=f"{task}/{rid}",
+            task=task,
+            input_ids=pre + kept + post,
+            references=list(record["answers"]),
+            max_new_tokens=max_new,
+            meta={
+                "all_classes": record.get("all_classes"),
+                "first_line": base in FIRST_LINE_ONLY,
+                "chat_template": used_chat,
+                "stop": list(spec.until),
+                "metric": TASK_METRIC[base],
+                "prompt_tokens_full": len(content) + len(pre) + len(post),
+                "truncated": len(kept) < len(content),
+                "length": record.get("length"),
+                "index": index,
+            },
+        )
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        return score_prediction(
+            sample.task, prediction, sample.references, sample.meta.get("all_classes")
+        )

@@ -1,0 +1,127 @@
+"""Shared scoring and selection pieces (SnapKV-style), used by every score-based method.
+
+Attention weights are not returned by SDPA kernels, so the observation-window attention is
+recomputed here: ``softmax(Q_win K^T * scale)``, causal inside the window. Scores are aggregated
+over the query heads of a GQA group and selection happens once per KV head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def window_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Attention probabilities of the last ``w`` prompt queries over all ``L`` prompt keys.
+
+    Args:
+        q: ``(H_q, w, d)`` queries of the last ``w`` prompt positions (after RoPE).
+        k: ``(H_kv, L, d)`` keys (after RoPE).
+    Returns:
+        ``(H_kv, g, w, L)`` probabilities (float32); query ``i`` sees keys ``<= L - w + i``.
+    """
+    h_q, w, d = q.shape
+    h_kv, n, _ = k.shape
+    g = h_q // h_kv
+    logits = torch.einsum("hgwd,hld->hgwl", q.view(h_kv, g, w, d).float(), k.float()) * scale
+    causal = torch.ones(w, n, dtype=torch.bool, device=q.device).tril(n - w)
+    logits = logits.masked_fill(~causal, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def pool1d(scores: Tensor, kernel: int, kind: str = "max") -> Tensor:
+    """Smooth ``(H, L)`` scores along the sequence (stride 1, same padding)."""
+    if kernel <= 1:
+        return scores
+    x = scores[:, None]
+    if kind == "max":
+        return F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[:, 0, : scores.shape[1]]
+    if kind == "avg":
+        return F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2,
+                            count_include_pad=False)[:, 0, : scores.shape[1]]
+    raise ValueError(f"pooling {kind!r}; choose max or avg")
+
+
+def window_scores(q: Tensor, k: Tensor, scale: float, window: int, kernel: int = 1,
+                  pool: str = "max", reduce: str = "sum") -> Tensor:
+    """SnapKV relevance of every prompt token outside the observation window.
+
+    Returns ``(H_kv, L - w)``: attention mass from the last ``w`` queries, summed over the
+    window, aggregated over the GQA group (``reduce``: sum or mean), then pooled.
+    """
+    probs = window_attention(q[:, -window:], k, scale)  # (H_kv, g, w, L)
+    s = probs.sum(dim=2)  # over window queries -> (H_kv, g, L)
+    s = s.sum(dim=1) if reduce == "sum" else s.mean(dim=1)
+    return pool1d(s[:, : k.shape[1] - window], kernel, pool)
+
+
+def keep_topk_plus_window(scores: Tensor, budget: int | list[int], window: int) -> list[Tensor]:
+    """Per head: the top-``budget`` prefix tokens by score plus the last ``window`` tokens,
+    sorted by position. ``scores`` is ``(H, L - w)``; ``budget`` is per head or shared."""
+    h, prefix = scores.shape
+    budgets = budget if isinstance(budget, list) else [budget] * h
+    tail = torch.arange(prefix, prefix + window, device=scores.device)
+    out = []
+    for i in range(h):
+        out.append(torch.cat([topk_sorted(scores[i], budgets[i]), tail]))
+    return out
+
+
+def topk_sorted(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries along the last dim, in ascending index order."""
+    k = max(0, min(k, scores.shape[-1]))
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+
+
+def snap_keep(q: Tensor, k: Tensor, scale: float, window: int, keep: int, kernel: int,
+              pool: str = "max", reduce: str = "sum") -> list[Tensor]:
+    """SnapKV selection for one layer: per KV head, ``keep`` prompt tokens (window included),
+    sorted. All tokens when ``keep >= L``; the window shrinks to ``keep`` when it is larger."""
+    n = k.shape[1]
+    if keep >= n:
+        return [torch.arange(n, device=k.device)] * k.shape[0]
+    w = max(0, min(window, keep, q.shape[1]))
+    if w == 0:  # nothing observed: keep the most recent tokens
+        return [torch.arange(n - keep, n, device=k.device)] * k.shape[0]
+    scores = window_scores(q, k, scale, w, kernel, pool, reduce)
+    return keep_topk_plus_window(scores, keep - w, w)
+
+
+def accumulated_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 256) -> Tensor:
+    """H2O's accumulated attention: for every prompt key, the attention it received from the
+    queries ``q`` ``(H_q, n, d)`` (the last ``n`` prompt positions), summed over the queries and
+    the GQA group. Computed ``chunk`` queries at a time; returns ``(H_kv, L)`` float32."""
+    n, total = q.shape[1], k.shape[1]
+    out = torch.zeros(k.shape[0], total, device=k.device)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        visible = total - n + e  # keys the last query of this chunk may see
+        out[:, :visible] += window_attention(q[:, s:e], k[:, :visible], scale).sum(dim=(1, 2))
+    return out
+
+
+def fit_total(budgets: list[int], total: int, caps: list[int]) -> list[int]:
+    """Clamp per-layer budgets to ``[0, caps]`` and make them sum to ``total``: the last layer
+    absorbs the difference, spilling to earlier layers only where it hits a bound."""
+    out = [max(0, min(b, c)) for b, c in zip(budgets, caps)]
+    diff = total - sum(out)
+    for j in reversed(range(len(out))):
+        if diff == 0:
+            break
+        new = max(0, min(caps[j], out[j] + diff))
+        diff -= new - out[j]
+        out[j] = new
+    return out
+
+
+def pyramid_budgets(extra: int, n_layers: int, beta: int, limit: int) -> list[int]:
+    """PyramidKV's per-layer tokens beyond the window: ``max - l * (max - min) // (N - 1)`` with
+    ``min = extra // beta`` and ``max = 2 * extra - min``, made to sum to ``extra * N`` exactly.
+    Uniform (``extra`` everywhere) when the lowest layer's share would exceed ``limit``."""
+    lo = extra // beta
+    hi = 2 * extra - lo
+    if n_layers == 1 or hi > limit:
+        return [min(extra, limit)] * n_layers
+    raw = [hi - layer * (hi - lo) // (n_layers - 1) for layer in range(n_layers)]
+    return fit_total(raw, extra * n_layers, [limit] * n_layers)

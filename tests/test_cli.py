@@ -1,0 +1,75 @@
+"""run.py end to end as a subprocess: a sweep, skipping finished runs, W&B offline, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny_random", "benchmark.n_samples=1", "warmup=false", "hardware.threads=1"]
+
+
+def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def results_under(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("result.json"))]
+
+
+def test_sweep_writes_one_result_per_job_and_skips_finished(tmp_path):
+    args = ["-m", "method=full,sliding_window", "context_len=512", "budget=0.25",
+            "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path}", *TINY]
+    proc = run_py(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_under(tmp_path)
+    assert sorted(r["method"] for r in res) == ["full", "sliding_window"]
+    keys = {"method", "benchmark", "model", "context_len", "budget", "n_samples", "status",
+            "accuracy", "task_scores", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
+            "peak_memory_bytes", "ttft_s", "decode_tokens_per_s", "config", "provenance"}
+    for r in res:
+        assert keys <= set(r), keys - set(r)
+        assert r["status"] == "ok" and r["n_samples"] == 1
+        assert r["provenance"]["versions"]["transformers"]
+        assert r["peak_memory_kind"] == "process_peak_rss" and r["peak_memory_bytes"] > 0
+    by = {r["method"]: r for r in res}
+    ratio = by["sliding_window"]["kv_cache_bytes"] / by["full"]["kv_cache_bytes"]
+    assert ratio == pytest.approx(0.25, abs=0.01)
+    assert by["full"]["kv_cache_bytes"] == by["full"]["kv_cache_bytes_uncompressed"]
+    for p in tmp_path.rglob("samples.jsonl"):
+        rows = [json.loads(line) for line in p.read_text().splitlines()]
+        assert len(rows) == 1 and {"prediction", "reference", "score", "ttft_s"} <= set(rows[0])
+
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
+    again = run_py(*args)
+    assert again.returncode == 0
+    assert "skipping" in again.stderr + again.stdout
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")} == before
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    proc = run_py("context_len=512", "wandb.mode=offline", f"hydra.run.dir={tmp_path}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "result.json").is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("budget=1.5", "budget=1.5 is outside (0, 1]"),
+    ("method=snapkvv", "snapkvv"),
+    ("benchmark.tasks=[needle]", "needle"),
+])
+def test_bad_input_fails_fast_and_writes_nothing(tmp_path, override, message):
+    proc = run_py("context_len=512", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}", override, *TINY)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("result.json"))
+    assert "Loading weights" not in proc.stderr

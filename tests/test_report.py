@@ -1,0 +1,294 @@
+"""Tests for atskv.report: numbers against hand-computed values, and the rendered files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from atskv import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(root: Path, name: str, **over) -> dict:
+    rec = {
+        "method": "full", "benchmark": "longbench", "model": "smollm2-135m", "context_len": 1024,
+        "budget": None, "seed": 0, "n_samples": 4, "status": "ok", "error": None,
+        "accuracy": 50.0, "task_scores": {"qa": 50.0, "summ": 50.0},
+        "kv_cache_bytes": 1000.0, "kv_cache_bytes_after_compression": 1000.0,
+        # 8x the real footprint: using this as a denominator (or swapping the ratio) would
+        # print the -700 % that a broken report once showed for every method.
+        "kv_cache_bytes_uncompressed": 8000.0, "decode_kv_read_bytes": 1000.0,
+        "peak_memory_bytes": 1_000_000.0, "peak_memory_kind": "process_peak_rss",
+        "ttft_s": 0.5, "decode_tokens_per_s": 20.0, "hardware": "cpu (test)",
+        "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T01:00:00+00:00",
+        "config": {}, "provenance": {},
+    }
+    rec.update(over)
+    path = root / name / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return rec
+
+
+def make_fixture(root: Path, extra: Path) -> None:
+    """2 benchmarks x {full, snapkv, h2o} x {1024, 2048}; snapkv/longbench has 2 seeds;
+    a failed quest run; no full run for ruler at 2048; h2o missing for ruler at 2048; one
+    duplicate (h2o/longbench/2048) in a second folder, newer than the original."""
+    lb, ru = "longbench", "ruler"
+    for ctx, k in ((1024, 1), (2048, 2)):
+        _write(root, f"lb_full_{ctx}", benchmark=lb, context_len=ctx, kv_cache_bytes=1000.0 * k,
+               accuracy=60.0, ttft_s=0.5 * k, task_scores={"qa": 70.0, "summ": 50.0})
+        _write(root, f"lb_snap_{ctx}", method="snapkv", budget=0.25, benchmark=lb,
+               context_len=ctx, kv_cache_bytes=250.0 * k, peak_memory_bytes=800_000.0,
+               accuracy=40.0 if ctx == 1024 else 30.0, task_scores={"qa": 40.0, "summ": 20.0})
+        if ctx == 1024:  # no full run for ruler at 2048
+            _write(root, "ru_full_1024", benchmark=ru, kv_cache_bytes=1000.0, accuracy=90.0,
+                   ttft_s=0.25, decode_tokens_per_s=40.0, task_scores={"niah": 90.0})
+        _write(root, f"ru_snap_{ctx}", method="snapkv", budget=0.25, benchmark=ru,
+               context_len=ctx, kv_cache_bytes=100.0 * k, accuracy=80.0, ttft_s=0.3,
+               decode_tokens_per_s=45.0, task_scores={"niah": 80.0})
+    _write(root, "lb_snap_1024_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
+           kv_cache_bytes=250.0, peak_memory_bytes=800_000.0, accuracy=50.0,
+           task_scores={"qa": 50.0, "summ": 30.0})
+    _write(root, "lb_snap_2048_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
+           context_len=2048, kv_cache_bytes=500.0, peak_memory_bytes=800_000.0, accuracy=40.0,
+           task_scores={"qa": 50.0, "summ": 30.0})
+    # seed 1 of full only at 1024: snapkv seed 1 at 2048 has no reference (n/a), and full's
+    # seed-1 context average would not be comparable, so full gets no summary std
+    _write(root, "lb_full_1024_s1", benchmark=lb, seed=1, accuracy=60.0,
+           task_scores={"qa": 70.0, "summ": 50.0})
+    _write(root, "lb_h2o_1024", method="h2o", budget=0.25, benchmark=lb, kv_cache_bytes=500.0,
+           accuracy=45.0)
+    _write(root, "lb_h2o_2048", method="h2o", budget=0.25, benchmark=lb, context_len=2048,
+           kv_cache_bytes=999_999.0, accuracy=0.0, finished_at="2025-01-01T01:00:00+00:00")
+    _write(extra, "rerun/lb_h2o_2048", method="h2o", budget=0.25, benchmark=lb,
+           context_len=2048, kv_cache_bytes=1000.0, accuracy=35.0,
+           finished_at="2025-01-02T01:00:00+00:00")
+    _write(root, "ru_h2o_1024", method="h2o", budget=0.25, benchmark=ru, kv_cache_bytes=400.0,
+           accuracy=70.0, task_scores={"niah": 70.0})
+    _write(root, "ru_quest_1024", method="quest", budget=0.25, benchmark=ru, status="failed",
+           error="CUDA out of memory (fixture)", accuracy=99.0, kv_cache_bytes=1.0)
+
+
+@pytest.fixture(scope="module")
+def rep(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report")
+    make_fixture(base / "sweep1", base / "sweep2")
+    r = report.generate_report([base / "sweep1", base / "sweep2"], base / "out")
+    r.md = (r.out_dir / "report.md").read_text()
+    r.html = (r.out_dir / "report.html").read_text()
+    return r
+
+
+def _val(df: pd.DataFrame, col: str, **where):
+    sel = df
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (where, sel)
+    return sel[col].iloc[0]
+
+
+def _section(md: str, name: str) -> str:
+    return md.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_memory_reduction_hand_computed(rep):
+    s = rep.summary
+    assert _val(s, "memory_reduction_pct", section="longbench", method="snapkv") == 75.0
+    assert _val(s, "memory_reduction_pct", section="longbench", method="h2o") == 50.0
+    assert _val(s, "memory_reduction_pct", section="longbench", method="full") == 0.0
+    assert _val(s, "peak_memory_reduction_pct", section="longbench", method="snapkv") == pytest.approx(20.0)
+    assert _val(s, "peak_memory_reduction_pct", section="longbench", method="full") == 0.0
+    assert (s["memory_reduction_pct"].dropna() >= 0).all(), "sign error: savings must be positive"
+    lb = _section(rep.md, "longbench")
+    pm = "( ± 0\\.0)?"  # two seeds with equal values: std 0
+    assert re.search(rf"\| full \| 0\.0{pm} \| 0\.0{pm} \|", lb)
+    assert re.search(rf"\| snapkv \| 75\.0{pm} \| 20\.0{pm} \|", lb)
+    assert "-700" not in rep.md
+    assert "(s) | Avg throughput (tokens/s) | Avg accuracy |" in lb
+
+
+def test_means_over_contexts_and_seeds(rep):
+    pc = rep.per_context
+    assert _val(pc, "accuracy", section="longbench", method="snapkv", context_len=1024) == 45.0
+    std = _val(pc, "accuracy_std", section="longbench", method="snapkv", context_len=1024)
+    assert std == pytest.approx(math.sqrt(50.0))
+    assert _val(pc, "n_seeds", section="longbench", method="snapkv", context_len=1024) == 2
+    assert _val(pc, "accuracy", section="longbench", method="snapkv", context_len=2048) == 35.0
+    assert math.isnan(_val(pc, "accuracy_std", section="longbench", method="h2o", context_len=2048))
+    # summary: mean of the per-context means (45 at 1024, 35 at 2048); std over the seeds'
+    # context averages (35 and 45)
+    s = rep.summary
+    assert _val(s, "accuracy", section="longbench", method="snapkv") == 40.0
+    assert _val(s, "accuracy_std", section="longbench", method="snapkv") == pytest.approx(math.sqrt(50.0))
+    assert "| 40.00 ± 7.07 |" in _section(rep.md, "longbench")
+    assert "45.00 ± 7.07" in _section(rep.md, "longbench")
+    # full's seed 1 only ran at 1024: no std from seeds that cover different contexts
+    assert math.isnan(_val(s, "ttft_s_std", section="longbench", method="full"))
+    assert _val(pc, "memory_reduction_pct", section="longbench", method="snapkv", context_len=2048) == 75.0
+    assert "n/a for longbench / smollm2-135m at context length 2048 (seed 1)" in rep.md
+    assert _val(rep.summary, "ttft_s", section="longbench", method="full") == pytest.approx(0.75)
+    assert "Averaged over context lengths 1024, 2048" in rep.md
+
+
+def test_benchmarks_give_different_numbers(rep):
+    s = rep.summary.set_index(["section", "method"])
+    assert s.loc[("ruler", "snapkv"), "memory_reduction_pct"] == 90.0
+    assert s.loc[("longbench", "snapkv"), "memory_reduction_pct"] == 75.0
+    assert s.loc[("ruler", "snapkv"), "accuracy"] != s.loc[("longbench", "snapkv"), "accuracy"]
+    assert s.loc[("ruler", "full"), "decode_tokens_per_s"] == 40.0
+    assert s.loc[("longbench", "full"), "decode_tokens_per_s"] == 20.0
+    lb_table = _section(rep.md, "longbench").split("### Per context length")[0]
+    ru_table = _section(rep.md, "ruler").split("### Per context length")[0]
+    assert lb_table != ru_table
+
+
+def test_per_task_table(rep):
+    lb = _section(rep.md, "longbench").split("### Per task accuracy")[1]
+    assert "| Method | qa | summ |" in lb
+    assert re.search(r"\| full \| 70\.00( ± 0\.00)? \| 50\.00( ± 0\.00)? \|", lb)
+    assert "| snapkv | 45.00 ± 7.07 | 25.00 ± 7.07 |" in lb  # seed averages 40/50 and 20/30
+    assert "| niah |" in _section(rep.md, "ruler")
+
+
+def test_missing_full_is_na_with_note(rep):
+    assert math.isnan(_val(rep.per_context, "memory_reduction_pct", section="ruler",
+                           method="snapkv", context_len=2048))
+    ru = _section(rep.md, "ruler")
+    row = next(line for line in ru.splitlines() if line.startswith("| snapkv | 2048 |"))
+    assert row.split(" | ")[4] == "n/a"
+    notes = _section(rep.md, "Notes")
+    assert re.search(r"n/a for ruler .* context length 2048 .*no `full` run", notes)
+    assert "90.0 †" in ru and "† averaged only over" in ru  # summary uses 1024 only, says so
+    assert "`h2o` has no result at context length 2048" in ru  # partial results note
+
+
+def test_failed_runs_listed_not_averaged(rep):
+    failed = _section(rep.md, "Failed runs")
+    assert "quest" in failed and "CUDA out of memory (fixture)" in failed
+    assert "quest" not in set(rep.summary["method"]) | set(rep.per_context["method"])
+    assert "quest" not in rep.md.split("\n## Failed runs")[0].split("## longbench")[1]
+
+
+def test_duplicates_keep_newest(rep):
+    assert _val(rep.per_context, "accuracy", section="longbench", method="h2o", context_len=2048) == 35.0
+    assert _val(rep.per_context, "memory_reduction_pct", section="longbench", method="h2o",
+                context_len=2048) == 50.0
+    notes = _section(rep.md, "Notes")
+    assert "Duplicate run" in notes and "rerun" in notes and "kept the newest" in notes
+
+
+def test_figures_and_html(rep):
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", rep.md)
+    assert len(refs) == 2 * 5 + 4  # 5 per benchmark + 3 bars + scatter
+    assert {Path(r).name for r in refs} == {p.name for p in rep.figures}
+    for r in refs:
+        data = (rep.out_dir / r).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert rep.html.count('src="data:image/png;base64,') == len(refs)
+    assert 'src="figures/' not in rep.html
+    assert "<table>" in rep.html and "Failed runs" in rep.html
+    csv = pd.read_csv(rep.out_dir / "summary.csv")
+    assert len(csv) == len(rep.summary) == 6
+    assert list(csv.columns[:4]) == ["section", "benchmark", "model", "method"]
+
+
+def test_sign_and_denominator_unit():
+    runs = pd.DataFrame([
+        {"method": "full", "benchmark": "b", "model": "m", "context_len": 8, "budget": None,
+         "seed": 0, "kv_cache_bytes": 1000.0, "peak_memory_bytes": 10.0,
+         "peak_memory_kind": "x", "decode_kv_read_bytes": None},
+        {"method": "quest", "benchmark": "b", "model": "m", "context_len": 8, "budget": 0.5,
+         "seed": 0, "kv_cache_bytes": 2000.0, "peak_memory_bytes": 5.0,
+         "peak_memory_kind": "y", "decode_kv_read_bytes": None},
+        {"method": "snapkv", "benchmark": "b", "model": "m", "context_len": 8, "budget": 0.25,
+         "seed": 0, "kv_cache_bytes": 250.0, "peak_memory_bytes": 5.0,
+         "peak_memory_kind": "x", "decode_kv_read_bytes": None},
+        {"method": "snapkv", "benchmark": "b", "model": "m", "context_len": 8, "budget": 0.5,
+         "seed": 0, "kv_cache_bytes": 500.0, "peak_memory_bytes": None,
+         "peak_memory_kind": "x", "decode_kv_read_bytes": None},
+    ])
+    ok, _ = report.prepare(runs)
+    red = dict(zip(ok["label"], ok["memory_reduction_pct"], strict=True))
+    assert red == {"full": 0.0, "quest": -100.0, "snapkv@0.25": 75.0, "snapkv@0.5": 50.0}
+    peak = dict(zip(ok["label"], ok["peak_memory_reduction_pct"], strict=True))
+    assert peak["snapkv@0.25"] == 50.0
+    assert math.isnan(peak["quest"])  # different peak_memory_kind: not comparable
+    assert math.isnan(peak["snapkv@0.5"])
+
+
+def test_cli_prints_out_dir(tmp_path, capsys):
+    root = tmp_path / "res"
+    _write(root, "a", budget=0.25)  # sweeps run full once per budget: both are "full"
+    _write(root, "a2", budget=0.5, ttft_s=0.7)
+    _write(root, "b", method="snapkv", budget=0.5, kv_cache_bytes=500.0)
+    _write(root, "c", method="h2o", budget=0.5, kv_cache_bytes=500.0, benchmark="ruler")
+    out = tmp_path / "rep"
+    assert report.main(["--results", str(root), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    md = (out / "report.md").read_text()
+    assert re.search(r"No successful run of full, snapkv for this benchmark", md)  # method missing in ruler
+    assert "n/a for ruler" in md  # no full run for ruler at all
+    assert "| full | 0.0 | 0.0 | 0.600 |" in md  # one full row, the two budgets averaged
+    assert "| full | 1024 | 1 |" in md and "| snapkv | 50.0 |" in md
+    assert (out / "summary.csv").stat().st_size > 0
+
+
+def test_empty_folder_fails_clearly(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = report.main(["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert rc != 0
+    assert "no result.json found" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "report.md").exists()
+
+
+def test_only_failed_runs_exit_nonzero(tmp_path, capsys):
+    _write(tmp_path / "r", "x", status="failed", error="boom")
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) != 0
+    assert "no successful runs" in capsys.readouterr().err
+    assert "boom" in (tmp_path / "o" / "report.md").read_text()
+
+
+def _fake_wandb(calls: list, fail: bool) -> types.ModuleType:
+    mod = types.ModuleType("wandb")
+
+    class Run:
+        def log(self, d):
+            calls.append(("log", sorted(d)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        if fail:
+            raise RuntimeError("no wandb here")
+        calls.append(("init", kw))
+        return Run()
+
+    mod.init, mod.Table, mod.Image = init, (lambda dataframe: dataframe), (lambda p: p)
+    return mod
+
+
+def test_wandb_logging_and_failure_only_warns(tmp_path, monkeypatch):
+    _write(tmp_path / "r", "a")
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls, fail=False))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    report.generate_report([tmp_path / "r"], tmp_path / "o", use_wandb=True)
+    assert calls[0] == ("init", {"mode": "disabled", "project": "atskv", "job_type": "report"})
+    logged = [k for c in calls if c[0] == "log" for k in c[1]]
+    assert "summary" in logged and any(k.startswith("figures/") for k in logged)
+    assert calls[-1] == ("finish",)
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb([], fail=True))
+    with pytest.warns(UserWarning, match="W&B logging failed"):
+        assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o2"),
+                            "--wandb"]) == 0
+    assert (tmp_path / "o2" / "report.html").exists()
