@@ -90,7 +90,7 @@ class _Session:
         for layer in range(self.n_layers):
             lens = [int(i.numel()) for i in keep[layer]]
             room = self.method.headroom(layer, lens)
-            self.store.append(PackedKV.from_selection(keys[layer], values[layer], keep[layer], room))
+            self.store.append(self.method.make_store(layer, keys[layer], values[layer], keep[layer], room))
             keys[layer] = values[layer] = None  # type: ignore[call-overload]
 
     def kv_bytes(self) -> int:

@@ -76,6 +76,7 @@ class PackedKV:
             headroom: per head, rows reserved for tokens appended during decoding.
         """
         n_heads, _, d = keys.shape
+        keep = [k.to(keys.device) for k in keep]  # layers may sit on different GPUs
         lengths = [int(k.numel()) for k in keep]
         caps = [n + r for n, r in zip(lengths, headroom)]
         total = sum(caps)
@@ -152,4 +153,87 @@ class PackedKV:
 
     def token_bytes(self) -> int:
         """Bytes of one token's key + value in one head."""
+        return 2 * self.k.shape[1] * self.k.element_size()
+
+
+class StaticPagedKV:
+    """Kept tokens of one layer in preallocated, page-aligned per-head segments, with every piece
+    of decode-time state on the device (lengths, offsets, per-page key min/max).
+
+    Head ``h`` owns ``capacity[h]`` rows (its kept tokens plus decode headroom, rounded up to whole
+    pages: at most ``page - 1`` spare rows per head) of the flat ``(N, d)`` buffers; heads stay
+    ragged. :meth:`append` writes through device index tensors and updates the page bounds
+    without host synchronisation or data-dependent shapes, so a decode step that uses it can be
+    captured once in a CUDA graph and replayed.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, keep: list[Tensor], headroom: list[int],
+                 page: int):
+        n_heads, _, d = keys.shape
+        dev = keys.device
+        keep = [k.to(dev) for k in keep]  # layers may sit on different GPUs
+        self.page = page
+        lengths = [int(i.numel()) for i in keep]
+        caps = [-(-(n + r) // page) * page for n, r in zip(lengths, headroom)]
+        self.n_pages = max(caps) // page  # page slots per head (bounds are padded to this)
+        self.k = keys.new_zeros(sum(caps), d)
+        self.v = values.new_zeros(sum(caps), d)
+        starts = [0]
+        for c in caps[:-1]:
+            starts.append(starts[-1] + c)
+        for h in range(n_heads):
+            s = starts[h]
+            self.k[s : s + lengths[h]] = keys[h].index_select(0, keep[h])
+            self.v[s : s + lengths[h]] = values[h].index_select(0, keep[h])
+        self.offsets = torch.tensor(starts, device=dev)
+        self.lens = torch.tensor(lengths, device=dev)
+        self.caps = torch.tensor(caps, device=dev)
+        self.capacities = caps
+        self.kmin = keys.new_full((n_heads, self.n_pages, d), float("inf"))
+        self.kmax = keys.new_full((n_heads, self.n_pages, d), float("-inf"))
+        for h in range(n_heads):
+            seg = self.k[starts[h] : starts[h] + lengths[h]]
+            n_full = -(-lengths[h] // page)
+            if n_full:
+                padded = torch.full((n_full * page, d), float("nan"), dtype=keys.dtype, device=dev)
+                padded[: lengths[h]] = seg
+                blocks = padded.view(n_full, page, d)
+                self.kmin[h, :n_full] = torch.where(blocks.isnan(), float("inf"), blocks).amin(1)
+                self.kmax[h, :n_full] = torch.where(blocks.isnan(), float("-inf"), blocks).amax(1)
+        self._heads = torch.arange(n_heads, device=dev)
+
+    @property
+    def n_heads(self) -> int:
+        return self.lens.shape[0]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Append one token per head (``(H_kv, d)``), on the device, without a host sync.
+        Writing past a head's capacity is the caller's error (the engine sizes the headroom)."""
+        rows = self.offsets + self.lens
+        self.k.index_copy_(0, rows, k)
+        self.v.index_copy_(0, rows, v)
+        page = self.lens // self.page
+        fresh = (self.lens % self.page == 0)[:, None]
+        lo = self.kmin[self._heads, page]
+        hi = self.kmax[self._heads, page]
+        self.kmin[self._heads, page] = torch.where(fresh, k, torch.minimum(lo, k))
+        self.kmax[self._heads, page] = torch.where(fresh, k, torch.maximum(hi, k))
+        self.lens += 1
+
+    def token_index(self, pages: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat row indices of the tokens of ``pages`` ``(H, K)`` -> ``(H, K * page)`` rows and
+        a validity mask (rows past a head's length are padding)."""
+        in_seg = (pages[..., None] * self.page
+                  + torch.arange(self.page, device=pages.device)).flatten(1)
+        valid = in_seg < self.lens[:, None]
+        return self.offsets[:, None] + in_seg.clamp_max(self.caps[:, None] - 1), valid
+
+    def total_tokens(self) -> int:
+        return int(self.lens.sum())
+
+    def nbytes(self) -> int:
+        """Bytes held: keys, values, page bounds and the index tensors."""
+        return tensor_bytes(self.k, self.v, self.kmin, self.kmax, self.offsets, self.lens, self.caps)
+
+    def token_bytes(self) -> int:
         return 2 * self.k.shape[1] * self.k.element_size()

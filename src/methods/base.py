@@ -105,6 +105,11 @@ class Method:
         """Rows to reserve per KV head for decoded tokens (default: all of them)."""
         return [self.max_new_tokens] * len(kept)
 
+    def make_store(self, layer: int, keys: Tensor, values: Tensor, keep: list[Tensor],
+                   headroom: list[int]) -> PackedKV:
+        """Build the layer's decode storage from the prefill tensors ``(H_kv, L, d)``."""
+        return PackedKV.from_selection(keys, values, keep, headroom)
+
     # -- each decode step -----------------------------------------------------------------
     def before_append(self, layer: int, store: PackedKV) -> None:
         """Evict tokens so that one more fits in every head (default: nothing)."""

@@ -88,16 +88,24 @@ def snap_keep(q: Tensor, k: Tensor, scale: float, window: int, keep: int, kernel
     return keep_topk_plus_window(scores, keep - w, w)
 
 
-def accumulated_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 256) -> Tensor:
+def accumulated_attention(q: Tensor, k: Tensor, scale: float, block: int = 1 << 24) -> Tensor:
     """H2O's accumulated attention: for every prompt key, the attention it received from the
     queries ``q`` ``(H_q, n, d)`` (the last ``n`` prompt positions), summed over the queries and
-    the GQA group. Computed ``chunk`` queries at a time; returns ``(H_kv, L)`` float32."""
-    n, total = q.shape[1], k.shape[1]
-    out = torch.zeros(k.shape[0], total, device=k.device)
+    the GQA group; ``(H_kv, L)`` float32. Queries go in chunks whose logits hold about ``block``
+    elements; this is O(n L) work and, unlike fused prefill attention, materialises every row."""
+    h_q, n, d = q.shape
+    h_kv, total, _ = k.shape
+    qg = q.view(h_kv, h_q // h_kv, n, d)
+    kt = k.float().transpose(1, 2)[:, None]  # (H_kv, 1, d, L)
+    out = torch.zeros(h_kv, total, device=k.device)
+    chunk = max(1, block // (h_q * total))
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         visible = total - n + e  # keys the last query of this chunk may see
-        out[:, :visible] += window_attention(q[:, s:e], k[:, :visible], scale).sum(dim=(1, 2))
+        probs = torch.matmul(qg[:, :, s:e].float() * scale, kt[..., :visible])
+        future = torch.ones(e - s, visible, dtype=torch.bool, device=k.device).triu_(visible - e + s + 1)
+        probs = torch.softmax(probs.masked_fill_(future, float("-inf")), dim=-1)
+        out[:, :visible] += probs.sum(dim=(1, 2))
     return out
 
 
