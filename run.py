@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +27,15 @@ log = logging.getLogger("atskv")
 # conf/hydra/launcher/submitit_local.yaml shares its name with the submitit plugin's schema, which
 # Hydra then checks it against (wanted) with a deprecation warning on every sweep (not wanted).
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated")
+# Ctrl-C raises KeyboardInterrupt, which Python swallows when it lands in a finalizer (e.g.
+# tqdm's __del__ as a run ends); the flag makes the next job of the sweep stop instead.
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
 
 
 def quote_group_numbers(argv: list[str], groups: tuple[str, ...] = ("context_len",)) -> list[str]:
@@ -44,6 +54,8 @@ def quote_group_numbers(argv: list[str], groups: tuple[str, ...] = ("context_len
 def main(cfg: DictConfig) -> None:
     from atskv.runner import run
 
+    if _interrupted:
+        raise KeyboardInterrupt
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     try:
@@ -73,4 +85,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_group_numbers(sys.argv)
+    signal.signal(signal.SIGINT, _on_sigint)
     main()
