@@ -157,13 +157,11 @@ class Engine:
             kv_after = session.kv_bytes()
             tokens = [token]
             read_bytes: list[int] = []
+            step = self._stepper(session)
             t1 = time.perf_counter()
             while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
-                pos = torch.tensor([[session.position]], device=self.device)
-                session.step_read_bytes = 0
-                logits = hf_seam.forward(self.model, session, torch.tensor([[token]], device=self.device), pos)
-                session.position += 1
-                read_bytes.append(session.step_read_bytes)
+                logits, step_bytes = step(token)
+                read_bytes.append(step_bytes)
                 token = int(torch.argmax(logits))
                 tokens.append(token)
                 if return_logits:
@@ -174,6 +172,7 @@ class Engine:
         text_tokens = [t for t in tokens if not (stop_at_eos and t in self.eos_ids)]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True) if self.tokenizer else ""
         stats: dict[str, Any] = {
+            "cuda_graph": isinstance(step, _GraphStep) and step.graph is not None,
             "kept_tokens": [[int(i.numel()) for i in layer] for layer in (session.kept or [])],
             "kv_bytes_prefill": kv_prefill_peak,
         }
@@ -194,7 +193,79 @@ class Engine:
             stats=stats,
         )
 
+    def _stepper(self, session: _Session) -> _EagerStep:
+        if self.cuda_graph and self.device.type == "cuda" and getattr(self.method, "static", False):
+            return _GraphStep(self.model, session, self.device)
+        return _EagerStep(self.model, session, self.device)
+
     def warmup(self) -> None:
         """One short generation so that one-time costs stay out of the timed samples."""
         n = min(64, self.dims["max_positions"] - 4)
         self.generate(list(range(1, n + 1)), max_new_tokens=3, stop_at_eos=False)
+
+
+class _EagerStep:
+    """One decode step: the token at the session's next position through the model."""
+
+    def __init__(self, model: Any, session: _Session, device: torch.device):
+        self.model, self.session, self.device = model, session, device
+
+    def __call__(self, token: int) -> tuple[Tensor, int]:
+        s = self.session
+        s.step_read_bytes = 0
+        pos = torch.tensor([[s.position]], device=self.device)
+        logits = hf_seam.forward(self.model, s, torch.tensor([[token]], device=self.device), pos)
+        s.position += 1
+        return logits, s.step_read_bytes
+
+
+class _GraphStep(_EagerStep):
+    """Decode steps replayed from a CUDA graph (methods whose decode state is static).
+
+    The first step runs eagerly on a side stream (the warm-up capture needs; it is a real step).
+    The second is captured into a ``torch.cuda.CUDAGraph`` with the token and position held in
+    static device tensors, then replayed for it and every later step; the method's decode state
+    (lengths, page bounds, buffers) lives in device tensors updated in place, so replays advance
+    it. Read bytes per step are fixed by the static shapes and taken from the captured step. If
+    capture fails, the steps run eagerly and ``stats["cuda_graph"]`` says so.
+    """
+
+    def __init__(self, model: Any, session: _Session, device: torch.device):
+        super().__init__(model, session, device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+        self.failed = False
+
+    def __call__(self, token: int) -> tuple[Tensor, int]:
+        self.calls += 1
+        if self.failed or self.calls == 1:
+            if self.calls == 1:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    out = super().__call__(token)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                return out
+            return super().__call__(token)
+        s = self.session
+        if self.graph is None:
+            self.ids = torch.tensor([[token]], device=self.device)
+            self.pos = torch.tensor([[s.position]], device=self.device)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                s.step_read_bytes = 0
+                with torch.cuda.graph(graph):
+                    self.logits = hf_seam.forward(self.model, s, self.ids, self.pos)
+            except Exception as e:  # noqa: BLE001 - fall back to eager, recorded in stats
+                import logging
+
+                logging.getLogger(__name__).warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                self.failed = True
+                return super().__call__(token)
+            self.graph, self.read_bytes = graph, s.step_read_bytes
+        else:
+            self.ids.fill_(token)
+            self.pos.fill_(s.position)
+        self.graph.replay()
+        s.position += 1
+        return self.logits, self.read_bytes

@@ -162,13 +162,14 @@ class StaticPagedKV:
 
     Head ``h`` owns ``capacity[h]`` rows (its kept tokens plus decode headroom, rounded up to whole
     pages: at most ``page - 1`` spare rows per head) of the flat ``(N, d)`` buffers; heads stay
-    ragged. :meth:`append` writes through device index tensors and updates the page bounds
+    ragged. Each page keeps its keys' elementwise min, max and sum (for decode-time page
+    selection), unless ``bounds=False``. :meth:`append` writes through device index tensors and updates the page bounds
     without host synchronisation or data-dependent shapes, so a decode step that uses it can be
     captured once in a CUDA graph and replayed.
     """
 
     def __init__(self, keys: Tensor, values: Tensor, keep: list[Tensor], headroom: list[int],
-                 page: int):
+                 page: int, bounds: bool = True):
         n_heads, _, d = keys.shape
         dev = keys.device
         keep = [k.to(dev) for k in keep]  # layers may sit on different GPUs
@@ -189,8 +190,13 @@ class StaticPagedKV:
         self.lens = torch.tensor(lengths, device=dev)
         self.caps = torch.tensor(caps, device=dev)
         self.capacities = caps
+        self._heads = torch.arange(n_heads, device=dev)
+        self.kmin = self.kmax = self.ksum = None
+        if not bounds:
+            return
         self.kmin = keys.new_full((n_heads, self.n_pages, d), float("inf"))
         self.kmax = keys.new_full((n_heads, self.n_pages, d), float("-inf"))
+        self.ksum = keys.new_zeros((n_heads, self.n_pages, d))
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
             n_full = -(-lengths[h] // page)
@@ -200,7 +206,7 @@ class StaticPagedKV:
                 blocks = padded.view(n_full, page, d)
                 self.kmin[h, :n_full] = torch.where(blocks.isnan(), float("inf"), blocks).amin(1)
                 self.kmax[h, :n_full] = torch.where(blocks.isnan(), float("-inf"), blocks).amax(1)
-        self._heads = torch.arange(n_heads, device=dev)
+                self.ksum[h, :n_full] = torch.nan_to_num(blocks, nan=0.0).sum(1)
 
     @property
     def n_heads(self) -> int:
@@ -212,13 +218,23 @@ class StaticPagedKV:
         rows = self.offsets + self.lens
         self.k.index_copy_(0, rows, k)
         self.v.index_copy_(0, rows, v)
+        if self.kmin is not None:
+            self._update_bounds(k)
+        self.lens += 1
+
+    def _update_bounds(self, k: Tensor) -> None:
         page = self.lens // self.page
         fresh = (self.lens % self.page == 0)[:, None]
         lo = self.kmin[self._heads, page]
         hi = self.kmax[self._heads, page]
         self.kmin[self._heads, page] = torch.where(fresh, k, torch.minimum(lo, k))
         self.kmax[self._heads, page] = torch.where(fresh, k, torch.maximum(hi, k))
-        self.lens += 1
+        self.ksum[self._heads, page] = torch.where(fresh, k, self.ksum[self._heads, page] + k)
+
+    def page_counts(self) -> Tensor:
+        """Tokens held by each page slot ``(H, n_pages)`` (0 for unused slots)."""
+        start = torch.arange(self.n_pages, device=self.lens.device) * self.page
+        return (self.lens[:, None] - start).clamp(0, self.page)
 
     def token_index(self, pages: Tensor) -> tuple[Tensor, Tensor]:
         """Flat row indices of the tokens of ``pages`` ``(H, K)`` -> ``(H, K * page)`` rows and
@@ -232,8 +248,9 @@ class StaticPagedKV:
         return int(self.lens.sum())
 
     def nbytes(self) -> int:
-        """Bytes held: keys, values, page bounds and the index tensors."""
-        return tensor_bytes(self.k, self.v, self.kmin, self.kmax, self.offsets, self.lens, self.caps)
+        """Bytes held: keys, values, page summaries and the index tensors."""
+        return tensor_bytes(self.k, self.v, self.kmin, self.kmax, self.ksum, self.offsets,
+                            self.lens, self.caps)
 
     def token_bytes(self) -> int:
         return 2 * self.k.shape[1] * self.k.element_size()

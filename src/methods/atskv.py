@@ -15,11 +15,13 @@ Three components, each with an ablation switch:
    and the rest goes to the globally most relevant chunks, so concentrated heads keep few tokens
    and diffuse ones many. Sinks and the observation window are always kept. Storage is ragged
    per head (no padding, no masks).
-3. **Sparse decode** (``sparse_decode``). Each step, per KV head, page key bounds (Quest-style
-   min/max over ``page_size`` tokens) give an upper bound of every page's logit; pages are ranked
-   by it and the smallest set whose estimated attention mass (softmax of the bounds) reaches
-   ``mass`` is attended exactly, at least ``min_pages`` and at most ``max_pages``; the first page
-   (sinks) and the newest page are always included.
+3. **Sparse decode** (``sparse_decode``). Each step, per KV head, page summaries (Quest-style
+   key min/max plus the key sum over ``page_size`` tokens) estimate every page's share of the
+   attention (see :meth:`ATSKV.rank_pages`); pages are ranked by it and the smallest set whose
+   estimated mass reaches ``mass`` is attended exactly, at least ``min_pages`` and at most
+   ``max_pages``; the first page (sinks) and the newest page are always included. (Ranking by
+   the upper bound alone, as Quest does, captured only ~76% of the true attention mass at
+   ``mass=0.95`` on SmolLM2; the two-sided estimate captured ~97% at 0.99.)
 
 The decode state lives in :class:`atskv.kvcache.StaticPagedKV`: preallocated, on the device.
 With ``static=True`` the step has fixed shapes (always ``max_pages`` pages gathered, the ones
@@ -57,9 +59,9 @@ class ATSKV(Method):
     n_sink: int = 4
     sparse_decode: bool = True
     page_size: int = 16
-    max_pages: int = 32
+    max_pages: int = 48
     min_pages: int = 4
-    mass: float = 0.95
+    mass: float = 0.99
     static: bool = True
 
     name = "atskv"
@@ -81,10 +83,13 @@ class ATSKV(Method):
         return self.window
 
     def token_capacity(self) -> int:
-        """Tokens per head whose storage, page bounds (one token's worth of K+V per page) and
-        page rounding (half a page on average) included, fits the budget's bytes."""
+        """Tokens per head whose storage, page summaries (min, max and sum of keys: 1.5 tokens'
+        worth of K+V per page) and page rounding (half a page on average) included, fits the
+        budget's bytes."""
+        if not self.sparse_decode:  # no page bounds, no page rounding
+            return self.capacity_tokens()
         p = self.page_size
-        return int(self.capacity_tokens() * p / (p + 1) - (p - 1) / 2)
+        return int(self.capacity_tokens() * p / (p + 1.5) - (p - 1) / 2)
 
     # -- prefill: relevance and allocation ----------------------------------------------------
     def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -134,17 +139,19 @@ class ATSKV(Method):
 
     # -- decode -------------------------------------------------------------------------------
     def make_store(self, layer, keys, values, keep, headroom) -> StaticPagedKV:  # type: ignore[override]
+        if not self.sparse_decode:
+            return StaticPagedKV(keys, values, keep, headroom, page=1, bounds=False)
         return StaticPagedKV(keys, values, keep, headroom, self.page_size)
 
     def attend(self, layer: int, store: StaticPagedKV, q: Tensor, scale: float) -> AttendResult:  # type: ignore[override]
         n_pages = store.n_pages
-        if not self.sparse_decode or n_pages <= self.min_pages:
+        if not self.sparse_decode or n_pages <= self.min_pages:  # attend to every token
             pages = torch.arange(n_pages, device=q.device).expand(store.n_heads, n_pages)
             chosen = torch.ones_like(pages, dtype=torch.bool)
             meta = 0
         else:
             pages, chosen = self.rank_pages(store, q, scale)
-            meta = 2 * store.kmin.numel() * store.kmin.element_size()
+            meta = 3 * store.kmin.numel() * store.kmin.element_size()
         rows, valid = store.token_index(pages)
         valid = valid & chosen.repeat_interleave(store.page, dim=1)
         if self.static:
@@ -159,17 +166,29 @@ class ATSKV(Method):
         return AttendResult(torch.cat(outs), read * store.token_bytes() + meta)
 
     def rank_pages(self, store: StaticPagedKV, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """The ``max_pages`` best pages per head ``(H, K)`` by logit upper bound, and which of
-        them the adaptive rule attends ``(H, K)`` (fixed shapes, no host sync)."""
-        bound = page_upper_bound(q, store.kmin, store.kmax).amax(dim=1) * scale  # (H, P)
-        used = -(-store.lens // store.page)  # pages holding tokens
-        slot = torch.arange(store.n_pages, device=q.device)
-        live = slot[None] < used[:, None]
-        bound = bound.masked_fill(~live, float("-inf"))
-        forced = (slot[None] == 0) | (slot[None] == used[:, None] - 1)
+        """The ``max_pages`` best pages per head ``(H, K)``, and which of them the adaptive rule
+        attends ``(H, K)`` (fixed shapes, no host sync).
+
+        A page's share of the attention is estimated from its log-sum-exp, approximated as the
+        mean of an upper bound (Quest's ``q . kmax/kmin``, which overestimates) and a lower bound
+        (the logit of the mean key, Jensen), plus ``log`` of its token count; estimates are
+        averaged over the query heads of the GQA group. Pages are taken best first until the
+        estimated mass reaches ``mass``.
+        """
+        counts = store.page_counts()  # (H, P)
+        live = counts > 0
+        upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)
+        mean_key = store.ksum / counts.clamp_min(1)[..., None].to(store.ksum.dtype)
+        lower = torch.einsum("hgd,hpd->hgp", q.float(), mean_key.float())
+        logit = (upper + lower) * (scale / 2) + counts.clamp_min(1).log()[:, None]
+        logit = logit.masked_fill(~live[:, None], float("-inf"))
+        est = torch.softmax(logit, dim=-1).mean(dim=1)  # (H, P)
+        slot = torch.arange(store.n_pages, device=q.device)[None]
+        used = live.sum(dim=1, keepdim=True)
+        forced = (slot == 0) | (slot == used - 1)  # sinks and the newest tokens
         k = min(self.max_pages, store.n_pages)
-        order = torch.topk(bound + forced * 1e9, k, dim=-1).indices  # forced pages rank first
-        est = torch.softmax(bound, dim=-1).gather(1, order)
+        order = torch.topk(est + forced * 2.0, k, dim=-1).indices  # forced pages rank first
+        est = est.gather(1, order)
         before = est.cumsum(dim=-1) - est  # estimated mass of the better-ranked pages
         rank = torch.arange(k, device=q.device)[None]
         chosen = ((before < self.mass) | (rank < self.min_pages)) & live.gather(1, order)

@@ -1,0 +1,178 @@
+"""atskv: static vs dynamic decode, exactness at budget 1, allocation, page bounds, CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atskv.engine import Engine
+from atskv.kvcache import StaticPagedKV
+from atskv.methods import METHODS
+from atskv.methods.atskv import ATSKV, allocate, chunk_sum
+from atskv.methods.pages import page_minmax
+
+PROMPT = list(range(100, 400))  # 300 tokens
+
+
+def gen(model, method, n=12, prompt=PROMPT):
+    return Engine(model, None, method).generate(prompt, n, stop_at_eos=False, return_logits=True)
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def full_out(tiny_model):
+    return gen(tiny_model, METHODS.get("full")())
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_budget_one_without_sparse_decode_equals_full(tiny_model, full_out, static):
+    out = gen(tiny_model, ATSKV(budget=1.0, sparse_decode=False, static=static))
+    assert out.token_ids == full_out.token_ids
+    assert max_diff(out.stats["logits"], full_out.stats["logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_sparse_decode_over_every_page_is_exact_attention(static):
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 90, 8), torch.randn(2, 90, 8)
+    keep = [torch.arange(0, 90, 3), torch.arange(50)]
+    store = StaticPagedKV(keys, values, keep, [5, 5], page=4)
+    q = torch.randn(2, 3, 8)
+    m = ATSKV(max_pages=1000, mass=1.0, min_pages=1, static=static)
+    got = m.attend(0, store, q, 0.3).out
+    for h in range(2):
+        k, v = keys[h, keep[h]], values[h, keep[h]]
+        ref = torch.softmax(q[h] @ k.T * 0.3, dim=-1) @ v
+        torch.testing.assert_close(got[h], ref, atol=1e-5, rtol=1e-5)
+    few = ATSKV(max_pages=2, mass=1.0, min_pages=1, static=static).attend(0, store, q, 0.3)
+    assert few.read_bytes < m.attend(0, store, q, 0.3).read_bytes
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_static_path_gives_the_same_tokens_as_the_dynamic_path(tiny_model, budget):
+    kw = dict(budget=budget, window=16, max_pages=4, min_pages=1, mass=0.6)
+    static = gen(tiny_model, ATSKV(static=True, **kw), n=20)
+    dynamic = gen(tiny_model, ATSKV(static=False, **kw), n=20)
+    assert static.token_ids == dynamic.token_ids
+    assert max_diff(static.stats["logits"], dynamic.stats["logits"]) < 1e-4
+    # the dynamic path reads only the adaptively chosen pages, the static one max_pages
+    assert dynamic.decode_kv_read_bytes <= static.decode_kv_read_bytes
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_stored_bytes_stay_within_the_budget(tiny_model, full_out, budget):
+    prompt = list(range(100, 1100))  # long enough that window and sinks are a small part
+    full = Engine(tiny_model, None, METHODS.get("full")()).generate(prompt, 24, stop_at_eos=False)
+    out = Engine(tiny_model, None, ATSKV(budget=budget, window=16)).generate(prompt, 24, stop_at_eos=False)
+    frac = out.kv_bytes_peak / full.kv_bytes_peak
+    assert budget * 0.85 <= frac <= budget * 1.02, frac
+
+
+def test_allocations_sum_to_the_global_budget():
+    torch.manual_seed(0)
+    scores = torch.rand(5, 3, 40)
+    scores = scores / scores.sum(-1, keepdim=True)
+    counts = allocate(scores, 123, min_share=0.2)
+    assert int(counts.sum()) == 123
+    floor = int(0.2 * 123 / 15)
+    assert int(counts.min()) >= floor
+    assert int(allocate(scores, 10_000, 0.2).sum()) == 5 * 3 * 40  # capped at what exists
+
+
+def test_concentrated_head_gets_less_than_uniform_head():
+    n = 64
+    concentrated = torch.full((n,), 1e-4)
+    concentrated[17] = 1.0
+    uniform = torch.ones(n)
+    scores = torch.stack([concentrated, uniform])[None]
+    scores = scores / scores.sum(-1, keepdim=True)
+    counts = allocate(scores, 40, min_share=0.2)[0]
+    assert counts[0] < counts[1]
+    assert int(counts.sum()) == 40
+
+
+def test_relevance_follows_attention_concentration():
+    """End to end from queries/keys: a head whose window queries all point at one key keeps fewer
+    tokens than a head whose queries see every key alike."""
+    torch.manual_seed(0)
+    d, n, w = 16, 200, 8
+    k = torch.randn(2, n, d)
+    q = torch.zeros(2, w, d)  # one query head per KV head
+    q[0] = k[0, 50] * 4.0  # head 0: attention concentrated on token 50
+    v = torch.ones(2, n, d)
+    m = ATSKV(budget=0.3, window=w, chunk=1, kernel=1, signal="attn", n_sink=0)
+    rel = m.relevance(q, k, v, d**-0.5)
+    counts = allocate(chunk_sum(rel, 1)[None], 60, 0.2)[0]
+    assert counts[0] < counts[1]
+    assert rel[0].argmax() == 50
+
+
+def test_chunks_keep_whole_spans(tiny_model):
+    prompt = list(range(100, 700))
+    out = gen(tiny_model, ATSKV(budget=0.2, chunk=8, window=16, n_sink=4), n=2, prompt=prompt)
+    for layer in out.stats["kept_indices"]:
+        for kept in layer:
+            middle = kept[(kept >= 4) & (kept < len(prompt) - 16)] - 4
+            # every kept middle token belongs to a fully kept chunk of 8
+            assert torch.isin(middle // 8 * 8 + torch.arange(8)[:, None], middle).all()
+
+
+def test_non_adaptive_is_uniform_and_adaptive_is_not(tiny_model):
+    prompt = list(range(100, 700))
+    uni = gen(tiny_model, ATSKV(budget=0.2, adaptive=False, window=16), n=2, prompt=prompt)
+    ada = gen(tiny_model, ATSKV(budget=0.2, adaptive=True, window=16), n=2, prompt=prompt)
+    assert len({n for layer in uni.stats["kept_tokens"] for n in layer}) == 1
+    assert len({n for layer in ada.stats["kept_tokens"] for n in layer}) > 1
+    total = sum(map(sum, uni.stats["kept_tokens"]))
+    assert abs(sum(map(sum, ada.stats["kept_tokens"])) - total) <= 8 * 6  # same global budget
+
+
+def test_static_store_keeps_true_page_bounds():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 50, 4)
+    keep = [torch.arange(0, 50, 2), torch.arange(7)]
+    store = StaticPagedKV(keys, keys.clone(), keep, [9, 12], page=4)
+    for _ in range(9):
+        new = torch.randn(2, 4)
+        store.append(new, new)
+    for h in range(2):
+        n = int(store.lens[h])
+        seg = store.k[int(store.offsets[h]) : int(store.offsets[h]) + n]
+        lo, hi = page_minmax(seg, 4)
+        torch.testing.assert_close(store.kmin[h, : lo.shape[0]], lo)
+        torch.testing.assert_close(store.kmax[h, : hi.shape[0]], hi)
+        sums = torch.nn.functional.pad(seg, (0, 0, 0, -n % 4)).view(-1, 4, 4).sum(1)
+        torch.testing.assert_close(store.ksum[h, : sums.shape[0]], sums)
+        assert store.page_counts()[h].tolist()[: sums.shape[0]] == [min(4, n - 4 * i) for i in range(sums.shape[0])]
+    assert store.capacities == [36, 20]  # 25 + 9 -> 36, 7 + 12 -> 20: whole pages, ragged
+
+
+def test_ablation_switches_are_config_fields(compose):
+    cfg = compose("method=atskv", "method.signal=vnorm", "method.adaptive=false",
+                  "method.sparse_decode=false", "method.static=false", "method.chunk=1")
+    assert cfg.method.signal == "vnorm" and cfg.method.adaptive is False
+
+
+def test_bad_signal_is_rejected():
+    from atskv.types import ConfigError
+
+    with pytest.raises(ConfigError, match="signal='keys'.*attn, attn_vnorm, vnorm"):
+        ATSKV(signal="keys")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager(tiny_model):
+    model = tiny_model.to("cuda")
+    try:
+        kw = dict(budget=0.3, window=16, max_pages=4)
+        eager = Engine(model, None, ATSKV(**kw)).generate(PROMPT, 16, stop_at_eos=False, return_logits=True)
+        graphed = Engine(model, None, ATSKV(**kw), cuda_graph=True).generate(
+            PROMPT, 16, stop_at_eos=False, return_logits=True)
+        assert graphed.stats["cuda_graph"] is True
+        assert graphed.token_ids == eager.token_ids
+        assert max_diff(graphed.stats["logits"], eager.stats["logits"]) < 1e-3
+    finally:
+        model.to("cpu")
