@@ -1,0 +1,225 @@
+"""The lm-eval bridge: the ``atskv`` model, our synthetic tasks and exports as lm-eval tasks,
+and the ``atskv-lm-eval`` command line (tiny random model, offline)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from atskv.lm_eval_adapter import AtsKVLM, greedy_gen_kwargs, split_until  # noqa: E402
+from atskv.lm_eval_tasks import TASK_DIR, export_samples  # noqa: E402
+from atskv.types import ConfigError  # noqa: E402
+
+FILLER = "The sky is blue and the grass is green. " * 20
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> Path:
+    """A plain lm-eval task over a local json file (about 200-token prompts)."""
+    d = tmp_path_factory.mktemp("lm_eval_task")
+    with open(d / "tiny.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"question": f"{FILLER}Question {i}: what color is the sky?",
+                                "answer": "blue"}) + "\n")
+    (d / "tiny_local.yaml").write_text(f"""task: tiny_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(d / "tiny.jsonl"))}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""")
+    return d
+
+
+@pytest.fixture(scope="module")
+def snap_lm():
+    return AtsKVLM(model="tiny_random", method="snapkv", budget=0.5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def full_lm():
+    return AtsKVLM(model="tiny_random", method="full", device="cpu")
+
+
+def tasks_in(folder, **kw) -> TaskManager:
+    """Only the tasks in ``folder`` (indexing lm-eval's built-in tasks takes seconds)."""
+    return TaskManager(include_path=str(folder), include_defaults=False, **kw)
+
+
+def gen_request(context: str, **gen_kwargs) -> Instance:
+    return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=0)
+
+
+# -- runs through lm-eval ----------------------------------------------------------------------
+def test_local_json_task_by_model_name(local_task):
+    """`model="atskv"` + model_args: registered, and the requested method really ran."""
+    res = lm_eval.simple_evaluate(
+        model="atskv", model_args="model=tiny_random,method=snapkv,budget=0.5,method.window=16",
+        tasks=["tiny_local"], task_manager=tasks_in(local_task), limit=2,
+        device="cpu")
+    assert res["results"]["tiny_local"]["exact_match,none"] in (0.0, 1.0)
+    assert res["results"]["tiny_local"]["sample_len"] == 2
+    info = res["config"]["atskv"]
+    assert info["method"] == "snapkv" and info["budget"] == 0.5
+    assert info["hyperparameters"]["window"] == 16
+    assert info["n_generations"] == 2 and info["prompt_tokens_mean"] > 150
+    # budget 0.5: the cache holds half of what a full one would (prompt + generated tokens)
+    assert info["kv_bytes_peak_mean"] <= 0.55 * info["kv_bytes_uncompressed_mean"]
+    assert info["kv_ratio_mean"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_method_really_changes_the_cache(local_task, snap_lm, full_lm):
+    tm = tasks_in(local_task)
+    out = {}
+    for name, lm in (("snap", snap_lm), ("full", full_lm)):
+        res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_local"], task_manager=tm, limit=1)
+        assert "exact_match,none" in res["results"]["tiny_local"]
+        out[name] = lm.last_output
+    assert out["snap"].prompt_tokens == out["full"].prompt_tokens
+    assert out["snap"].kv_bytes_peak < 0.75 * out["full"].kv_bytes_peak
+
+
+def test_synthetic_task_from_include_path():
+    """Our synthetic task generated offline by lm-eval; the exact benchmark ids are fed."""
+    tm = tasks_in(TASK_DIR, metadata={"model": "tiny_random", "context_len": 256, "n_samples": 2})
+    res = lm_eval.simple_evaluate(
+        model="atskv", model_args="model=tiny_random,method=sliding_window,budget=0.5",
+        tasks=["atskv_niah_single"], task_manager=tm, limit=2, device="cpu")
+    r = res["results"]["atskv_niah_single"]
+    assert 0.0 <= r["score,none"] <= 100.0 and r["sample_len"] == 2
+    info = res["config"]["atskv"]
+    assert info["method"] == "sliding_window"
+    assert info["pretokenized_prompts"] == 2 and info["truncated_prompts"] == 0
+    assert info["prompt_tokens_mean"] == 256
+    assert info["generated_tokens_mean"] <= 16
+
+
+def test_export_roundtrip_and_chat_template(tmp_path, local_task, snap_lm, smollm2_tokenizer):
+    from atskv.benchmarks.synthetic import SyntheticBenchmark
+    from atskv.lm_eval_tasks.export import record_sample, score_doc
+
+    samples = SyntheticBenchmark(None).load(smollm2_tokenizer, 200, 1, 0)
+    names = export_samples(samples, smollm2_tokenizer, "synthetic", tmp_path)
+    assert names == ["atskv_synthetic_single_needle"]
+    rec = json.loads((tmp_path / f"{names[0]}.jsonl").read_text().splitlines()[0])
+    assert record_sample(rec).input_ids == samples[0].input_ids
+    assert score_doc(rec, f"it is {rec['references'][0]}.") == 100.0
+    assert score_doc(rec, "no idea") == 0.0
+
+    before = snap_lm.pretokenized
+    res = lm_eval.simple_evaluate(model=snap_lm, tasks=names, limit=1,
+                                  task_manager=tasks_in(tmp_path))
+    assert "score,none" in res["results"][names[0]]
+    assert snap_lm.pretokenized == before + 1
+    assert snap_lm.last_output.prompt_tokens == 200
+
+    # --apply_chat_template: lm-eval renders the prompt with the tokenizer's template
+    res = lm_eval.simple_evaluate(model=snap_lm, tasks=["tiny_local"], limit=1,
+                                  apply_chat_template=True,
+                                  task_manager=tasks_in(local_task))
+    assert "exact_match,none" in res["results"]["tiny_local"]
+    text = snap_lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "hi" in text and text.rstrip().endswith("assistant")
+    assert snap_lm.chat_template(True) and snap_lm.tokenizer_name
+
+
+def test_cli_console_script(tmp_path, local_task):
+    """`atskv-lm-eval --model atskv ...` (lm-eval's CLI; its --device default cuda:0 falls back
+    to cpu when CUDA is missing)."""
+    script = Path(sys.executable).with_name("atskv-lm-eval")
+    cmd = ([str(script)] if script.exists()
+           else [sys.executable, "-c", "from atskv.lm_eval_adapter import main; main()"])
+    cmd += ["--model", "atskv", "--model_args", "model=tiny_random,method=snapkv,budget=0.5",
+            "--tasks", "tiny_local", "--include_path", str(local_task), "--limit", "1",
+            "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_local" in proc.stdout
+    files = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    assert files, proc.stdout[-2000:]
+    res = json.loads(Path(files[0]).read_text())
+    assert res["config"]["atskv"]["method"] == "snapkv"
+    assert res["config"]["atskv"]["n_generations"] == 1
+
+
+# -- arguments and errors --------------------------------------------------------------------
+def test_unknown_model_args_name_the_choices():
+    with pytest.raises(ConfigError, match="unknown model_args key 'bogus'.*context_len"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapkv,bogus=1")
+    with pytest.raises(ConfigError, match="method.window=16"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapkv,window=16")
+    with pytest.raises(ConfigError, match="method.windw.*method.window, method.kernel"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapkv,method.windw=16")
+    with pytest.raises(ConfigError, match="unknown method 'snapk'.*snapkv"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapk")
+    with pytest.raises(ConfigError, match="model='tiny'.*tiny_random"):
+        AtsKVLM.create_from_arg_string("model=tiny,method=full")
+    with pytest.raises(ConfigError, match="budget=1.5"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapkv,budget=1.5")
+    with pytest.raises(ConfigError, match="window"):
+        AtsKVLM.create_from_arg_string("model=tiny_random,method=snapkv,method.window=abc")
+
+
+def test_device_from_model_args_wins_over_harness_default():
+    lm = AtsKVLM.create_from_arg_obj({"model": "tiny_random", "method": "full", "device": "cpu"},
+                                     {"device": "cuda:0", "batch_size": 1})
+    assert str(lm.device) == "cpu"
+
+
+def test_sampling_args_rejected(snap_lm):
+    with pytest.raises(ConfigError, match="greedily"):
+        snap_lm.generate_until([gen_request("hello", until=["\n"], do_sample=True)])
+    with pytest.raises(ConfigError, match="temperature"):
+        snap_lm.generate_until([gen_request("hello", temperature=0.7)])
+    with pytest.raises(ConfigError, match="num_beams"):
+        greedy_gen_kwargs({"num_beams": 4}, 8)
+    with pytest.raises(ConfigError, match="unsupported generation kwargs"):
+        greedy_gen_kwargs({"max_new_tokens": 4}, 8)
+    assert greedy_gen_kwargs({"until": "\n", "do_sample": False, "temperature": 0.0, "top_p": 1.0},
+                             8) == (["\n"], 8)
+    assert greedy_gen_kwargs({"temperature": 0.7, "do_sample": False, "max_gen_toks": 3}, 8) == ([], 3)
+
+
+def test_generate_until_truncation_and_stops(snap_lm):
+    out = snap_lm.generate_until([gen_request(FILLER, until=[], max_gen_toks=5)])
+    assert snap_lm.last_output.prompt_tokens > 64 and len(snap_lm.last_output.token_ids) <= 5
+    assert out[0] == snap_lm.last_output.text
+    short = AtsKVLM(model="tiny_random", method="snapkv", budget=0.5, device="cpu", context_len=64)
+    short.generate_until([gen_request(FILLER, max_gen_toks=4)])
+    assert short.last_output.prompt_tokens == 64 and short.truncated == 1
+    assert split_until("abc\n\ndef STOP x", ["STOP", "\n\n"]) == "abc"
+    assert split_until("abc", ["", "z"]) == "abc"
+
+
+def test_loglikelihood_not_supported(snap_lm):
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("a", " b"), idx=0)
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        snap_lm.loglikelihood([req])
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        snap_lm.loglikelihood_rolling([req])
