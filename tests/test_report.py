@@ -292,3 +292,74 @@ def test_wandb_logging_and_failure_only_warns(tmp_path, monkeypatch):
         assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o2"),
                             "--wandb"]) == 0
     assert (tmp_path / "o2" / "report.html").exists()
+
+
+def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
+    root = tmp_path / "r"
+    _write(root, "old_ok", method="snapkv", budget=0.25, accuracy=42.0,
+           finished_at="2025-01-01T01:00:00+00:00")
+    _write(root, "new_failed", method="snapkv", budget=0.25, status="failed", error="boom",
+           accuracy=None, finished_at="2025-01-03T01:00:00+00:00")
+    _write(root, "older_ok", method="snapkv", budget=0.25, accuracy=10.0,
+           finished_at="2024-12-01T01:00:00+00:00")
+    runs, notes = report.load_results([root])
+    assert len(runs) == 1
+    kept = runs.iloc[0]
+    assert kept["status"] == "ok" and kept["accuracy"] == 42.0  # ok beats failed, then newest
+    assert kept["path"].endswith("old_ok/result.json")
+    note = next(n for n in notes if n.startswith("Duplicate run"))
+    assert "kept the newest successful run" in note and "new_failed" in note and "older_ok" in note
+    # two failed runs: the newest failed one is kept (and listed as failed)
+    _write(tmp_path / "f", "a", status="failed", error="first", finished_at="2025-01-01T00:00:00")
+    _write(tmp_path / "f", "b", status="failed", error="second", finished_at="2025-01-02T00:00:00")
+    runs, _ = report.load_results([tmp_path / "f"])
+    assert list(runs["error"]) == ["second"]
+
+
+def _method_cfg(name: str, **over) -> dict:
+    import dataclasses
+
+    from atskv.methods import METHODS
+
+    cfg = {f.name: f.default for f in dataclasses.fields(METHODS.get(name)) if f.name != "budget"}
+    return {"method": {"name": name, **cfg, **over}}
+
+
+def test_hparams_against_dataclass_defaults():
+    assert report.hparams({"method": "atskv", "config": _method_cfg("atskv")}) == ""
+    assert report.hparams({"method": "atskv", "config": _method_cfg("atskv", chunk=32)}) == "chunk=32"
+    got = report.hparams({"method": "atskv",
+                          "config": _method_cfg("atskv", mass=0.5, adaptive=False)})
+    assert got == "adaptive=False,mass=0.5"  # dataclass field order
+    assert report.hparams({"method": "full", "config": _method_cfg("full")}) == ""
+    assert report.hparams({"method": "snapkv", "config": {}}) == ""  # no config recorded
+    # an unregistered method: nothing to compare with, so every hyperparameter counts
+    assert report.hparams({"method": "gone", "config": {"method": {"name": "gone", "b": 2,
+                                                                   "a": 1.5}}}) == "a=1.5,b=2"
+
+
+def test_ablations_are_not_collapsed(tmp_path):
+    root = tmp_path / "r"
+    _write(root, "full", config=_method_cfg("full"))
+    _write(root, "atskv", method="atskv", budget=0.25, kv_cache_bytes=250.0, accuracy=40.0,
+           config=_method_cfg("atskv"))
+    _write(root, "atskv_c32", method="atskv", budget=0.25, kv_cache_bytes=500.0, accuracy=30.0,
+           config=_method_cfg("atskv", chunk=32), finished_at="2025-01-05T00:00:00+00:00")
+    _write(root, "atskv_c32_nosparse", method="atskv", budget=0.25, kv_cache_bytes=500.0,
+           accuracy=20.0, config=_method_cfg("atskv", chunk=32, sparse_decode=False))
+    runs, notes = report.load_results([root])
+    assert len(runs) == 4 and not [n for n in notes if n.startswith("Duplicate")]
+    rep = report.generate_report([root], tmp_path / "o")
+    s = rep.summary.set_index("method")
+    assert list(s.index) == ["full", "atskv", "atskv[chunk=32]", "atskv[chunk=32,sparse_decode=False]"]
+    assert s.loc["atskv", "accuracy"] == 40.0 and s.loc["atskv[chunk=32]", "accuracy"] == 30.0
+    assert s.loc["atskv[chunk=32]", "memory_reduction_pct"] == 50.0
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "| atskv[chunk=32] |" in md
+    # the same ablation twice is still a duplicate
+    _write(root, "atskv_c32_again", method="atskv", budget=0.25, kv_cache_bytes=500.0,
+           accuracy=35.0, config=_method_cfg("atskv", chunk=32),
+           finished_at="2025-01-06T00:00:00+00:00")
+    runs, notes = report.load_results([root])
+    assert len(runs) == 4
+    assert any("hparams=chunk=32" in n and "atskv_c32_again" in n for n in notes)

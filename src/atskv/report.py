@@ -30,12 +30,12 @@ import pandas as pd
 FULL = "full"
 METHOD_ORDER = ["full", "sliding_window", "dynamic_kv", "rocket_kv", "snapkv", "pyramidkv",
                 "h2o", "quest", "atskv"]
-KEY = ["method", "benchmark", "model", "context_len", "budget", "seed"]
+KEY = ["method", "hparams", "benchmark", "model", "context_len", "budget", "seed"]
 NUMERIC = ["context_len", "budget", "seed", "n_samples", "accuracy", "kv_cache_bytes",
            "kv_cache_bytes_after_compression", "kv_cache_bytes_uncompressed",
            "decode_kv_read_bytes", "peak_memory_bytes", "ttft_s", "decode_tokens_per_s"]
-TEXT = ["method", "benchmark", "model", "status", "error", "peak_memory_kind", "hardware",
-        "started_at", "finished_at"]
+TEXT = ["method", "hparams", "benchmark", "model", "status", "error", "peak_memory_kind",
+        "hardware", "started_at", "finished_at"]
 MIB = float(2**20)
 # (column, header, decimals)
 SUMMARY_COLS = [("memory_reduction_pct", "Memory reduction %", 1),
@@ -84,14 +84,54 @@ def _norm(v, cast):
         return v
 
 
+def _hp_value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def hparams(rec: dict) -> str:
+    """The run's non-default method hyperparameters as ``k=v,k=v`` ("" when all are defaults):
+    ``config.method`` minus ``name`` (and ``budget``, already in the key), compared with the
+    method dataclass's defaults, in field order. For a method that is not registered (no
+    defaults known) every hyperparameter counts, so distinct configurations never merge."""
+    import dataclasses
+
+    from atskv.methods import METHODS
+
+    config = rec.get("config")
+    cfg = config.get("method") if isinstance(config, dict) else None
+    if not isinstance(cfg, dict):
+        return ""
+    given = {k: v for k, v in cfg.items() if k not in ("name", "budget")}
+    name = rec.get("method")
+    if name not in METHODS:
+        return ",".join(f"{k}={_hp_value(given[k])}" for k in sorted(given))
+    out = []
+    for f in dataclasses.fields(METHODS.get(name)):
+        if f.name not in given:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if given[f.name] != default:
+            out.append(f"{f.name}={_hp_value(given[f.name])}")
+    known = {f.name for f in dataclasses.fields(METHODS.get(name))}
+    out += [f"{k}={_hp_value(given[k])}" for k in sorted(set(given) - known)]
+    return ",".join(out)
+
+
 def _key(rec: dict) -> tuple:
-    return (rec.get("method"), rec.get("benchmark"), rec.get("model"),
+    return (rec.get("method"), rec.get("hparams", ""), rec.get("benchmark"), rec.get("model"),
             _norm(rec.get("context_len"), int), _norm(rec.get("budget"), float),
             _norm(rec.get("seed"), int))
 
 
 def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str]]:
-    """All result.json under ``dirs`` (recursively), newest kept per KEY. Returns (runs, notes)."""
+    """All result.json under ``dirs`` (recursively), one kept per KEY: a successful run before
+    a failed one, then the newest. ``hparams`` (the non-default method hyperparameters) is part
+    of KEY, so ablations stay apart. Returns (runs, notes)."""
     notes, files = [], {}
     for d in dirs:
         if not Path(d).is_dir():
@@ -110,16 +150,22 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str]]:
             notes.append(f"Skipped `{f}`: not a result record (no method/benchmark).")
             continue
         rec["path"] = str(f)
+        rec["hparams"] = hparams(rec)
         groups.setdefault(_key(rec), []).append(rec)
     kept = []
     for key, recs in groups.items():
-        recs.sort(key=lambda r: _when(r.get("finished_at")))
+        # a successful run beats a failed one, then the newest wins
+        recs.sort(key=lambda r: (r.get("status") == "ok", _when(r.get("finished_at"))))
         kept.append(recs[-1])
         if len(recs) > 1:
-            desc = ", ".join(f"{k}={v}" for k, v in zip(KEY, key, strict=True))
-            dropped = "; ".join(f"`{r['path']}` ({r.get('finished_at')})" for r in recs[:-1])
-            notes.append(f"Duplicate run ({desc}): kept the newest `{recs[-1]['path']}` "
-                         f"(finished_at {recs[-1].get('finished_at')}); dropped {dropped}.")
+            desc = ", ".join(f"{k}={v}" for k, v in zip(KEY, key, strict=True) if v != "")
+            which = ("the newest" if all(_when(r.get("finished_at")) <= _when(recs[-1].get("finished_at"))
+                                         for r in recs) else "the newest successful run")
+            dropped = "; ".join(f"`{r['path']}` ({r.get('status')}, {r.get('finished_at')})"
+                                for r in recs[:-1])
+            notes.append(f"Duplicate run ({desc}): kept {which} `{recs[-1]['path']}` "
+                         f"({recs[-1].get('status')}, finished_at {recs[-1].get('finished_at')}); "
+                         f"dropped {dropped}.")
     df = pd.DataFrame(kept)
     for c in TEXT + NUMERIC + ["task_scores", "path"]:
         if c not in df:
@@ -127,16 +173,19 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str]]:
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df["status"] = df["status"].fillna("missing")
+    df["hparams"] = df["hparams"].fillna("")
     return df, notes
 
 
 def _order(labels) -> list:
-    """Labels (``method`` or ``method@budget``) in METHOD_ORDER, then by budget."""
+    """Labels (``method[k=v,...]@budget``, both parts optional) in METHOD_ORDER, then
+    default hyperparameters first, then by budget."""
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
 
     def key(lab: str):
-        m, _, b = str(lab).partition("@")
-        return (rank.get(m, len(rank)), m, float(b) if b else -1.0)
+        head, _, b = str(lab).rpartition("@") if "@" in str(lab) else (str(lab), "", "")
+        m, _, hp = head.partition("[")
+        return (rank.get(m, len(rank)), m, hp.rstrip("]"), float(b) if b else -1.0)
 
     return sorted(set(labels), key=key)
 
@@ -146,9 +195,13 @@ def prepare(ok: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     ok = ok.copy()
     notes = [f"Left out `{p}`: no context_len." for p in ok.get("path", ok["method"])[ok["context_len"].isna()]]
     ok = ok[ok["context_len"].notna()].assign(seed=ok["seed"].fillna(0))
+    if "hparams" not in ok:
+        ok["hparams"] = ""
+    ok["hparams"] = ok["hparams"].fillna("")
     nb = ok.groupby("method")["budget"].nunique(dropna=False)
-    ok["label"] = [m if m == FULL or nb[m] <= 1 or pd.isna(b) else f"{m}@{b:g}"
-                   for m, b in zip(ok["method"], ok["budget"], strict=True)]
+    ok["label"] = [(m + (f"[{hp}]" if hp else ""))
+                   + ("" if m == FULL or nb[m] <= 1 or pd.isna(b) else f"@{b:g}")
+                   for m, hp, b in zip(ok["method"], ok["hparams"], ok["budget"], strict=True)]
     for src, dst in (("kv_cache_bytes", "kv_cache_mib"), ("peak_memory_bytes", "peak_memory_mib"),
                      ("decode_kv_read_bytes", "decode_kv_read_mib")):
         ok[dst] = ok[src] / MIB
@@ -417,8 +470,8 @@ def generate_report(results: list[str | Path], out_dir: str | Path = "outputs/re
             blocks.append(("img", f"figures/{path.name}", cap))
             figures.append(path)
     if len(failed):
-        rows = [[r.method, r.benchmark, r.model, _fmt(r.context_len, None, 0),
-                 _fmt(r.budget, None, 3), _fmt(r.seed, None, 0), r.status,
+        rows = [[r.method + (f"[{r.hparams}]" if r.hparams else ""), r.benchmark, r.model,
+                 _fmt(r.context_len, None, 0), _fmt(r.budget, None, 3), _fmt(r.seed, None, 0), r.status,
                  str(r.error or "no error recorded")[:300], r.path]
                 for r in failed.itertuples(index=False)]
         blocks += [("h", 2, "Failed runs"),

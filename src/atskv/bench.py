@@ -1,0 +1,614 @@
+"""The performance protocol (``make bench``): every method against the full cache, in one process.
+
+    python -m atskv.bench [--methods full,atskv,...] [--context-lens 512,1024,2048,4096]
+                          [--budget 0.2] [--reps 3] [--new-tokens 32]
+                          [--model smollm2_135m|tiny_random|<conf/model preset>]
+                          [--device cpu|cuda] [--out outputs/bench] [--quick]
+
+Protocol:
+
+1. The model loads once. Each context length gets one deterministic prompt of exactly that many
+   tokens (the synthetic benchmark's ``single_needle`` sample, seed ``--seed``).
+2. Every method's engine, and transformers' ``generate()``, is warmed up once (a short
+   generation), and once more at each context length before its timed samples (untimed, 2 new
+   tokens: first-call costs at a new size, such as allocator growth, stay out of the samples).
+3. Per context length, ``--reps`` interleaved repetitions: rep 1 runs full, m1, m2, ...,
+   ``generate()``; rep ``r`` runs the same list rotated by ``r - 1``. Drift (other processes,
+   clocks, thermals) therefore hits every entrant alike, and no entrant is always first.
+4. Each sample: TTFT (prefill + compression + first token), decode tokens/s (``stop_at_eos=False``:
+   every method decodes exactly ``--new-tokens`` tokens), the KV bytes the cache held (peak over
+   decoding, measured from the tensors), the KV bytes one decode step reads (mean over steps),
+   and peak memory over the call (:class:`atskv.metrics.PeakMemory`: CUDA allocator peak, or the
+   process's peak RSS on CPU; ``peak_memory_delta_bytes`` is that peak minus the level at the
+   start of the call).
+5. Per (method, context length): the median over reps, and ratios to full **of this run**:
+   ``median(method) / median(full)`` at the same context length. Growth with context length:
+   the factor between the largest and the smallest context length, and the log-log slope
+   (least squares of log(value) on log(context length): 1 = linear, 0 = flat).
+
+Framework overhead: our full-cache decode loop against transformers' own ``generate()`` (greedy,
+its DynamicCache and default attention, ``min_new_tokens = max_new_tokens`` so it never stops
+early) on the same model and prompt, interleaved with the methods. ``generate()``'s decode rate is
+taken inside the call: a LogitsProcessor stamps the (device-synchronised) time each step's logits
+arrive; the first stamp follows the prefill forward, the last the final forward, so
+``(n - 1) / (last - first)`` is its decode rate, the same span the engine's ``decode_s`` covers.
+This avoids subtracting a separately measured prefill from the total, a difference of two noisy
+numbers that is dominated by the prefill at long contexts. The overhead ratio is
+``our tokens/s / generate tokens/s`` (> 1: our loop is faster).
+
+Writes ``bench.json`` (every sample, the medians, ratios, growth, overhead, machine info) and
+``bench.md`` into ``--out`` (atomically), prints the table and the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from atskv import models, results
+from atskv.types import ConfigError
+
+FULL = "full"
+HF = "hf_generate"  # transformers' own generate(), the overhead reference
+DEFAULT_METHODS = ["full", "sliding_window", "dynamic_kv", "rocket_kv", "snapkv", "pyramidkv",
+                   "h2o", "quest", "atskv"]
+CPU_LENS = [512, 1024, 2048, 4096]
+CUDA_LENS = [4096, 8192, 16384, 32768]
+CUDA_LONG_LENS = [65536, 131072]
+QUICK_LENS = [256, 512]
+QUICK_MODEL = "tiny_random"
+CONF = Path(__file__).resolve().parents[2] / "conf"
+MIB = float(2**20)
+# (row field, what a larger value means for growth) - the metrics ratios and growth cover
+METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
+           ("kv_read_bytes_per_step", "KV read/step"), ("peak_memory_bytes", "peak mem")]
+RATIO_NAMES = {"ttft_s": "ttft_x_full", "decode_tokens_per_s": "decode_x_full",
+               "kv_bytes": "kv_x_full", "kv_read_bytes_per_step": "kv_read_x_full",
+               "peak_memory_bytes": "peak_memory_x_full",
+               "peak_memory_delta_bytes": "peak_memory_delta_x_full"}
+
+
+# ----------------------------------------------------------------------------- setup
+def _csv(text: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m atskv.bench",
+                                description="The performance protocol: ratios to full, one run.")
+    p.add_argument("--methods", type=_csv, default=None,
+                   help=f"comma-separated (default: {','.join(DEFAULT_METHODS)}); full is always run")
+    p.add_argument("--context-lens", type=lambda s: _csv(s, int), default=None,
+                   help=f"comma-separated prompt lengths (default: {CPU_LENS} on CPU, "
+                        f"{CUDA_LENS} on CUDA)")
+    p.add_argument("--long", action="store_true",
+                   help=f"on CUDA, also {CUDA_LONG_LENS} by default (where the model fits them)")
+    p.add_argument("--budget", type=float, default=0.2, help="shared KV budget of every method")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="tokens generated per sample (default 32)")
+    p.add_argument("--model", default=None,
+                   help="a conf/model preset: smollm2_135m (default), tiny_random, ...")
+    p.add_argument("--model-path", default=None, help="override the preset's path (hf models)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES),
+                   help="default: the conf/hardware preset (float32 CPU, bfloat16 CUDA)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill chunk tokens (default: the conf/hardware preset)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the static decode step on CUDA (default: the preset)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed")
+    p.add_argument("--out", default="outputs/bench", help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI smoke run: {QUICK_MODEL}, context lengths {QUICK_LENS}, 1 rep, "
+                        "8 new tokens (explicit options still win)")
+    args = p.parse_args(argv)
+    if args.model is None:
+        args.model = QUICK_MODEL if args.quick else "smollm2_135m"
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.quick else 32
+    return args
+
+
+def _preset(group: str, name: str, schema: Any) -> Any:
+    """A conf/<group>/<name>.yaml preset merged onto its schema (without Hydra)."""
+    from omegaconf import OmegaConf
+
+    path = CONF / group / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        raise ConfigError(f"--{'model' if group == 'model' else group}={name!r}: no preset "
+                          f"{path}; choose one of {', '.join(have) or '(none found)'}")
+    data = OmegaConf.load(path)
+    data.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(schema), data)
+
+
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: str
+    prefill_chunk: int
+    cuda_graph: bool
+    max_positions: int
+    model_name: str
+
+
+def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, torch.device]:
+    """Checks that need no model; returns (methods, explicit context lengths, device)."""
+    from atskv.methods import METHODS
+
+    methods = list(args.methods or DEFAULT_METHODS)
+    for m in methods:
+        METHODS.get(m)  # "did you mean" error on a typo
+        METHODS.get(m)(budget=args.budget)  # budget and the method's own checks
+    methods = [FULL] + [m for m in dict.fromkeys(methods) if m != FULL]
+    if args.reps < 1:
+        raise ConfigError(f"--reps={args.reps} must be >= 1")
+    if args.new_tokens < 2:
+        raise ConfigError(f"--new-tokens={args.new_tokens} must be >= 2 (decode needs a step)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={args.device}: CUDA is not available here; use --device cpu")
+    lens = args.context_lens if args.context_lens else (QUICK_LENS if args.quick else None)
+    if lens is not None and any(c <= 0 for c in lens):
+        raise ConfigError(f"--context-lens={lens}: lengths must be positive")
+    return methods, (sorted(dict.fromkeys(lens)) if lens else None), device
+
+
+def load(args: argparse.Namespace, device: torch.device) -> Setup:
+    from atskv.config import HardwareConfig, ModelConfig
+
+    mcfg = _preset("model", args.model, ModelConfig)
+    if args.model_path:
+        mcfg.path = args.model_path
+    hw = _preset("hardware", "cuda" if device.type == "cuda" else "cpu", HardwareConfig)
+    dtype = args.dtype or hw.dtype
+    path = models.resolve_path(mcfg)
+    torch.manual_seed(0)
+    model = models.load_model(mcfg, path, str(device), dtype)
+    tokenizer = models.load_tokenizer(mcfg, path)
+    chunk = hw.prefill_chunk if args.prefill_chunk is None else args.prefill_chunk
+    graph = hw.cuda_graph if args.cuda_graph is None else args.cuda_graph
+    return Setup(model, tokenizer, device, dtype, int(chunk or 0),
+                 bool(graph) and device.type == "cuda", models.max_positions(mcfg, path), mcfg.name)
+
+
+def context_lens(args: argparse.Namespace, explicit: list[int] | None, setup: Setup
+                 ) -> tuple[list[int], list[str]]:
+    """The lengths to run: explicit ones must fit the model; defaults that do not are dropped
+    with a note."""
+    fits = [c + args.new_tokens <= setup.max_positions for c in (explicit or [])]
+    if explicit:
+        if not all(fits):
+            bad = [c for c, ok in zip(explicit, fits) if not ok]
+            raise ConfigError(f"--context-lens {bad}: prompt + {args.new_tokens} new tokens exceed "
+                              f"{setup.model_name}'s {setup.max_positions} positions")
+        return explicit, []
+    lens = CPU_LENS if setup.device.type == "cpu" else CUDA_LENS + (CUDA_LONG_LENS if args.long else [])
+    keep = [c for c in lens if c + args.new_tokens <= setup.max_positions]
+    notes = []
+    if len(keep) < len(lens):
+        notes.append(f"Default context lengths {[c for c in lens if c not in keep]} do not fit "
+                     f"{setup.model_name}'s {setup.max_positions} positions; skipped.")
+    if not keep:
+        raise ConfigError(f"no default context length fits {setup.model_name}'s "
+                          f"{setup.max_positions} positions; pass --context-lens")
+    return keep, notes
+
+
+def prompt(tokenizer: Any, context_len: int, seed: int) -> list[int]:
+    """A deterministic prompt of exactly ``context_len`` tokens (synthetic ``single_needle``)."""
+    from atskv.benchmarks.synthetic import SyntheticBenchmark
+
+    cfg = SimpleNamespace(tasks=["single_needle"], haystack="generated", n_samples=1,
+                          max_new_tokens=None)
+    ids = SyntheticBenchmark(cfg).load(tokenizer, context_len, 1, seed)[0].input_ids
+    assert len(ids) == context_len
+    return list(ids)
+
+
+# ----------------------------------------------------------------------------- measuring
+def _current_bytes(device: torch.device) -> int | None:
+    """The memory level a PeakMemory peak is compared with: allocated CUDA bytes, or the
+    process's current RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _StepClock:
+    """A LogitsProcessor that stamps when each step's logits arrive (device-synchronised)."""
+
+    def __init__(self, device: torch.device):
+        from atskv.metrics.timing import synchronize
+
+        self.sync = lambda: synchronize(device)
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+class Entrant:
+    """One thing measured: a method through our engine, or transformers' generate()."""
+
+    def __init__(self, name: str, setup: Setup, budget: float):
+        self.name, self.setup = name, setup
+        self.engine = None
+        if name != HF:
+            from atskv.engine import Engine
+            from atskv.methods import METHODS
+
+            method = METHODS.get(name)(budget=1.0 if name == FULL else budget)
+            self.engine = Engine(setup.model, setup.tokenizer, method,
+                                 prefill_chunk=setup.prefill_chunk, cuda_graph=setup.cuda_graph)
+
+    def warmup(self) -> None:
+        if self.engine is not None:
+            self.engine.warmup()
+        else:
+            self.run(list(range(1, 65)), 3)
+
+    def run(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
+        from atskv.metrics import PeakMemory
+
+        gc.collect()
+        device = self.setup.device
+        with PeakMemory(device) as mem:
+            level = _current_bytes(device)
+            rec = self._engine(ids, new_tokens) if self.engine else self._generate(ids, new_tokens)
+        rec.update(peak_memory_bytes=mem.peak_bytes, peak_memory_kind=mem.kind,
+                   peak_memory_since_reset=mem.since_reset,
+                   peak_memory_delta_bytes=(mem.peak_bytes - level)
+                   if mem.peak_bytes is not None and level is not None else None)
+        return rec
+
+    def _engine(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
+        out = self.engine.generate(ids, new_tokens, stop_at_eos=False)
+        if len(out.token_ids) != new_tokens:
+            raise RuntimeError(f"{self.name} generated {len(out.token_ids)} tokens, not {new_tokens}")
+        return {"ttft_s": out.ttft_s, "decode_s": out.decode_s, "decode_tokens": out.decode_tokens,
+                "decode_tokens_per_s": out.decode_tokens_per_s, "kv_bytes": out.kv_bytes_peak,
+                "kv_bytes_after_compression": out.kv_bytes_after_compression,
+                "kv_bytes_prefill": out.stats.get("kv_bytes_prefill"),
+                "kv_bytes_uncompressed": out.kv_bytes_uncompressed,
+                "kv_read_bytes_per_step": out.decode_kv_read_bytes,
+                "cuda_graph": out.stats.get("cuda_graph")}
+
+    @torch.inference_mode()
+    def _generate(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        from atskv.metrics.timing import synchronize
+
+        model, device = self.setup.model, self.setup.device
+        eos = model.generation_config.eos_token_id
+        gcfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, eos_token_id=eos,
+                                pad_token_id=model.generation_config.pad_token_id
+                                if model.generation_config.pad_token_id is not None else 0)
+        x = torch.tensor([ids], device=device)
+        clock = _StepClock(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gcfg,
+                             logits_processor=LogitsProcessorList([clock]))
+        synchronize(device)
+        total = time.perf_counter() - t0
+        n = out.shape[1] - x.shape[1]
+        if n != new_tokens or len(clock.stamps) != new_tokens:
+            raise RuntimeError(f"generate() produced {n} tokens ({len(clock.stamps)} steps), "
+                               f"not {new_tokens}")
+        decode_s = clock.stamps[-1] - clock.stamps[0]
+        return {"ttft_s": clock.stamps[0] - t0, "decode_s": decode_s, "decode_tokens": n - 1,
+                "decode_tokens_per_s": (n - 1) / decode_s if decode_s > 0 else None,
+                "total_s": total}
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _median(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return statistics.median(vals) if vals else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def _slope(xs: list[float], ys: list[float | None]) -> float | None:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den > 0 else None
+
+
+def aggregate(samples: list[dict], methods: list[str], lens: list[int]) -> list[dict]:
+    """Median per (method, context length) and the ratios to full at the same length."""
+    fields = [m for m, _ in METRICS] + ["decode_s", "kv_bytes_after_compression",
+                                        "kv_bytes_prefill", "kv_bytes_uncompressed",
+                                        "peak_memory_delta_bytes"]
+    rows = []
+    for ctx in lens:
+        med: dict[str, dict] = {}
+        for m in methods:
+            got = [s for s in samples if s["method"] == m and s["context_len"] == ctx
+                   and not s.get("error")]
+            med[m] = {f: _median([s.get(f) for s in got]) for f in fields}
+            med[m]["n_reps"] = len(got)
+        for m in methods:
+            row = {"method": m, "context_len": ctx, **med[m]}
+            for f, r in RATIO_NAMES.items():
+                row[r] = 1.0 if m == FULL and med[m][f] else _ratio(med[m][f], med[FULL][f])
+            rows.append(row)
+    return rows
+
+
+def growth(rows: list[dict], methods: list[str], lens: list[int]) -> list[dict]:
+    """Per method and metric: value at the largest / at the smallest context length, and the
+    log-log slope over all context lengths."""
+    out = []
+    for m in methods:
+        mine = {r["context_len"]: r for r in rows if r["method"] == m}
+        g: dict[str, Any] = {"method": m, "ctx_min": lens[0], "ctx_max": lens[-1]}
+        for f, _ in METRICS:
+            ys = [mine[c][f] for c in lens]
+            g[f] = {"factor": _ratio(ys[-1], ys[0]) if len(lens) > 1 else None,
+                    "loglog_slope": _slope([float(c) for c in lens], ys)}
+            ratio = RATIO_NAMES[f]
+            g[ratio] = {"at_ctx_min": mine[lens[0]][ratio], "at_ctx_max": mine[lens[-1]][ratio]}
+        out.append(g)
+    return out
+
+
+def overhead(samples: list[dict], lens: list[int]) -> dict[str, Any]:
+    per = []
+    for ctx in lens:
+        def med(name: str, field: str, ctx: int = ctx) -> float | None:
+            return _median([s.get(field) for s in samples if s["method"] == name
+                            and s["context_len"] == ctx and not s.get("error")])
+
+        ours, ref = med(FULL, "decode_tokens_per_s"), med(HF, "decode_tokens_per_s")
+        per.append({"context_len": ctx, "ours_tokens_per_s": ours, "generate_tokens_per_s": ref,
+                    "ratio": _ratio(ours, ref), "ours_ttft_s": med(FULL, "ttft_s"),
+                    "generate_ttft_s": med(HF, "ttft_s")})
+    ratios = [p["ratio"] for p in per if p["ratio"]]
+    return {
+        "definition": "our full-cache decode tokens/s / transformers generate() decode tokens/s "
+                      "(greedy, min_new_tokens = max_new_tokens); generate()'s decode time is "
+                      "the span between the first and the last step's logits (LogitsProcessor "
+                      "timestamps), i.e. n-1 decode steps, the same span as the engine's decode_s",
+        "per_context": per,
+        "ratio_geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
+    }
+
+
+# ----------------------------------------------------------------------------- rendering
+def _f(x: float | None, dec: int) -> str:
+    return "n/a" if x is None else f"{x:.{dec}f}"
+
+
+def _mib(b: float | None) -> float | None:
+    return None if b is None else b / MIB
+
+
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def render_md(data: dict[str, Any]) -> str:
+    p, mach = data["protocol"], data["machine"]
+    lines = [
+        "# atskv performance benchmark",
+        "",
+        f"Model `{p['model']}` ({p['dtype']}) on "
+        f"{mach['cpu_model'] if p['device'] == 'cpu' else mach['device_name']} ({p['device']}); "
+        f"budget {p['budget']:g}; {p['new_tokens']} new tokens per sample (no early stop); "
+        f"median of {p['reps']} interleaved rep(s); ratios (×full) are median(method) / "
+        f"median(full) at the same context length, in this run. KV = bytes the cache held "
+        f"(peak over decoding); KV read/step = bytes one decode step reads (mean); peak mem = "
+        f"{data['peak_memory_kind']}.",
+        "",
+        "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | KV MiB | KV ×full "
+        "| KV read/step MiB | peak mem ×full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['context_len']} | {_f(r['ttft_s'], 3)} | {_x(r['ttft_x_full'])} "
+            f"| {_f(r['decode_tokens_per_s'], 2)} | {_x(r['decode_x_full'])} "
+            f"| {_f(_mib(r['kv_bytes']), 2)} | {_x(r['kv_x_full'])} "
+            f"| {_f(_mib(r['kv_read_bytes_per_step']), 3)} | {_x(r['peak_memory_x_full'])} |")
+    ov = data["overhead"]
+    per = ", ".join(f"{o['context_len']}: {_x(o['ratio'])}" for o in ov["per_context"])
+    lines += ["", f"**Framework overhead** (decode, our full cache / transformers `generate()`, "
+                  f">1 = ours faster): {_x(ov['ratio_geomean'])} (geometric mean; per context "
+                  f"length {per}).", ""]
+    g0 = data["growth"][0]
+    if g0["ctx_max"] != g0["ctx_min"]:
+        lines += [f"Growth from context length {g0['ctx_min']} to {g0['ctx_max']}: factor "
+                  "(log-log slope; 1 = linear, 0 = flat).", "",
+                  "| Method | " + " | ".join(lab for _, lab in METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for g in data["growth"]:
+            cells = [f"{_x(g[f]['factor'])} ({_x(g[f]['loglog_slope'])})" for f, _ in METRICS]
+            lines.append(f"| {g['method']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Machine: {mach['cpu_model']}, {mach['cpu_count']} logical cores "
+                 f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
+                 f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end; "
+                 f"torch {mach['versions'].get('torch')}, transformers "
+                 f"{mach['versions'].get('transformers')}; git {mach['git_commit']}; "
+                 f"{mach['date']}; {data['duration_s']:.0f} s.")
+    if data["notes"]:
+        lines += [""] + [f"> **Note:** {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = results.provenance(str(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count()
+    info.update(cpu_model=cpu, cpu_count=os.cpu_count(), cpu_affinity=affinity,
+                loadavg_start=_loadavg())
+    return info
+
+
+def _loadavg() -> str | None:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- main
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    methods, explicit, device = validate(args)
+    setup = load(args, device)
+    lens, notes = context_lens(args, explicit, setup)
+    mach = machine(device)
+    prompts = {c: prompt(setup.tokenizer, c, args.seed) for c in lens}
+    entrants = [Entrant(m, setup, args.budget) for m in methods] + [Entrant(HF, setup, args.budget)]
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    log(f"{setup.model_name} on {device}; methods {', '.join(methods)} + {HF}; "
+        f"context lengths {lens}; {args.reps} rep(s); warming up")
+    for e in entrants:
+        e.warmup()
+    samples: list[dict[str, Any]] = []
+    for ctx in lens:
+        ids = prompts[ctx]
+        for e in entrants:  # first-call costs at this size stay out of the samples
+            e.run(ids, 2)
+        for rep in range(args.reps):
+            k = rep % len(entrants)
+            for slot, e in enumerate(entrants[k:] + entrants[:k]):
+                rec: dict[str, Any] = {"method": e.name, "context_len": ctx, "rep": rep,
+                                       "slot": slot}
+                try:
+                    rec.update(e.run(ids, args.new_tokens))
+                except Exception as exc:  # noqa: BLE001 - recorded; the other entrants go on
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                    log(f"ctx {ctx} rep {rep + 1} {e.name} FAILED: {rec['error']}")
+                samples.append(rec)
+            log(f"ctx {ctx}: rep {rep + 1}/{args.reps} done")
+    failed = sorted({(s["method"], s["context_len"]) for s in samples if s.get("error")})
+    if failed:
+        notes.append("Failed samples (left out of the medians): "
+                     + ", ".join(f"{m} at {c}" for m, c in failed) + "; see `samples` in bench.json.")
+    rows = aggregate(samples, methods, lens)
+    kinds = sorted({str(s.get("peak_memory_kind")) for s in samples if s.get("peak_memory_kind")})
+    if any(s.get("peak_memory_since_reset") is False for s in samples):
+        notes.append("Peak memory could not be reset between samples (non-Linux): peak mem "
+                     "ratios are of the process's lifetime peak and not meaningful.")
+    if device.type == "cpu":
+        notes.append("On CPU, peak mem is the process's peak RSS (model weights included), so "
+                     "its ratios stay near 1. `peak_memory_delta_bytes` in bench.json (growth "
+                     "over the RSS at the start of each call) is not a working-memory measure "
+                     "either: the allocator keeps freed memory, so a call that reuses it shows "
+                     "little or no growth. Compare methods' memory by KV ×full (exact) or on CUDA.")
+    notes.append("KV is the cache after compression (peak over decoding); during prefill every "
+                 "method holds the whole prompt's KV (`kv_bytes_prefill` in bench.json).")
+    mach["loadavg_end"] = _loadavg()
+    busy = [float(x.split()[0]) for x in (mach["loadavg_start"], mach["loadavg_end"]) if x]
+    if device.type == "cpu" and busy and max(busy) > (mach["cpu_affinity"] or 1):
+        notes.append(f"The 1-minute load average ({max(busy):.1f}) exceeded the {mach['cpu_affinity']} "
+                     "usable cores: other processes competed for the CPU, so absolute times are "
+                     "inflated and noisy (the ratios, measured interleaved, are less affected). "
+                     "On an oversubscribed machine `--threads 1` is usually faster and steadier.")
+    data = {
+        "protocol": {
+            "methods": methods, "reference": HF, "context_lens": lens, "budget": args.budget,
+            "reps": args.reps, "new_tokens": args.new_tokens, "model": setup.model_name,
+            "device": str(device), "dtype": setup.dtype, "prefill_chunk": setup.prefill_chunk,
+            "cuda_graph": setup.cuda_graph, "seed": args.seed, "quick": args.quick,
+            "prompt": "synthetic single_needle, exact length",
+            "order": "interleaved; rep r runs the entrant list rotated by r-1",
+            "warmup": "every entrant once (64-token prompt), and once per context length "
+                      "(2 new tokens), untimed",
+            "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
+        },
+        "machine": mach,
+        "peak_memory_kind": ", ".join(kinds) or "n/a",
+        "rows": rows,
+        "growth": growth(rows, methods, lens),
+        "overhead": overhead(samples, lens),
+        "samples": samples,
+        "notes": notes,
+        "duration_s": time.perf_counter() - t_start,
+    }
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        data = run_bench(args)
+    except ConfigError as exc:
+        print(f"atskv.bench: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    md = render_md(data)
+    results.write_json(out / "bench.json", data)
+    results.atomic_write_text(out / "bench.md", md)
+    print(md)
+    print(out)
+    return 1 if any(s.get("error") for s in data["samples"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`python -m atskv.bench`: the files, the table's shape and the ratio arithmetic (never the
+timings themselves: no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atskv import bench
+
+METHODS = ["full", "sliding_window", "snapkv", "quest", "atskv"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, smollm2_path):
+    out = tmp_path_factory.mktemp("bench")
+    # methods listed without full first: full is still run, and first
+    rc = bench.main(["--quick", "--methods", ",".join(METHODS[1:]), "--new-tokens", "4",
+                     "--threads", "1", "--out", str(out)])
+    data = json.loads((out / "bench.json").read_text())
+    return rc, out, data
+
+
+def test_files_and_one_row_per_method_and_length(quick, capsys):
+    rc, out, data = quick
+    assert rc == 0
+    assert (out / "bench.md").is_file() and not list(out.glob(".*.tmp"))
+    assert data["protocol"]["methods"] == METHODS
+    assert data["protocol"]["context_lens"] == bench.QUICK_LENS
+    assert data["protocol"]["model"] == "tiny_random" and data["protocol"]["reps"] == 1
+    pairs = [(r["method"], r["context_len"]) for r in data["rows"]]
+    assert sorted(pairs) == sorted((m, c) for m in METHODS for c in bench.QUICK_LENS)
+    assert all(r["n_reps"] == 1 for r in data["rows"])
+    # every entrant (methods + generate()) measured once per length, no failures
+    assert len(data["samples"]) == (len(METHODS) + 1) * len(bench.QUICK_LENS)
+    assert not [s for s in data["samples"] if s.get("error")]
+    assert all(s["decode_tokens"] == 3 for s in data["samples"])  # 4 new tokens, no early stop
+    md = (out / "bench.md").read_text()
+    assert "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | KV MiB |" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    assert sum(ln.split(" | ")[1].isdigit() for ln in table) == len(METHODS) * 2
+    m = data["machine"]
+    assert m["git_commit"] and m["versions"]["torch"] and m["cpu_count"] >= 1
+    assert m["torch_threads"] == 1 and m["date"]
+
+
+def test_full_ratios_are_exactly_one(quick):
+    _, _, data = quick
+    for r in data["rows"]:
+        if r["method"] == "full":
+            for ratio in ("ttft_x_full", "decode_x_full", "kv_x_full", "kv_read_x_full",
+                          "peak_memory_x_full"):
+                assert r[ratio] == 1.0, (ratio, r)
+
+
+def test_compressing_kv_ratio_is_bytes_over_full(quick):
+    _, _, data = quick
+    rows = {(r["method"], r["context_len"]): r for r in data["rows"]}
+    for ctx in bench.QUICK_LENS:
+        full = rows[("full", ctx)]
+        assert full["kv_bytes"] > 0
+        for m in ("sliding_window", "snapkv", "atskv"):
+            r = rows[(m, ctx)]
+            assert r["kv_x_full"] < 1.0
+            assert r["kv_x_full"] == r["kv_bytes"] / full["kv_bytes"]
+            assert r["kv_read_x_full"] == r["kv_read_bytes_per_step"] / full["kv_read_bytes_per_step"]
+            assert r["ttft_x_full"] == r["ttft_s"] / full["ttft_s"]
+            assert r["decode_x_full"] == r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        # quest keeps every token but reads fewer of them
+        assert rows[("quest", ctx)]["kv_x_full"] == 1.0
+        assert rows[("quest", ctx)]["kv_read_x_full"] < 1.0
+
+
+def test_growth_and_overhead(quick):
+    _, out, data = quick
+    full = next(g for g in data["growth"] if g["method"] == "full")
+    lo, hi = bench.QUICK_LENS
+    assert (full["ctx_min"], full["ctx_max"]) == (lo, hi)
+    rows = {(r["method"], r["context_len"]): r for r in data["rows"]}
+    assert full["kv_bytes"]["factor"] == rows[("full", hi)]["kv_bytes"] / rows[("full", lo)]["kv_bytes"]
+    assert full["kv_bytes"]["loglog_slope"] == pytest.approx(1.0, abs=0.05)  # full KV is linear
+    ov = data["overhead"]
+    assert [p["context_len"] for p in ov["per_context"]] == bench.QUICK_LENS
+    for p in ov["per_context"]:
+        assert p["ratio"] > 0
+        assert p["ratio"] == p["ours_tokens_per_s"] / p["generate_tokens_per_s"]
+    assert ov["ratio_geomean"] > 0
+    assert "Framework overhead" in (out / "bench.md").read_text()
+
+
+def test_bad_input_fails_before_loading(tmp_path, capsys):
+    assert bench.main(["--quick", "--methods", "snapkvv", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'snapkv'" in capsys.readouterr().err.lower()
+    assert bench.main(["--quick", "--budget", "0", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--quick", "--model", "nope", "--out", str(tmp_path)]) == 2
+    assert "tiny_random" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_slope_and_ratio_helpers():
+    assert bench._slope([1.0, 2.0, 4.0], [3.0, 6.0, 12.0]) == pytest.approx(1.0)
+    assert bench._slope([1.0, 2.0, 4.0], [5.0, 5.0, 5.0]) == pytest.approx(0.0)
+    assert bench._slope([1.0], [1.0]) is None
+    assert bench._ratio(1.0, None) is None and bench._ratio(1.0, 0.0) is None
+    assert bench._median([3.0, None, 1.0, 2.0]) == 2.0 and bench._median([None]) is None
