@@ -191,12 +191,14 @@ class StaticPagedKV:
         self.caps = torch.tensor(caps, device=dev)
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
-        self.kmin = self.kmax = self.ksum = None
+        self.kmin = self.kmax = self.ksum = self.pinned = None
         if not bounds:
             return
         self.kmin = keys.new_full((n_heads, self.n_pages, d), float("inf"))
         self.kmax = keys.new_full((n_heads, self.n_pages, d), float("-inf"))
         self.ksum = keys.new_zeros((n_heads, self.n_pages, d))
+        #: pages a method wants attended at every step (set after construction)
+        self.pinned = torch.zeros(n_heads, self.n_pages, dtype=torch.bool, device=dev)
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
             n_full = -(-lengths[h] // page)
