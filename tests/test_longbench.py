@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from helpers import bench_cfg, offline_hub, write_jsonl
 
 from atskv.benchmarks.base import BENCHMARKS
 from atskv.benchmarks.longbench import (
@@ -30,16 +29,7 @@ TREC_CLASSES = ["Abbreviation", "Animal", "Entity", "Description", "Human", "Loc
 
 
 def cfg(**kw):
-    base = dict(
-        name="longbench",
-        n_samples=None,
-        tasks=None,
-        data_dir=None,
-        max_new_tokens=None,
-        haystack=None,
-    )
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return bench_cfg("longbench", **kw)
 
 
 def record(**kw):
@@ -55,11 +45,6 @@ def record(**kw):
     }
     r.update(kw)
     return r
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 # -- task tables --------------------------------------------------------------------------------
@@ -270,11 +255,6 @@ def test_trec_needs_all_classes(tmp_path):
 
 
 def test_hub_failure_becomes_config_error(monkeypatch):
-    import datasets
-
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    offline_hub(monkeypatch)
     with pytest.raises(ConfigError, match=r"benchmark\.data_dir"):
         LongBench(cfg(tasks=["qasper"])).validate()

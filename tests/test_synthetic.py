@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
-from types import SimpleNamespace
 
 import pytest
+from helpers import bench_cfg
 
 from atskv.benchmarks.base import BENCHMARKS
 from atskv.benchmarks.synthetic import TASKS, SyntheticBenchmark
@@ -19,11 +19,10 @@ ALL_TASKS = list(TASKS)
 
 
 def make(tasks=None, haystack="generated", max_new_tokens=None, n_samples=None):
-    cfg = SimpleNamespace(
-        name="synthetic",
+    cfg = bench_cfg(
+        "synthetic",
         n_samples=n_samples,
         tasks=tasks,
-        data_dir=None,
         haystack=haystack,
         max_new_tokens=max_new_tokens,
     )

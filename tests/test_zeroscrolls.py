@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from helpers import bench_cfg, offline_hub, write_jsonl
 
 from atskv.benchmarks.base import BENCHMARKS
 from atskv.benchmarks.zeroscrolls import (
@@ -28,16 +28,7 @@ SEP = "... [The rest of the story is omitted]\n\n"
 
 
 def cfg(**kw):
-    base = dict(
-        name="zeroscrolls",
-        n_samples=None,
-        tasks=None,
-        data_dir=None,
-        max_new_tokens=None,
-        haystack=None,
-    )
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return bench_cfg("zeroscrolls", **kw)
 
 
 def make_record(doc: str, query: str, rid: str = "quality-0-0", output: str = "(B)") -> dict:
@@ -60,10 +51,7 @@ def make_record(doc: str, query: str, rid: str = "quality-0-0", output: str = "(
 
 
 def write_task(root: Path, task: str, rows) -> Path:
-    (root / task).mkdir(parents=True, exist_ok=True)
-    path = root / task / "validation.jsonl"
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+    return write_jsonl(root / task / "validation.jsonl", rows)
 
 
 LONG_DOC = " ".join(f"On day {i} the sailor counted {i * 3} gulls." for i in range(300))
@@ -275,11 +263,6 @@ def test_bad_record_names_file_line_and_field(tmp_path, field, value, pattern):
 
 
 def test_hub_failure_becomes_config_error(monkeypatch):
-    import datasets
-
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    offline_hub(monkeypatch)
     with pytest.raises(ConfigError, match=r"tau/zero_scrolls.*benchmark\.data_dir"):
         ZeroScrolls(cfg(tasks=["quality"])).validate()

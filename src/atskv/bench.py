@@ -229,20 +229,6 @@ def prompt(tokenizer: Any, context_len: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _current_bytes(device: torch.device) -> int | None:
-    """The memory level a PeakMemory peak is compared with: allocated CUDA bytes, or the
-    process's current RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 class _StepClock:
     """A LogitsProcessor that stamps when each step's logits arrive (device-synchronised)."""
 
@@ -279,12 +265,12 @@ class Entrant:
             self.run(list(range(1, 65)), 3)
 
     def run(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
-        from atskv.metrics import PeakMemory
+        from atskv.metrics import PeakMemory, current_bytes
 
         gc.collect()
         device = self.setup.device
         with PeakMemory(device) as mem:
-            level = _current_bytes(device)
+            level = current_bytes(device)
             rec = self._engine(ids, new_tokens) if self.engine else self._generate(ids, new_tokens)
         rec.update(peak_memory_bytes=mem.peak_bytes, peak_memory_kind=mem.kind,
                    peak_memory_since_reset=mem.since_reset,

@@ -30,23 +30,19 @@ Data: ``datasets.load_dataset("tau/zero_scrolls", task, split="validation")`` or
 from __future__ import annotations
 
 import math
-import os
 import re
 from functools import lru_cache
 from typing import Any
 
-from atskv.benchmarks.base import BENCHMARKS, Benchmark
+from atskv.benchmarks.base import BENCHMARKS, TaskFileBenchmark
 from atskv.benchmarks.textmetrics import (
     cfg_get,
     check_fields,
-    check_task_names,
     encode,
     hub_load,
-    iter_jsonl,
     max_over_references,
     prompt_wrapper,
     qa_f1,
-    requested_tasks,
     subset_indices,
 )
 from atskv.types import ConfigError, Sample
@@ -267,7 +263,7 @@ def truncate_input(
 
 
 @BENCHMARKS.register("zeroscrolls")
-class ZeroScrolls(Benchmark):
+class ZeroScrolls(TaskFileBenchmark):
     """ZeroSCROLLS validation split.
 
     Config fields: ``tasks`` (None: all ten from the hub, or every task whose
@@ -276,64 +272,29 @@ class ZeroScrolls(Benchmark):
     :data:`DEFAULT_MAX_NEW_TOKENS`), ``chat_template`` (default true).
     """
 
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
-        self._hub_cache: dict[str, list[dict[str, Any]]] = {}
+    suite = "zeroscrolls"
+    display_name = "ZeroSCROLLS"
+    all_tasks = TASKS
+    default_tasks = TASKS
+    task_path = f"{{task}}/{SPLIT}.jsonl"
+    hub_path = HUB_PATH
 
-    @property
-    def data_dir(self) -> str | None:
-        d = cfg_get(self.cfg, "data_dir")
-        return os.path.expanduser(str(d)) if d else None
+    def _validate_task(self, task: str) -> list[dict[str, Any]]:
+        records = super()._validate_task(task)
+        if task == "space_digest":
+            for r in records:
+                if _first_percentage(r["output"]) is None:
+                    raise ConfigError(
+                        f"ZeroSCROLLS space_digest record {r['id']}: field 'output' holds "
+                        f"no percentage ({r['output']!r})"
+                    )
+        return records
 
-    def task_file(self, task: str) -> str:
-        assert self.data_dir is not None
-        return os.path.join(self.data_dir, task, f"{SPLIT}.jsonl")
+    def _check_record(self, task: str, record: dict[str, Any], where: str) -> dict[str, Any]:
+        return check_record(record, where)
 
-    def tasks(self) -> list[str]:
-        requested = requested_tasks(self.cfg)
-        if requested is not None:
-            check_task_names("zeroscrolls", requested, TASKS)
-            return list(dict.fromkeys(requested))
-        if self.data_dir is None:
-            return list(TASKS)
-        self._check_data_dir()
-        found = [t for t in TASKS if os.path.isfile(self.task_file(t))]
-        if not found:
-            raise ConfigError(
-                f"benchmark.data_dir {self.data_dir} holds no ZeroSCROLLS task file; expected "
-                f"<task>/{SPLIT}.jsonl for tasks among: {', '.join(TASKS)}"
-            )
-        return found
-
-    def _check_data_dir(self) -> None:
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"benchmark.data_dir {self.data_dir} is not a directory")
-
-    def validate(self) -> None:
-        self._check_data_dir()
-        for task in self.tasks():
-            records = self._records(task)
-            if not records:
-                where = self.task_file(task) if self.data_dir else f"hub {HUB_PATH}/{task}"
-                raise ConfigError(f"ZeroSCROLLS task {task}: no records in {where}")
-            if task == "space_digest":
-                for r in records:
-                    if _first_percentage(r["output"]) is None:
-                        raise ConfigError(
-                            f"ZeroSCROLLS space_digest record {r['id']}: field 'output' holds "
-                            f"no percentage ({r['output']!r})"
-                        )
-
-    def _records(self, task: str) -> list[dict[str, Any]]:
-        if self.data_dir is not None:
-            path = self.task_file(task)
-            return [check_record(r, f"{path}, line {lineno}") for lineno, r in iter_jsonl(path)]
-        if task not in self._hub_cache:
-            rows = hub_load([(HUB_PATH, task)], SPLIT, _DATA_HINT)
-            self._hub_cache[task] = [
-                check_record(r, f"hub {HUB_PATH}/{task}, record {i}") for i, r in enumerate(rows)
-            ]
-        return self._hub_cache[task]
+    def _hub_rows(self, task: str) -> list[dict[str, Any]]:
+        return hub_load([(HUB_PATH, task)], SPLIT, _DATA_HINT)
 
     def load(self, tokenizer: Any, context_len: int, n: int | None, seed: int) -> list[Sample]:
         cap = n if n is not None else cfg_get(self.cfg, "n_samples")

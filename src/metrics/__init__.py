@@ -1,6 +1,6 @@
 """Measurement collectors: latency (device-synchronised) and peak memory."""
 
-from atskv.metrics.memory import PeakMemory
+from atskv.metrics.memory import PeakMemory, current_bytes
 from atskv.metrics.timing import Timer
 
-__all__ = ["PeakMemory", "Timer"]
+__all__ = ["PeakMemory", "Timer", "current_bytes"]

@@ -12,14 +12,29 @@ CUDA_KIND = "cuda_max_allocated"
 RSS_KIND = "process_peak_rss"
 
 
-def _read_hwm() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; ``None`` where
+    it cannot be read (non-Linux) or is absent."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _read_hwm() -> int | None:
+    return _proc_status_bytes("VmHWM")
+
+
+def current_bytes(device: torch.device | str = "cpu") -> int | None:
+    """The memory level a :class:`PeakMemory` peak is compared with: allocated CUDA bytes, or
+    the process's current RSS on CPU (``None`` where it cannot be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_status_bytes("VmRSS")
 
 
 def _reset_hwm() -> bool:

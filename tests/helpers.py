@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmark tests: config namespaces, JSONL files, an offline hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def bench_cfg(name: str, **kw) -> SimpleNamespace:
+    """A ``benchmark`` config with every field unset but ``name`` (``kw`` overrides)."""
+    base = dict(
+        name=name,
+        n_samples=None,
+        tasks=None,
+        data_dir=None,
+        max_new_tokens=None,
+        haystack=None,
+    )
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """One line per row (dicts as JSON, strings verbatim, for malformed lines); makes parents."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def offline_hub(monkeypatch) -> None:
+    """Make ``datasets.load_dataset`` fail as it does without a network."""
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
