@@ -31,7 +31,7 @@ def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def job_dir(method: str, extra: str = "") -> str:
-    return f"synthetic/tiny_random/{method}/ctx512_b0.25_s0_{SUFFIX}{extra}"
+    return f"synthetic/tiny_random/cpu/{method}/ctx512_b0.25_s0_{SUFFIX}{extra}"
 
 
 def results(folder: Path) -> dict[str, dict]:
