@@ -17,7 +17,7 @@ from torch import Tensor
 from atskv import hf_seam
 from atskv.kvcache import DenseKV, PackedKV
 from atskv.methods.base import Method, PrefillContext
-from atskv.metrics.timing import synchronize  # noqa: E402
+from atskv.metrics.timing import synchronize
 from atskv.types import GenerationOutput
 
 
