@@ -24,10 +24,9 @@ from atskv.types import GenerationOutput
 class _Session:
     """Per-generation state the seam calls into (see :class:`atskv.hf_seam.Session`)."""
 
-    def __init__(self, method: Method, n_layers: int, max_new_tokens: int):
+    def __init__(self, method: Method, n_layers: int):
         self.method = method
         self.n_layers = n_layers
-        self.max_new_tokens = max_new_tokens
         self.prefill: list[DenseKV] | None = [DenseKV() for _ in range(n_layers)]
         self.queries: list[Tensor | None] = [None] * n_layers
         self.store: list[PackedKV] = []
@@ -134,7 +133,7 @@ class Engine:
             raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's {self.dims['max_positions']} positions")
         self.method.begin(prompt_len, max_new_tokens)
-        session = _Session(self.method, self.dims["n_layers"], max_new_tokens)
+        session = _Session(self.method, self.dims["n_layers"])
         scale = self.dims["head_dim"] ** -0.5
         logits_seen: list[Tensor] = []
         with hf_seam.use_engine_attention(self.model):

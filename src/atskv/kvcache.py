@@ -17,11 +17,23 @@ Pure torch: nothing here knows about transformers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def tensor_bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def page_minmax(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
+    """Elementwise min and max of each page of ``page`` consecutive keys: ``(..., n, d)`` ->
+    two ``(..., ceil(n / page), d)``; the last page may be partial."""
+    n = keys.shape[-2]
+    pad = -n % page
+    shape = (*keys.shape[:-2], (n + pad) // page, page, keys.shape[-1])
+    lo = F.pad(keys, (0, 0, 0, pad), value=float("inf")).reshape(shape).amin(dim=-2)
+    hi = F.pad(keys, (0, 0, 0, pad), value=float("-inf")).reshape(shape).amax(dim=-2)
+    return lo, hi
 
 
 class DenseKV:
@@ -201,14 +213,10 @@ class StaticPagedKV:
         self.pinned = torch.zeros(n_heads, self.n_pages, dtype=torch.bool, device=dev)
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
-            n_full = -(-lengths[h] // page)
-            if n_full:
-                padded = torch.full((n_full * page, d), float("nan"), dtype=keys.dtype, device=dev)
-                padded[: lengths[h]] = seg
-                blocks = padded.view(n_full, page, d)
-                self.kmin[h, :n_full] = torch.where(blocks.isnan(), float("inf"), blocks).amin(1)
-                self.kmax[h, :n_full] = torch.where(blocks.isnan(), float("-inf"), blocks).amax(1)
-                self.ksum[h, :n_full] = torch.nan_to_num(blocks, nan=0.0).sum(1)
+            n_used = -(-lengths[h] // page)
+            if n_used:
+                self.kmin[h, :n_used], self.kmax[h, :n_used] = page_minmax(seg, page)
+                self.ksum[h, :n_used] = F.pad(seg, (0, 0, 0, -lengths[h] % page)).view(n_used, page, d).sum(1)
 
     @property
     def n_heads(self) -> int:

@@ -23,8 +23,9 @@ from atskv.types import ConfigError
 log = logging.getLogger("atskv")
 
 
-def prepare(cfg: DictConfig) -> tuple[Any, Any, Path]:
-    """Every check that needs no model weights; returns (benchmark, tokenizer, model path).
+def prepare(cfg: DictConfig) -> tuple[Any, Any, Path, int]:
+    """Every check that needs no model weights; returns (benchmark, tokenizer, model path,
+    the model's position limit).
     Raises :class:`ConfigError` on bad input."""
     validate(cfg)
     benchmark = BENCHMARKS.get(cfg.benchmark.name)(cfg.benchmark)
@@ -36,7 +37,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any, Path]:
                           f"{limit} positions (prompt plus generated tokens); choose a smaller "
                           f"context_len")
     tokenizer = models.load_tokenizer(cfg.model, path)
-    return benchmark, tokenizer, path
+    return benchmark, tokenizer, path, limit
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
@@ -50,12 +51,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     if results.finished(out_dir) and not cfg.overwrite:
         log.info("skipping: %s already has a finished result.json (overwrite=true reruns it)", out_dir)
         return None
-    benchmark, tokenizer, path = prepare(cfg)
+    benchmark, tokenizer, path, limit = prepare(cfg)
     samples = benchmark.load(tokenizer, cfg.context_len, cfg.benchmark.n_samples, cfg.seed)
     if not samples:
         raise ConfigError(f"benchmark {cfg.benchmark.name} produced no samples for tasks "
                           f"{cfg.benchmark.tasks}")
-    too_long = [s.id for s in samples if len(s.input_ids) + s.max_new_tokens > models.max_positions(cfg.model, path)]
+    too_long = [s.id for s in samples if len(s.input_ids) + s.max_new_tokens > limit]
     if too_long:
         raise ConfigError(f"samples {too_long[:3]} do not fit the model's positions")
 

@@ -12,18 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
-
-
-def page_minmax(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
-    """Elementwise min and max of each page of ``page`` consecutive keys: ``(..., n, d)`` ->
-    two ``(..., ceil(n / page), d)``; the last page may be partial."""
-    n = keys.shape[-2]
-    pad = -n % page
-    shape = (*keys.shape[:-2], (n + pad) // page, page, keys.shape[-1])
-    lo = F.pad(keys, (0, 0, 0, pad), value=float("inf")).reshape(shape).amin(dim=-2)
-    hi = F.pad(keys, (0, 0, 0, pad), value=float("-inf")).reshape(shape).amax(dim=-2)
-    return lo, hi
+from atskv.kvcache import PackedKV, page_minmax  # noqa: F401 - part of this module's API
 
 
 def page_upper_bound(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
