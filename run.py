@@ -1,7 +1,7 @@
 """Run one (method, benchmark, model, context_len) job, or a sweep with -m.
 
     python run.py                                   # the default job (full cache, synthetic)
-    python run.py -m method=full,sliding_window context_len=512,4096 budget=0.25
+    python run.py -m method=full,sliding_window context_len=512,4096 budget=0.2
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from atskv.config import register_configs
 from atskv.types import ConfigError
 
-OmegaConf.register_new_resolver("atskv_suffix", lambda s: f"_{s}".replace("/", "-") if s else "",
-                                replace=True)
 register_configs()
 log = logging.getLogger("atskv")
 # conf/hydra/launcher/submitit_local.yaml shares its name with the submitit plugin's schema, which

@@ -36,3 +36,11 @@ def offline_hub(monkeypatch) -> None:
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+
+
+def generate(model, method, prompt, n, tokenizer=None, **kw):
+    """One greedy generation through the engine (no early stop unless asked)."""
+    from atskv.engine import Engine
+
+    kw.setdefault("stop_at_eos", False)
+    return Engine(model, tokenizer).generate(prompt, method, n, **kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    from atskv.compose import group_choices
+
+    return group_choices(group)
 
 
 @pytest.mark.parametrize("group", ["method", "benchmark", "model", "hardware", "context_len"])
@@ -28,7 +31,7 @@ def test_every_option_composes(compose, group):
         if group == "context_len":
             assert cfg.context_len == int(name)
         else:
-            assert cfg[group].name == name
+            assert cfg[group].name == name.rpartition("/")[2]
 
 
 def test_context_len_presets_cover_cpu_and_gpu():
@@ -68,6 +71,51 @@ def test_budget_out_of_range(compose, budget):
         validate(compose(f"budget={budget}"))
 
 
+def test_budget_and_kv_size(compose):
+    from atskv.config import build_method, resolved_budget
+
+    cfg = compose("method=snapkv")
+    assert resolved_budget(cfg) == {"budget": 0.25, "kv_size": None}  # the default
+    assert build_method(compose("method=snapkv", "kv_size=256")).kv_size == 256
+    with pytest.raises(ConfigError, match="budget=0.2 and kv_size=256 are both set"):
+        validate(compose("method=snapkv", "budget=0.2", "kv_size=256"))
+    for bad in ("0", "-3", "4096"):
+        with pytest.raises(ConfigError, match=f"kv_size={bad} must be between 1 and the prompt "
+                                              f"length context_len=2048"):
+            validate(compose("method=snapkv", f"kv_size={bad}"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("hardware.threads=-2", "hardware.threads=-2 must be >= 1"),
+    ("hardware.threads=0", "hardware.threads=0 must be >= 1"),
+    ("hardware.prefill_chunk=-5", "hardware.prefill_chunk=-5 must be >= 0"),
+    ("hardware.device=tpu", "hardware.device='tpu'; choose one of cpu, cuda, cuda:<index>"),
+    ("hardware.dtype=float8", "hardware.dtype='float8'; choose one of float32, bfloat16"),
+    ("hardware.device_map=everywhere", "hardware.device_map='everywhere'"),
+    ("model.path=/some/folder", "model.path='/some/folder' is set, but model=smollm2_135m"),
+    ("model.max_position_embeddings=0", "model.max_position_embeddings=0 must be >= 1"),
+])
+def test_every_hardware_and_model_field_is_checked_before_loading(compose, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare(compose(override))
+
+
+def test_run_folder_names_say_what_the_budget_means(compose):
+    """pb<fraction>: a budget of the prompt's KV; kv<tokens>; non-default method
+    hyperparameters are in the name whether they came from the command line or a preset."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: F401
+
+    from atskv.config import budget_tag, method_variant, overrides_suffix
+
+    assert budget_tag(None, None) == "pb0.25" and budget_tag(0.2, None) == "pb0.2"
+    assert budget_tag(None, 512) == "kv512"
+    assert method_variant(compose("method=snapkv").method) == ""
+    assert method_variant(compose("method=snapkv", "method.window=16").method) == "_window=16"
+    assert overrides_suffix(["method=snapkv", "method.window=16", "budget=0.2",
+                             "benchmark.n_samples=4", "hardware.threads=1"]) == (
+        "_benchmark.n_samples=4,hardware.threads=1")
+
+
 def test_bad_wandb_mode(compose):
     with pytest.raises(ConfigError, match="wandb.mode='sometimes'.*online, offline, disabled"):
         validate(compose("wandb.mode=sometimes"))
@@ -75,7 +123,7 @@ def test_bad_wandb_mode(compose):
 
 def test_context_len_above_model_positions(compose, smollm2_path):
     cfg = compose("model=tiny_random", "model.max_position_embeddings=1024", "context_len='2048'")
-    with pytest.raises(ConfigError, match="context_len=2048.*1024 positions"):
+    with pytest.raises(ConfigError, match="context_len=2048 .the prompt. \\+ 16 new tokens.*1024 positions"):
         prepare(cfg)
 
 

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import generate
 
 from atskv import hf_seam
-from atskv.engine import Engine
-from atskv.kvcache import PackedKV
-from atskv.methods import METHODS, Method, PrefillContext
+from atskv.engine import Engine, StopStrings
+from atskv.kvcache import PackedKV, tensor_bytes
+from atskv.methods import METHODS, Method, PrefillContext, State
 
 PROMPT = list(range(100, 160))  # 60 tokens
 
@@ -25,8 +26,8 @@ def max_diff(a, b):
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_full_matches_transformers_generate(tiny_model, chunk):
     ref_tokens, ref_logits = hf_seam.reference_greedy(tiny_model, torch.tensor([PROMPT]), 8)
-    eng = Engine(tiny_model, None, METHODS.get("full")(), prefill_chunk=chunk)
-    out = eng.generate(PROMPT, 8, stop_at_eos=False, return_logits=True)
+    eng = Engine(tiny_model, None, prefill_chunk=chunk)
+    out = eng.generate(PROMPT, METHODS.get("full")(), 8, stop_at_eos=False, return_logits=True)
     assert out.token_ids == ref_tokens
     assert max_diff(out.stats["logits"], ref_logits) < 1e-4
     assert out.kv_bytes_peak == out.kv_bytes_uncompressed
@@ -35,23 +36,25 @@ def test_full_matches_transformers_generate(tiny_model, chunk):
 
 
 def test_budget_one_sliding_window_equals_full(tiny_model):
-    full = Engine(tiny_model, None, METHODS.get("full")()).generate(
-        PROMPT, 6, stop_at_eos=False, return_logits=True)
-    sw = Engine(tiny_model, None, METHODS.get("sliding_window")(budget=1.0)).generate(
-        PROMPT, 6, stop_at_eos=False, return_logits=True)
+    full = generate(tiny_model, METHODS.get("full")(), PROMPT, 6, return_logits=True)
+    sw = generate(tiny_model, METHODS.get("sliding_window")(budget=1.0), PROMPT, 6,
+                  return_logits=True)
     assert sw.token_ids == full.token_ids
     assert max_diff(sw.stats["logits"], full.stats["logits"]) == 0.0
 
 
-@dataclass
-class KeepSubset(Method):
-    """Test method: keeps a fixed, different subset of prompt tokens per KV head."""
+SEEN_KEYS: list = []
 
-    name = "keep_subset"
+
+@dataclass(frozen=True)
+class KeepSubset(Method):
+    """Test method (not registered): keeps a fixed, different subset of prompt tokens per KV
+    head."""
+
     subsets: tuple = ()
 
-    def select(self, ctx: PrefillContext):
-        self.seen_keys = [weakref.ref(k) for k in ctx.keys]
+    def select(self, state: State, ctx: PrefillContext):
+        SEEN_KEYS[:] = [weakref.ref(k) for k in ctx.keys]
         keep = [torch.tensor(s) for s in self.subsets]
         return [keep for _ in range(ctx.n_layers)]
 
@@ -78,44 +81,47 @@ def oracle_logits(model, tokens, prompt_len, subsets, n_q_heads):
 def test_eviction_keeps_original_positions_and_ragged_heads(tiny_model):
     subsets = ((0, 1, 2, 10, 30, 59), (0, 5, 6, 7, 20, 21, 22, 40, 50, 58, 59))
     method = KeepSubset(subsets=subsets)
-    out = Engine(tiny_model, None, method).generate(PROMPT, 5, stop_at_eos=False, return_logits=True)
+    out = generate(tiny_model, method, PROMPT, 5, return_logits=True)
     tokens = PROMPT + out.token_ids[:-1]
     ref = oracle_logits(tiny_model, tokens, len(PROMPT), subsets,
                         tiny_model.config.num_attention_heads)
     for step, logits in enumerate(out.stats["logits"]):
         torch.testing.assert_close(logits, ref[len(PROMPT) - 1 + step], atol=1e-4, rtol=1e-4)
-    # ragged storage: bytes are exactly the kept tokens (+ decode headroom) per head, no padding
+    # ragged storage: bytes are exactly the kept tokens (+ the 4 generated tokens fed back) per
+    # head, no padding
     d = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
     n_layers = tiny_model.config.num_hidden_layers
-    per_layer = sum(len(s) + 5 for s in subsets) * 2 * d * 4
-    assert out.kv_bytes_after_compression == n_layers * per_layer
+    per_layer = sum(len(s) + 4 for s in subsets) * 2 * d * 4
+    assert out.kv_bytes_peak == n_layers * per_layer
+    assert out.kv_bytes_after_compression == n_layers * sum(len(s) for s in subsets) * 2 * d * 4
     assert out.stats["kept_tokens"] == [[6, 11]] * n_layers
 
 
 def test_prefill_tensors_are_released(tiny_model):
     method = KeepSubset(subsets=((0, 59), (1, 59)))
-    Engine(tiny_model, None, method).generate(PROMPT, 2, stop_at_eos=False)
+    generate(tiny_model, method, PROMPT, 2)
     gc.collect()
-    assert all(ref() is None for ref in method.seen_keys)
+    assert SEEN_KEYS and all(ref() is None for ref in SEEN_KEYS)
 
 
 def test_sliding_window_keeps_sinks_and_recent_and_stays_in_budget(tiny_model):
-    prompt = list(range(100, 290))  # 190 tokens + 10 new; budget 0.25 -> 50 tokens
+    prompt = list(range(100, 300))  # 200 tokens + 10 new; budget 0.25 of the prompt -> 50 tokens
     method = METHODS.get("sliding_window")(budget=0.25, n_sink=4)
-    out = Engine(tiny_model, None, method).generate(prompt, 10, stop_at_eos=False,
-                                                      return_logits=True)
+    out = generate(tiny_model, method, prompt, 10, return_logits=True)
     kept = out.stats["kept_indices"][0][0].tolist()
-    assert kept == list(range(4)) + list(range(144, 190))
-    full = Engine(tiny_model, None, METHODS.get("full")()).generate(prompt, 10, stop_at_eos=False)
-    assert out.kv_bytes_peak == out.kv_bytes_after_compression  # never grows past the budget
-    assert out.kv_bytes_peak / full.kv_bytes_peak == pytest.approx(0.25)
+    assert kept == list(range(4)) + list(range(154, 200))
+    assert out.stats["prompt_tokens_kept"] == {"mean": 50, "min": 50, "max": 50}
+    full = generate(tiny_model, METHODS.get("full")(), prompt, 10)
+    assert out.kv_bytes_peak == out.kv_bytes_after_compression  # evicts: never grows
+    assert out.kv_bytes_peak / full.kv_bytes_after_compression == pytest.approx(0.25)
 
 
 def test_packed_append_and_evict_order():
     keys = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)
     store = PackedKV.from_selection(keys, keys.clone(), [torch.tensor([0, 2, 4]), torch.tensor([1])],
                                     [1, 2])
-    assert store.nbytes() == (4 + 3) * 2 * 4
+    assert tensor_bytes(*store.tensors()) == (4 + 3) * 2 * 4
+    assert store.spare_bytes() == 3 * 2 * 4
     store.append(torch.tensor([[100.0], [200.0]]), torch.tensor([[100.0], [200.0]]))
     assert store.head(0)[0].flatten().tolist() == [0, 2, 4, 100]
     assert store.head(1)[0].flatten().tolist() == [6, 200]
@@ -123,3 +129,45 @@ def test_packed_append_and_evict_order():
         store.append(torch.zeros(2, 1), torch.zeros(2, 1))
     store.evict(0, 1)
     assert store.head(0)[0].flatten().tolist() == [0, 4, 100]
+
+
+class _Tok:
+    """A character-level stand-in tokenizer: token i decodes to chr(i)."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_strings_are_found_incrementally_and_cut():
+    stop = StopStrings(_Tok(), ["\n\n", "END"])
+    toks = [ord(c) for c in "abc\nde"]
+    assert not stop.hit(toks)
+    assert not stop.hit(toks + [ord("\n")] + [ord("x")])
+    assert stop.hit(toks + [ord("\n"), ord("\n")])
+    assert stop.hit([ord(c) for c in "x" * 50 + "E"]) is False
+    assert stop.hit([ord(c) for c in "x" * 50 + "EN" + "D"])
+    assert stop.cut("hello END world\n\n") == "hello "
+    assert StopStrings(None, []).cut("abc") == "abc"
+    with pytest.raises(ValueError, match="tokenizer"):
+        StopStrings(None, ["x"])
+
+
+def test_generation_ends_at_a_stop_string(tiny_model, smollm2_tokenizer):
+    """The engine stops at the first stop string: fewer tokens, fewer KV bytes, text cut."""
+    full = METHODS.get("full")()
+    free = generate(tiny_model, full, PROMPT, 40, tokenizer=smollm2_tokenizer)
+    text = smollm2_tokenizer.decode(free.token_ids, skip_special_tokens=True)
+    # a stop string that the unconstrained text contains after a few tokens
+    k = next(i for i in range(3, 40) if len(smollm2_tokenizer.decode(free.token_ids[:i])) >= 3)
+    stop = smollm2_tokenizer.decode(free.token_ids[k - 1 : k], skip_special_tokens=True)
+    assert stop and stop in text
+    out = generate(tiny_model, full, PROMPT, 40, tokenizer=smollm2_tokenizer, stop=[stop])
+    first = text.find(stop)
+    assert out.text == text[:first]
+    assert out.stats["stopped_by"] == "stop"
+    assert len(out.token_ids) < len(free.token_ids)
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    assert out.kv_bytes_peak < free.kv_bytes_peak
+    assert out.decode_tokens == len(out.token_ids) - 1

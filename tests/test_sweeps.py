@@ -31,7 +31,7 @@ def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def job_dir(method: str, extra: str = "") -> str:
-    return f"synthetic/tiny_random/cpu/{method}/ctx512_b0.25_s0_{SUFFIX}{extra}"
+    return f"synthetic/tiny_random/cpu/{method}/ctx512_pb0.25_s0_{SUFFIX}{extra}"
 
 
 def results(folder: Path) -> dict[str, dict]:
@@ -110,11 +110,12 @@ def test_each_launcher_writes_every_job_into_its_folder(tmp_path, launcher):
 # -- failures and resume ----------------------------------------------------------------------
 
 def test_failed_job_is_recorded_the_rest_goes_on_and_rerun_resumes(tmp_path):
-    # A natural failure after the model loads: 4 query heads cannot be grouped over 3 KV heads.
-    # The tiny model builds, then attention raises on the first forward pass; the config
-    # checks do not cover model architecture, so the job reaches generation and fails there.
-    args = ["-m", "model.tiny.num_kv_heads=3,2,1", *TINY, f"hydra.sweep.dir={tmp_path}"]
-    bad, good, also_good = (job_dir("full", f",model.tiny.num_kv_heads={n}") for n in (3, 2, 1))
+    # A natural failure after every check passed: a model too large for this machine's memory
+    # (a 2^20-wide tiny Llama's embedding alone needs ~200 GB), so building it runs out of
+    # memory, as a real OOM in a sweep would.
+    args = ["-m", "model.tiny.hidden_size=1048576,64,32", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    bad, good, also_good = (job_dir("full", f",model.tiny.hidden_size={n}")
+                            for n in (1048576, 64, 32))
     proc = run_py(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]  # the sweep finishes; the failure is a record
     res = results(tmp_path)
@@ -122,7 +123,7 @@ def test_failed_job_is_recorded_the_rest_goes_on_and_rerun_resumes(tmp_path):
     failed = res[bad]
     assert failed["status"] == "failed" and failed["n_samples"] == 0
     assert failed["error"].startswith("RuntimeError") and "Traceback" in failed["traceback"]
-    assert failed["config"]["model"]["tiny"]["num_kv_heads"] == 3 and failed["provenance"]
+    assert failed["config"]["model"]["tiny"]["hidden_size"] == 1048576 and failed["provenance"]
     assert (tmp_path / bad / "samples.jsonl").read_text() == ""
     assert res[good]["status"] == res[also_good]["status"] == "ok"  # jobs after it still ran
     assert len({r["sweep_id"] for r in res.values()}) == 1
@@ -148,7 +149,7 @@ def test_config_error_in_a_sweep_skips_that_job_and_runs_the_rest(tmp_path):
             f"hydra.sweep.dir={tmp_path}"]
     proc = run_py(*args)
     assert proc.returncode != 0  # reported at the end of the sweep
-    assert "context_len=8192 does not fit" in proc.stderr
+    assert "context_len=8192 (the prompt) + 16 new tokens" in proc.stderr
     assert set(results(tmp_path)) == {job_dir("full")}  # the 512 job after it still ran
 
 

@@ -62,14 +62,11 @@ from atskv.types import ConfigError
 
 FULL = "full"
 HF = "hf_generate"  # transformers' own generate(), the overhead reference
-DEFAULT_METHODS = ["full", "sliding_window", "dynamic_kv", "rocket_kv", "snapkv", "pyramidkv",
-                   "h2o", "quest", "atskv"]
 CPU_LENS = [512, 1024, 2048, 4096]
 CUDA_LENS = [4096, 8192, 16384, 32768]
 CUDA_LONG_LENS = [65536, 131072]
 QUICK_LENS = [256, 512]
 QUICK_MODEL = "tiny_random"
-CONF = Path(__file__).resolve().parents[2] / "conf"
 MIB = float(2**20)
 # (row field, what a larger value means for growth) - the metrics ratios and growth cover
 METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
@@ -89,38 +86,29 @@ def _csv(text: str, cast=str) -> list:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m atskv.bench",
-                                description="The performance protocol: ratios to full, one run.")
+    p = argparse.ArgumentParser(
+        prog="python -m atskv.bench",
+        description="The performance protocol: ratios to full, one run. Run settings (model, "
+                    "hardware, budget, seed, ...) are Hydra overrides, as for run.py.")
     p.add_argument("--methods", type=_csv, default=None,
-                   help=f"comma-separated (default: {','.join(DEFAULT_METHODS)}); full is always run")
+                   help="comma-separated (default: every registered method); full is always run")
     p.add_argument("--context-lens", type=lambda s: _csv(s, int), default=None,
                    help=f"comma-separated prompt lengths (default: {CPU_LENS} on CPU, "
                         f"{CUDA_LENS} on CUDA)")
     p.add_argument("--long", action="store_true",
                    help=f"on CUDA, also {CUDA_LONG_LENS} by default (where the model fits them)")
-    p.add_argument("--budget", type=float, default=0.2, help="shared KV budget of every method")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     p.add_argument("--new-tokens", type=int, default=None,
                    help="tokens generated per sample (default 32)")
-    p.add_argument("--model", default=None,
-                   help="a conf/model preset: smollm2_135m (default), tiny_random, ...")
-    p.add_argument("--model-path", default=None, help="override the preset's path (hf models)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES),
-                   help="default: the conf/hardware preset (float32 CPU, bfloat16 CUDA)")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prefill chunk tokens (default: the conf/hardware preset)")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the static decode step on CUDA (default: the preset)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="prompt seed")
     p.add_argument("--out", default="outputs/bench", help="output folder")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI smoke run: {QUICK_MODEL}, context lengths {QUICK_LENS}, 1 rep, "
+                   help=f"CI smoke run: model={QUICK_MODEL}, context lengths {QUICK_LENS}, 1 rep, "
                         "8 new tokens (explicit options still win)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra overrides of the run config, e.g. model=tiny_random hardware=cpu "
+                        "hardware.threads=1 budget=0.2 (default budget 0.2; hardware: cuda when "
+                        "available, else cpu)")
     args = p.parse_args(argv)
-    if args.model is None:
-        args.model = QUICK_MODEL if args.quick else "smollm2_135m"
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.new_tokens is None:
@@ -128,70 +116,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _preset(group: str, name: str, schema: Any) -> Any:
-    """A conf/<group>/<name>.yaml preset merged onto its schema (without Hydra)."""
-    from omegaconf import OmegaConf
+def run_config(args: argparse.Namespace, method: str = FULL) -> Any:
+    """The run config of one entrant: run.py's composition of ``--quick``'s and the default
+    presets, then the user's overrides, with ``method``."""
+    from atskv.compose import compose_run_config
 
-    path = CONF / group / f"{name}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-        raise ConfigError(f"--{'model' if group == 'model' else group}={name!r}: no preset "
-                          f"{path}; choose one of {', '.join(have) or '(none found)'}")
-    data = OmegaConf.load(path)
-    data.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(schema), data)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
+    base = [f"hardware={'cuda' if torch.cuda.is_available() else 'cpu'}", "budget=0.2"]
+    if args.quick:
+        base.append(f"model={QUICK_MODEL}")
+    base = [o for o in base if o.split("=", 1)[0] not in keys]
+    return compose_run_config([*base, *args.overrides, f"method={method}"])
 
 
 @dataclass
 class Setup:
+    cfg: Any  # the run config (method=full); entrants differ only in method
     model: Any
     tokenizer: Any
     device: torch.device
-    dtype: str
-    prefill_chunk: int
-    cuda_graph: bool
     max_positions: int
-    model_name: str
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.name
 
 
-def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, torch.device]:
-    """Checks that need no model; returns (methods, explicit context lengths, device)."""
+def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, dict[str, Any]]:
+    """Checks that need no model; returns (methods, explicit context lengths, the methods by
+    name)."""
+    from atskv.config import build_method
+    from atskv.config import validate as validate_config
     from atskv.methods import METHODS
 
-    methods = list(args.methods or DEFAULT_METHODS)
-    for m in methods:
+    names = list(args.methods or METHODS.names())
+    for m in names:
         METHODS.get(m)  # "did you mean" error on a typo
-        METHODS.get(m)(budget=args.budget)  # budget and the method's own checks
-    methods = [FULL] + [m for m in dict.fromkeys(methods) if m != FULL]
+    names = [FULL] + [m for m in dict.fromkeys(names) if m != FULL]
+    methods = {}
+    for m in names:
+        cfg = run_config(args, m)
+        validate_config(cfg)
+        methods[m] = build_method(cfg)
     if args.reps < 1:
         raise ConfigError(f"--reps={args.reps} must be >= 1")
     if args.new_tokens < 2:
         raise ConfigError(f"--new-tokens={args.new_tokens} must be >= 2 (decode needs a step)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={args.device}: CUDA is not available here; use --device cpu")
     lens = args.context_lens if args.context_lens else (QUICK_LENS if args.quick else None)
     if lens is not None and any(c <= 0 for c in lens):
         raise ConfigError(f"--context-lens={lens}: lengths must be positive")
-    return methods, (sorted(dict.fromkeys(lens)) if lens else None), device
+    return names, (sorted(dict.fromkeys(lens)) if lens else None), methods
 
 
-def load(args: argparse.Namespace, device: torch.device) -> Setup:
-    from atskv.config import HardwareConfig, ModelConfig
-
-    mcfg = _preset("model", args.model, ModelConfig)
-    if args.model_path:
-        mcfg.path = args.model_path
-    hw = _preset("hardware", "cuda" if device.type == "cuda" else "cpu", HardwareConfig)
-    dtype = args.dtype or hw.dtype
-    path = models.resolve_path(mcfg)
+def load(args: argparse.Namespace) -> Setup:
+    cfg = run_config(args)
+    path = models.resolve_path(cfg.model)
     torch.manual_seed(0)
-    model = models.load_model(mcfg, path, str(device), dtype)
-    tokenizer = models.load_tokenizer(mcfg, path)
-    chunk = hw.prefill_chunk if args.prefill_chunk is None else args.prefill_chunk
-    graph = hw.cuda_graph if args.cuda_graph is None else args.cuda_graph
-    return Setup(model, tokenizer, device, dtype, int(chunk or 0),
-                 bool(graph) and device.type == "cuda", models.max_positions(mcfg, path), mcfg.name)
+    hw = cfg.hardware
+    model = models.load_model(cfg.model, path, hw.device, hw.dtype, hw.device_map)
+    tokenizer = models.load_tokenizer(cfg.model, path)
+    return Setup(cfg, model, tokenizer, torch.device(hw.device), models.max_positions(cfg.model, path))
 
 
 def context_lens(args: argparse.Namespace, explicit: list[int] | None, setup: Setup
@@ -229,38 +213,22 @@ def prompt(tokenizer: Any, context_len: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- measuring
-class _StepClock:
-    """A LogitsProcessor that stamps when each step's logits arrive (device-synchronised)."""
-
-    def __init__(self, device: torch.device):
-        from atskv.metrics.timing import synchronize
-
-        self.sync = lambda: synchronize(device)
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.sync()
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 class Entrant:
     """One thing measured: a method through our engine, or transformers' generate()."""
 
-    def __init__(self, name: str, setup: Setup, budget: float):
-        self.name, self.setup = name, setup
+    def __init__(self, name: str, setup: Setup, method: Any = None):
+        self.name, self.setup, self.method = name, setup, method
         self.engine = None
         if name != HF:
             from atskv.engine import Engine
-            from atskv.methods import METHODS
 
-            method = METHODS.get(name)(budget=1.0 if name == FULL else budget)
-            self.engine = Engine(setup.model, setup.tokenizer, method,
-                                 prefill_chunk=setup.prefill_chunk, cuda_graph=setup.cuda_graph)
+            hw = setup.cfg.hardware
+            self.engine = Engine(setup.model, setup.tokenizer, prefill_chunk=hw.prefill_chunk,
+                                 cuda_graph=hw.cuda_graph and setup.device.type == "cuda")
 
     def warmup(self) -> None:
         if self.engine is not None:
-            self.engine.warmup()
+            self.engine.warmup(self.method)
         else:
             self.run(list(range(1, 65)), 3)
 
@@ -279,7 +247,8 @@ class Entrant:
         return rec
 
     def _engine(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
-        out = self.engine.generate(ids, new_tokens, stop_at_eos=False)
+        assert self.engine is not None
+        out = self.engine.generate(ids, self.method, new_tokens, stop_at_eos=False)
         if len(out.token_ids) != new_tokens:
             raise RuntimeError(f"{self.name} generated {len(out.token_ids)} tokens, not {new_tokens}")
         return {"ttft_s": out.ttft_s, "decode_s": out.decode_s, "decode_tokens": out.decode_tokens,
@@ -288,34 +257,24 @@ class Entrant:
                 "kv_bytes_prefill": out.stats.get("kv_bytes_prefill"),
                 "kv_bytes_uncompressed": out.kv_bytes_uncompressed,
                 "kv_read_bytes_per_step": out.decode_kv_read_bytes,
+                "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
                 "cuda_graph": out.stats.get("cuda_graph")}
 
-    @torch.inference_mode()
     def _generate(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
+        from atskv import hf_seam
         from atskv.metrics.timing import synchronize
 
-        model, device = self.setup.model, self.setup.device
-        eos = model.generation_config.eos_token_id
-        gcfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, eos_token_id=eos,
-                                pad_token_id=model.generation_config.pad_token_id
-                                if model.generation_config.pad_token_id is not None else 0)
+        device = self.setup.device
         x = torch.tensor([ids], device=device)
-        clock = _StepClock(device)
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gcfg,
-                             logits_processor=LogitsProcessorList([clock]))
+        n, stamps, t0 = hf_seam.timed_generate(self.setup.model, x, new_tokens,
+                                               lambda: synchronize(device))
         synchronize(device)
         total = time.perf_counter() - t0
-        n = out.shape[1] - x.shape[1]
-        if n != new_tokens or len(clock.stamps) != new_tokens:
-            raise RuntimeError(f"generate() produced {n} tokens ({len(clock.stamps)} steps), "
+        if n != new_tokens or len(stamps) != new_tokens:
+            raise RuntimeError(f"generate() produced {n} tokens ({len(stamps)} steps), "
                                f"not {new_tokens}")
-        decode_s = clock.stamps[-1] - clock.stamps[0]
-        return {"ttft_s": clock.stamps[0] - t0, "decode_s": decode_s, "decode_tokens": n - 1,
+        decode_s = stamps[-1] - stamps[0]
+        return {"ttft_s": stamps[0] - t0, "decode_s": decode_s, "decode_tokens": n - 1,
                 "decode_tokens_per_s": (n - 1) / decode_s if decode_s > 0 else None,
                 "total_s": total}
 
@@ -415,12 +374,14 @@ def _x(x: float | None) -> str:
 
 def render_md(data: dict[str, Any]) -> str:
     p, mach = data["protocol"], data["machine"]
+    budget = (f"kv_size {p['kv_size']}" if p.get("kv_size") else
+              f"budget {p['budget']:g} of the prompt's KV" if p.get("budget") else "budget n/a")
     lines = [
         "# atskv performance benchmark",
         "",
         f"Model `{p['model']}` ({p['dtype']}) on "
         f"{mach['cpu_model'] if p['device'] == 'cpu' else mach['device_name']} ({p['device']}); "
-        f"budget {p['budget']:g}; {p['new_tokens']} new tokens per sample (no early stop); "
+        f"{budget}; {p['new_tokens']} new tokens per sample (no early stop); "
         f"median of {p['reps']} interleaved rep(s); ratios (×full) are median(method) / "
         f"median(full) at the same context length, in this run. KV = bytes the cache held "
         f"(peak over decoding); KV read/step = bytes one decode step reads (mean); peak mem = "
@@ -491,8 +452,6 @@ def _loadavg() -> str | None:
 # ----------------------------------------------------------------------------- main
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         return _run(args)
     finally:
@@ -501,43 +460,89 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
-    methods, explicit, device = validate(args)
-    setup = load(args, device)
+    names, explicit, methods = validate(args)
+    setup = load(args)
+    if setup.cfg.hardware.threads:
+        torch.set_num_threads(setup.cfg.hardware.threads)
     lens, notes = context_lens(args, explicit, setup)
-    mach = machine(device)
-    prompts = {c: prompt(setup.tokenizer, c, args.seed) for c in lens}
-    entrants = [Entrant(m, setup, args.budget) for m in methods] + [Entrant(HF, setup, args.budget)]
+    mach = machine(setup.device)
+    prompts = {c: prompt(setup.tokenizer, c, setup.cfg.seed) for c in lens}
+    entrants = [Entrant(m, setup, methods[m]) for m in names] + [Entrant(HF, setup)]
 
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    log(f"{setup.model_name} on {device}; methods {', '.join(methods)} + {HF}; "
+    log(f"{setup.model_name} on {setup.device}; methods {', '.join(names)} + {HF}; "
         f"context lengths {lens}; {args.reps} rep(s); warming up")
+    samples = measure(entrants, prompts, args.reps, args.new_tokens, log)
+    rows = aggregate(samples, names, lens)
+    mach["loadavg_end"] = _loadavg()
+    notes += _notes(samples, setup.device, mach)
+    budget = methods[names[-1]].budget if len(names) > 1 else None
+    return {
+        "protocol": {
+            "methods": names, "reference": HF, "context_lens": lens, "budget": budget,
+            "kv_size": methods[names[-1]].kv_size if len(names) > 1 else None,
+            "budget_of": "prompt", "reps": args.reps, "new_tokens": args.new_tokens,
+            "model": setup.model_name, "device": str(setup.device),
+            "hardware": setup.cfg.hardware.name, "dtype": setup.cfg.hardware.dtype,
+            "prefill_chunk": setup.cfg.hardware.prefill_chunk,
+            "cuda_graph": bool(setup.cfg.hardware.cuda_graph) and setup.device.type == "cuda",
+            "seed": setup.cfg.seed, "quick": args.quick, "overrides": list(args.overrides),
+            "prompt": "synthetic single_needle, exact length",
+            "order": "interleaved; rep r runs the entrant list rotated by r-1",
+            "warmup": "every entrant once (64-token prompt), and once per context length "
+                      "(2 new tokens), untimed",
+            "attn_implementation": hf_attn(setup.model),
+        },
+        "machine": mach,
+        "peak_memory_kind": ", ".join(sorted({str(s.get("peak_memory_kind")) for s in samples
+                                              if s.get("peak_memory_kind")})) or "n/a",
+        "rows": rows,
+        "growth": growth(rows, names, lens),
+        "overhead": overhead(samples, lens),
+        "samples": samples,
+        "notes": notes,
+        "duration_s": time.perf_counter() - t_start,
+    }
+
+
+def hf_attn(model: Any) -> str | None:
+    from atskv import hf_seam
+
+    return hf_seam.attn_implementation(model)
+
+
+def measure(entrants: list[Entrant], prompts: dict[int, list[int]], reps: int, new_tokens: int,
+            log: Any) -> list[dict[str, Any]]:
+    """Warm-up, then per context length ``reps`` interleaved repetitions of every entrant."""
     for e in entrants:
         e.warmup()
     samples: list[dict[str, Any]] = []
-    for ctx in lens:
-        ids = prompts[ctx]
+    for ctx, ids in prompts.items():
         for e in entrants:  # first-call costs at this size stay out of the samples
             e.run(ids, 2)
-        for rep in range(args.reps):
+        for rep in range(reps):
             k = rep % len(entrants)
             for slot, e in enumerate(entrants[k:] + entrants[:k]):
                 rec: dict[str, Any] = {"method": e.name, "context_len": ctx, "rep": rep,
                                        "slot": slot}
                 try:
-                    rec.update(e.run(ids, args.new_tokens))
+                    rec.update(e.run(ids, new_tokens))
                 except Exception as exc:  # noqa: BLE001 - recorded; the other entrants go on
                     rec["error"] = f"{type(exc).__name__}: {exc}"
                     log(f"ctx {ctx} rep {rep + 1} {e.name} FAILED: {rec['error']}")
                 samples.append(rec)
-            log(f"ctx {ctx}: rep {rep + 1}/{args.reps} done")
+            log(f"ctx {ctx}: rep {rep + 1}/{reps} done")
+    return samples
+
+
+def _notes(samples: list[dict[str, Any]], device: torch.device, mach: dict[str, Any]) -> list[str]:
+    notes = []
     failed = sorted({(s["method"], s["context_len"]) for s in samples if s.get("error")})
     if failed:
         notes.append("Failed samples (left out of the medians): "
                      + ", ".join(f"{m} at {c}" for m, c in failed) + "; see `samples` in bench.json.")
-    rows = aggregate(samples, methods, lens)
-    kinds = sorted({str(s.get("peak_memory_kind")) for s in samples if s.get("peak_memory_kind")})
     if any(s.get("peak_memory_since_reset") is False for s in samples):
         notes.append("Peak memory could not be reset between samples (non-Linux): peak mem "
                      "ratios are of the process's lifetime peak and not meaningful.")
@@ -547,37 +552,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                      "over the RSS at the start of each call) is not a working-memory measure "
                      "either: the allocator keeps freed memory, so a call that reuses it shows "
                      "little or no growth. Compare methods' memory by KV ×full (exact) or on CUDA.")
-    notes.append("KV is the cache after compression (peak over decoding); during prefill every "
+    notes.append("KV is the cache after compression (peak over decoding; the budget is a fraction "
+                 "of the prompt's KV and the generated tokens come on top); during prefill every "
                  "method holds the whole prompt's KV (`kv_bytes_prefill` in bench.json).")
-    mach["loadavg_end"] = _loadavg()
     busy = [float(x.split()[0]) for x in (mach["loadavg_start"], mach["loadavg_end"]) if x]
     if device.type == "cpu" and busy and max(busy) > (mach["cpu_affinity"] or 1):
         notes.append(f"The 1-minute load average ({max(busy):.1f}) exceeded the {mach['cpu_affinity']} "
                      "usable cores: other processes competed for the CPU, so absolute times are "
                      "inflated and noisy (the ratios, measured interleaved, are less affected). "
-                     "On an oversubscribed machine `--threads 1` is usually faster and steadier.")
-    data = {
-        "protocol": {
-            "methods": methods, "reference": HF, "context_lens": lens, "budget": args.budget,
-            "reps": args.reps, "new_tokens": args.new_tokens, "model": setup.model_name,
-            "device": str(device), "dtype": setup.dtype, "prefill_chunk": setup.prefill_chunk,
-            "cuda_graph": setup.cuda_graph, "seed": args.seed, "quick": args.quick,
-            "prompt": "synthetic single_needle, exact length",
-            "order": "interleaved; rep r runs the entrant list rotated by r-1",
-            "warmup": "every entrant once (64-token prompt), and once per context length "
-                      "(2 new tokens), untimed",
-            "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
-        },
-        "machine": mach,
-        "peak_memory_kind": ", ".join(kinds) or "n/a",
-        "rows": rows,
-        "growth": growth(rows, methods, lens),
-        "overhead": overhead(samples, lens),
-        "samples": samples,
-        "notes": notes,
-        "duration_s": time.perf_counter() - t_start,
-    }
-    return data
+                     "On an oversubscribed machine `hardware.threads=1` is usually faster and steadier.")
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:

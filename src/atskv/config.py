@@ -1,7 +1,10 @@
-"""Typed config schemas (Hydra structured configs) and the checks that run before any model loads.
+"""Typed config schemas (Hydra structured configs), the resolvers that name run folders, and the
+checks that run before any model loads.
 
-The ``method`` group's schemas are the method dataclasses themselves (their fields are the
-hyperparameters), registered under ``<name>_schema``; the YAML files in ``conf/`` extend them.
+The ``method`` group is generated from the method registry: every registered method dataclass
+becomes the config option ``method=<name>`` (its fields are the hyperparameters, with the
+dataclass defaults) and the schema ``<name>_schema`` that a YAML preset under ``conf/method/``
+may extend (only presets that differ from the defaults need a file, e.g. ``method=tuned/<name>``).
 A typo'd key or a mistyped value fails at compose time; range checks that Hydra cannot express
 live in :func:`validate`.
 """
@@ -76,8 +79,10 @@ class RunConfig:
     benchmark: BenchmarkConfig = MISSING
     model: ModelConfig = MISSING
     hardware: HardwareConfig = MISSING
-    context_len: int = MISSING
-    budget: float = 0.25
+    context_len: int = MISSING  # prompt tokens (generation comes on top)
+    # fraction of the prompt's KV cache a method keeps (null: DEFAULT_BUDGET unless kv_size is set)
+    budget: float | None = None
+    kv_size: int | None = None  # alternatively: prompt tokens kept per layer and KV head
     seed: int = 0
     overwrite: bool = False
     warmup: bool = True
@@ -89,10 +94,44 @@ CONTEXT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 WANDB_MODES = ("online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SOURCES = ("smollm2_pypi", "hf", "tiny_random")
+DEVICES = ("cpu", "cuda", "cuda:<index>")
+DEFAULT_BUDGET = 0.25
+BUDGET_FIELDS = ("budget", "kv_size")  # the shared budget: top-level keys, not method fields
+#: overrides that never go into a run folder's suffix (they are elsewhere in the path, or do
+#: not change results); keys starting with "method." are in the path as the method variant
+SUFFIX_EXCLUDED = {"method", "benchmark", "model", "context_len", "hardware", "budget", "kv_size",
+                   "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group"}
+
+
+def method_fields(cls: type) -> list[dataclasses.Field]:
+    """A method dataclass's hyperparameters (its fields minus the shared budget)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in BUDGET_FIELDS]
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def method_schema(name: str, cls: type) -> type:
+    """The Hydra schema of a method: ``name`` plus its hyperparameters with their defaults."""
+    hints = typing.get_type_hints(cls)
+    return dataclasses.make_dataclass(
+        f"{cls.__name__}Config",
+        [("name", str, dataclasses.field(default=name))]
+        + [(f.name, hints[f.name], dataclasses.field(default=f.default)
+            if f.default is not dataclasses.MISSING
+            else dataclasses.field(default_factory=f.default_factory))  # type: ignore[misc]
+           for f in method_fields(cls)],
+    )
 
 
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    """Register the schemas, the generated ``method`` options and the run-folder resolvers
+    (idempotent)."""
     from atskv.methods import METHODS
 
     cs = ConfigStore.instance()
@@ -101,52 +140,143 @@ def register_configs() -> None:
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="hardware", name="hardware_schema", node=HardwareConfig)
     for name in METHODS:
-        cls = METHODS.get(name)
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: (hints[f.name], f) for f in dataclasses.fields(cls) if f.name != "budget"}
-        schema = dataclasses.make_dataclass(
-            f"{cls.__name__}Config",
-            [("name", str, dataclasses.field(default=name))]
-            + [(n, t, dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
-                else dataclasses.field(default_factory=f.default_factory))
-               for n, (t, f) in fields.items()],
-        )
+        schema = method_schema(name, METHODS.get(name))
         cs.store(group="method", name=f"{name}_schema", node=schema)
+        cs.store(group="method", name=name, node=schema)
+    OmegaConf.register_new_resolver("atskv_budget", budget_tag, replace=True)
+    OmegaConf.register_new_resolver("atskv_variant", method_variant, replace=True)
+    OmegaConf.register_new_resolver("atskv_suffix", overrides_suffix, replace=True)
+
+
+def resolved_budget(cfg: Any) -> dict[str, Any]:
+    """``{"budget": ..., "kv_size": ...}`` as the method receives them: ``kv_size`` when set,
+    else ``budget`` (``DEFAULT_BUDGET`` when neither is given)."""
+    if cfg.kv_size is not None:
+        return {"budget": cfg.budget, "kv_size": cfg.kv_size}
+    return {"budget": DEFAULT_BUDGET if cfg.budget is None else cfg.budget, "kv_size": None}
+
+
+def budget_tag(budget: Any, kv_size: Any) -> str:
+    """The run folder's budget component: ``pb<fraction>`` (a budget of the prompt's KV cache)
+    or ``kv<tokens>``. Folders of the old meaning (a fraction of prompt + generated tokens) were
+    named ``b<fraction>`` and never match."""
+    if kv_size is not None:
+        return f"kv{kv_size}" if budget is None else f"pb{budget}_kv{kv_size}"
+    return f"pb{DEFAULT_BUDGET if budget is None else budget}"
+
+
+def _hp(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def method_variant(method: Any) -> str:
+    """``_k=v,...`` for the method hyperparameters that differ from the dataclass defaults (""
+    when all are defaults), whether they came from the command line or from a preset."""
+    from atskv.methods import METHODS
+
+    if method is None or method.get("name") not in METHODS:
+        return ""
+    given = OmegaConf.to_container(method, resolve=True)
+    assert isinstance(given, dict)
+    diff = [f"{f.name}={_hp(given[f.name])}" for f in method_fields(METHODS.get(given["name"]))
+            if f.name in given and given[f.name] != field_default(f)]
+    return "_" + ",".join(diff) if diff else ""
+
+
+def overrides_suffix(overrides: Any) -> str:
+    """``_k=v,...`` for the command-line overrides that change a run but are not in its folder
+    path otherwise (e.g. ``benchmark.n_samples=4``), sorted; "" when there are none."""
+    items = []
+    for o in overrides or []:
+        key, _, value = str(o).partition("=")
+        key = key.lstrip("+~")
+        if key in SUFFIX_EXCLUDED or key.startswith(("method.", "wandb.", "hydra.", "hydra/")):
+            continue
+        items.append(f"{key}={value}")
+    return ("_" + ",".join(sorted(items))).replace("/", "-") if items else ""
 
 
 def method_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of the method's dataclass: its hyperparameters and the budget."""
     kw = OmegaConf.to_container(cfg.method, resolve=True)
     assert isinstance(kw, dict)
     kw.pop("name")
-    kw["budget"] = cfg.budget
-    return kw
+    return {**kw, **resolved_budget(cfg)}
+
+
+def build_method(cfg: DictConfig) -> Any:
+    """The configured method (its own checks raise :class:`ConfigError`)."""
+    from atskv.methods import METHODS
+
+    return METHODS.get(cfg.method.name)(**method_kwargs(cfg))
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks Hydra's schemas cannot express; each error names the value and the choices."""
-    from atskv.methods import METHODS
-
-    if not 0.0 < float(cfg.budget) <= 1.0:
-        raise ConfigError(f"budget={cfg.budget} is outside (0, 1]: the fraction of the full KV "
-                          f"cache a method may keep, e.g. budget=0.25")
+    if cfg.budget is not None and cfg.kv_size is not None:
+        raise ConfigError(f"budget={cfg.budget} and kv_size={cfg.kv_size} are both set; give one: "
+                          f"budget (fraction of the prompt's KV cache kept, e.g. budget=0.2) or "
+                          f"kv_size (prompt tokens kept per layer and KV head, e.g. kv_size=512)")
+    if cfg.budget is not None and not 0.0 < float(cfg.budget) <= 1.0:
+        raise ConfigError(f"budget={cfg.budget} is outside (0, 1]: the fraction of the prompt's KV "
+                          f"cache a method keeps, e.g. budget=0.2")
+    if cfg.kv_size is not None and not 1 <= cfg.kv_size <= cfg.context_len:
+        raise ConfigError(f"kv_size={cfg.kv_size} must be between 1 and the prompt length "
+                          f"context_len={cfg.context_len} (prompt tokens kept per layer and KV head)")
     if cfg.context_len <= 0:
         raise ConfigError(f"context_len={cfg.context_len} must be positive; presets: {CONTEXT_LENGTHS}")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose one of {', '.join(WANDB_MODES)}")
-    if cfg.hardware.dtype not in DTYPES:
-        raise ConfigError(f"hardware.dtype={cfg.hardware.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if cfg.hardware.device.startswith("cuda"):
+    if cfg.benchmark.n_samples is not None and cfg.benchmark.n_samples <= 0:
+        raise ConfigError(f"benchmark.n_samples={cfg.benchmark.n_samples} must be positive")
+    validate_hardware(cfg.hardware)
+    validate_model(cfg.model)
+    build_method(cfg)  # the method's own checks
+
+
+def validate_hardware(hw: Any) -> None:
+    """Every hardware field, before any model loads."""
+    if hw.dtype not in DTYPES:
+        raise ConfigError(f"hardware.dtype={hw.dtype!r}; choose one of {', '.join(DTYPES)}")
+    dev = str(hw.device)
+    if not (dev in ("cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"hardware.device={dev!r}; choose one of {', '.join(DEVICES)}")
+    if hw.threads is not None and hw.threads < 1:
+        raise ConfigError(f"hardware.threads={hw.threads} must be >= 1 (or null: all cores)")
+    if hw.prefill_chunk < 0:
+        raise ConfigError(f"hardware.prefill_chunk={hw.prefill_chunk} must be >= 0 (tokens per "
+                          f"prefill chunk; 0: the whole prompt in one pass)")
+    if hw.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+        raise ConfigError(f"hardware.device_map={hw.device_map!r}; choose auto, balanced, "
+                          f"balanced_low_0, sequential or null")
+    if dev.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"hardware={cfg.hardware.name} asks for {cfg.hardware.device}, but CUDA "
-                              f"is not available here; use hardware=cpu")
-    if cfg.model.source not in MODEL_SOURCES:
-        raise ConfigError(f"model.source={cfg.model.source!r}; choose one of {', '.join(MODEL_SOURCES)}")
-    if cfg.benchmark.n_samples is not None and cfg.benchmark.n_samples <= 0:
-        raise ConfigError(f"benchmark.n_samples={cfg.benchmark.n_samples} must be positive")
-    METHODS.get(cfg.method.name)(**method_kwargs(cfg))  # the method's own checks
-    if cfg.model.source == "hf" and cfg.model.path.startswith(("/", ".", "~")):
-        if not Path(cfg.model.path).expanduser().is_dir():
-            raise ConfigError(f"model.path={cfg.model.path!r} does not exist; point it at a folder "
+            raise ConfigError(f"hardware={hw.name} asks for {dev}, but CUDA is not available "
+                              f"here; use hardware=cpu")
+
+
+def validate_model(m: Any) -> None:
+    """Every model field, before any model loads."""
+    if m.source not in MODEL_SOURCES:
+        raise ConfigError(f"model.source={m.source!r}; choose one of {', '.join(MODEL_SOURCES)}")
+    if m.source != "hf" and m.path:
+        raise ConfigError(f"model.path={m.path!r} is set, but model={m.name} (source {m.source}) "
+                          f"does not load from a path; use a preset that does (e.g. "
+                          f"model=llama31_8b_instruct model.path=/path/to/folder)")
+    if m.source == "hf" and not m.path:
+        raise ConfigError(f"model={m.name} needs model.path (a hub id or a local folder)")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
+        raise ConfigError(f"model.max_position_embeddings={m.max_position_embeddings} must be >= 1")
+    for key in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads"):
+        if getattr(m.tiny, key) < 1:
+            raise ConfigError(f"model.tiny.{key}={getattr(m.tiny, key)} must be >= 1")
+    if m.tiny.num_heads % m.tiny.num_kv_heads or m.tiny.hidden_size % m.tiny.num_heads:
+        raise ConfigError(f"model.tiny: num_heads={m.tiny.num_heads} must be a multiple of "
+                          f"num_kv_heads={m.tiny.num_kv_heads} and divide hidden_size="
+                          f"{m.tiny.hidden_size}")
+    if m.source == "hf" and m.path.startswith(("/", ".", "~")):
+        if not Path(m.path).expanduser().is_dir():
+            raise ConfigError(f"model.path={m.path!r} does not exist; point it at a folder "
                               f"holding a Hugging Face checkpoint (config.json + weights)")

@@ -1,13 +1,26 @@
 """The generation loop: chunked prefill, compression, greedy decoding with explicit positions.
 
-Batch size 1 (the protocol of every benchmark here and of the papers' efficiency claims).
-Measurements are taken here, around device-synchronised regions, and KV sizes are read off the
-tensors the cache holds.
+Batch size 1 (the protocol of every benchmark here and of the papers' efficiency claims). Three
+phases, each its own method of :class:`Engine`:
+
+* :meth:`Engine.prefill`: exact attention over the prompt; returns a :class:`Prefill` (every
+  layer's uncompressed keys/values, the last prompt queries a method scores with, the logits of
+  the last position and the time it took). A prefill is never modified afterwards, so several
+  methods can compress the same one (a sweep's shared prefill);
+* :meth:`Engine.compress`: the method's :meth:`~atskv.methods.Method.select` and per-layer stores,
+  built as copies of the kept tokens;
+* :meth:`Engine.decode`: greedy decoding with explicit position ids ``L + step`` until
+  ``max_new_tokens``, EOS or the first stop string.
+
+:meth:`Engine.generate` runs all three. Measurements are taken here, around device-synchronised
+regions, and KV sizes are read off the tensors the method's state holds.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,55 +28,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from atskv import hf_seam
-from atskv.kvcache import DenseKV, PackedKV
-from atskv.methods.base import Method, PrefillContext
+from atskv.kvcache import DenseKV
+from atskv.methods.base import Method, PrefillContext, State
 from atskv.metrics.timing import synchronize
 from atskv.types import GenerationOutput
 
 
-class _Session:
-    """Per-generation state the seam calls into (see :class:`atskv.hf_seam.Session`)."""
+@dataclass
+class Prefill:
+    """A prompt's uncompressed state after prefill (read-only for the methods).
 
-    def __init__(self, method: Method, n_layers: int):
-        self.method = method
-        self.n_layers = n_layers
-        self.prefill: list[DenseKV] | None = [DenseKV() for _ in range(n_layers)]
+    keys, values: per layer ``(H_kv, L, d)`` (keys after RoPE); queries: per layer the last
+    ``w`` prompt queries ``(H_q, w, d)`` (``w`` as asked for, at most L); logits: ``(vocab,)`` of
+    the last prompt position; seconds: the device-synchronised prefill time.
+    """
+
+    keys: list[Tensor | None]
+    values: list[Tensor | None]
+    queries: list[Tensor]
+    logits: Tensor
+    prompt_len: int
+    seconds: float
+    kv_bytes: int  # the uncompressed KV held at the end of prefill
+
+
+class _PrefillSession:
+    """Seam callbacks during prefill: keys/values accumulate uncompressed, attention is exact and
+    causal, and the last ``window`` queries of every layer are kept for the method's scoring."""
+
+    def __init__(self, n_layers: int, window: int):
+        self.kv = [DenseKV() for _ in range(n_layers)]
         self.queries: list[Tensor | None] = [None] * n_layers
-        self.store: list[PackedKV] = []
-        self.position = 0  # absolute position of the next token
-        self.step_read_bytes = 0
-        self.kept: list[list[Tensor]] | None = None
+        self.window = window
+        self.position = 0
 
     def seen_tokens(self) -> int:
         return self.position
 
-    # -- seam callbacks -------------------------------------------------------------------
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.prefill is not None:
-            return self.prefill[layer].append(k[0], v[0])
-        store = self.store[layer]
-        self.method.before_append(layer, store)
-        store.append(k[0, :, 0], v[0, :, 0])
-        return k, v
+        return self.kv[layer].append(k[0], v[0])
 
     def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        if self.prefill is not None:
-            return self._prefill_attention(layer, q, k, v, scale)
-        _, h_q, _, d = q.shape
-        h_kv = self.store[layer].n_heads
-        res = self.method.attend(layer, self.store[layer], q[0, :, 0].view(h_kv, h_q // h_kv, d), scale)
-        self.step_read_bytes += res.read_bytes
-        return res.out.reshape(1, h_q, 1, d)
-
-    def _prefill_attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Exact causal attention of a prompt chunk ``q`` ``(1, H_q, t, d)`` over all prompt keys
-        so far ``(H_kv, T, d)``; stashes the last queries for the method's scoring."""
+        """Causal attention of a prompt chunk ``q`` ``(1, H_q, t, d)`` over all prompt keys so
+        far ``(H_kv, T, d)``."""
         t, total = q.shape[2], k.shape[1]
-        w = self.method.observation_window
-        if w:
+        if self.window:
             prev = self.queries[layer]
             cur = q[0] if prev is None else torch.cat([prev, q[0]], dim=1)
-            self.queries[layer] = cur[:, -w:]
+            self.queries[layer] = cur[:, -self.window:]
         kwargs: dict[str, Any] = {"scale": scale, "enable_gqa": True}
         if t == total:
             kwargs["is_causal"] = True
@@ -71,52 +83,73 @@ class _Session:
             kwargs["attn_mask"] = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(total - t)
         return F.scaled_dot_product_attention(q, k[None], v[None], **kwargs)
 
-    # -- compression ----------------------------------------------------------------------
-    def compress(self, max_new_tokens: int, scale: float) -> None:
-        assert self.prefill is not None
-        keys = [p.keys for p in self.prefill]
-        values = [p.values for p in self.prefill]
-        n_heads, prompt_len = keys[0].shape[0], keys[0].shape[1]
-        queries = [q if q is not None else keys[0].new_empty(0) for q in self.queries]
-        ctx = PrefillContext(keys, values, queries, prompt_len, max_new_tokens, scale)
-        keep = self.method.select(ctx)
-        if keep is None:
-            everything = torch.arange(prompt_len, device=keys[0].device)
-            keep = [[everything] * n_heads for _ in keys]
-        self.kept = keep
-        self.prefill = None  # drop the uncompressed tensors before building the packed ones
-        self.queries = [None] * self.n_layers
-        for layer in range(self.n_layers):
-            lens = [int(i.numel()) for i in keep[layer]]
-            room = self.method.headroom(layer, lens)
-            self.store.append(self.method.make_store(layer, keys[layer], values[layer], keep[layer], room))
-            keys[layer] = values[layer] = None  # type: ignore[call-overload]
 
-    def kv_bytes(self) -> int:
-        if self.prefill is not None:
-            return sum(p.nbytes() for p in self.prefill)
-        return sum(s.nbytes() for s in self.store)
+class _DecodeSession:
+    """Seam callbacks during decoding: the method's hooks over the stores its state owns."""
+
+    def __init__(self, method: Method, state: State, position: int):
+        self.method = method
+        self.state = state
+        self.position = position  # absolute position of the next token
+        self.step_read_bytes = 0
+
+    def seen_tokens(self) -> int:
+        return self.position
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        store = self.state.stores[layer]
+        self.method.before_append(self.state, layer, store)
+        store.append(k[0, :, 0], v[0, :, 0])
+        return k, v
+
+    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        _, h_q, _, d = q.shape
+        store = self.state.stores[layer]
+        h_kv = store.n_heads
+        res = self.method.attend(self.state, layer, store, q[0, :, 0].view(h_kv, h_q // h_kv, d),
+                                 scale)
+        self.step_read_bytes += res.read_bytes
+        return res.out.reshape(1, h_q, 1, d)
+
+
+class StopStrings:
+    """Ends generation at the first occurrence of any stop string in the decoded text, checked
+    incrementally: after each token only the last few tokens are decoded (enough to hold the
+    longest stop string, which needs at most one token per character)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        if self.stops and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer = tokenizer
+        self.tail = max((len(s) for s in self.stops), default=0) + 8
+
+    def hit(self, tokens: list[int]) -> bool:
+        if not self.stops:
+            return False
+        text = self.tokenizer.decode(tokens[-self.tail:], skip_special_tokens=True)
+        return any(s in text for s in self.stops)
+
+    def cut(self, text: str) -> str:
+        """``text`` up to the first stop string (whole when none occurs)."""
+        at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
+        return text[:at]
 
 
 class Engine:
     """Greedy generation with a KV-cache method on a transformers causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, method: Method, prefill_chunk: int = 0,
+    def __init__(self, model: Any, tokenizer: Any, prefill_chunk: int = 0,
                  cuda_graph: bool = False):
         self.model = model
-        self.cuda_graph = cuda_graph
         self.tokenizer = tokenizer
-        self.method = method
         self.prefill_chunk = prefill_chunk
+        self.cuda_graph = cuda_graph
         self.dims = hf_seam.model_dims(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        gen_cfg = getattr(model, "generation_config", None)
-        ids = {eos} if isinstance(eos, int) else set()
-        extra = getattr(gen_cfg, "eos_token_id", None)
-        ids |= set(extra) if isinstance(extra, list) else ({extra} if isinstance(extra, int) else set())
-        self.eos_ids = ids
+        self.scale = self.dims["head_dim"] ** -0.5
+        self.eos_ids = hf_seam.eos_token_ids(model, tokenizer)
 
     def full_kv_bytes(self, n_tokens: int) -> int:
         """Bytes a full cache holds for ``n_tokens`` tokens (all layers, K and V)."""
@@ -124,18 +157,30 @@ class Engine:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * d["n_layers"] * d["n_kv_heads"] * d["head_dim"] * itemsize * n_tokens
 
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.dims["max_positions"]:
+            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the model's {self.dims['max_positions']} positions")
+
+    # -- the three phases -----------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids: list[int] | Tensor, max_new_tokens: int,
-                 stop_at_eos: bool = True, return_logits: bool = False) -> GenerationOutput:
+    def generate(self, input_ids: list[int] | Tensor, method: Method, max_new_tokens: int,
+                 stop: Sequence[str] = (), stop_at_eos: bool = True,
+                 return_logits: bool = False) -> GenerationOutput:
+        """Prefill, compress with ``method`` and decode (the prefill is freed as it is
+        compressed)."""
+        self.check_fits(len(input_ids), max_new_tokens)
+        pre = self.prefill(input_ids, method.queries_needed())
+        return self.generate_from(pre, method, max_new_tokens, stop, stop_at_eos, return_logits,
+                                  consume=True)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: list[int] | Tensor, queries: int = 0) -> Prefill:
+        """Exact (chunked) prefill of the prompt, keeping the last ``queries`` prompt queries of
+        every layer."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
         prompt_len = ids.shape[1]
-        if prompt_len + max_new_tokens > self.dims["max_positions"]:
-            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's {self.dims['max_positions']} positions")
-        self.method.begin(prompt_len, max_new_tokens)
-        session = _Session(self.method, self.dims["n_layers"])
-        scale = self.dims["head_dim"] ** -0.5
-        logits_seen: list[Tensor] = []
+        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len))
         with hf_seam.use_engine_attention(self.model):
             synchronize(self.device)
             t0 = time.perf_counter()
@@ -145,68 +190,126 @@ class Engine:
                 pos = torch.arange(s, s + piece.shape[1], device=self.device).view(1, -1)
                 session.position = s
                 logits = hf_seam.forward(self.model, session, piece, pos)
-            session.position = prompt_len
-            kv_prefill_peak = session.kv_bytes()
-            session.compress(max_new_tokens, scale)
-            token = int(torch.argmax(logits))
             synchronize(self.device)
-            ttft = time.perf_counter() - t0
-            if return_logits:
-                logits_seen.append(logits.float().cpu())
-            kv_after = session.kv_bytes()
-            tokens = [token]
-            read_bytes: list[int] = []
-            step = self._stepper(session)
-            t1 = time.perf_counter()
-            while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
-                logits, step_bytes = step(token)
-                read_bytes.append(step_bytes)
-                token = int(torch.argmax(logits))
-                tokens.append(token)
-                if return_logits:
-                    logits_seen.append(logits.float().cpu())
-            synchronize(self.device)
-            decode_s = time.perf_counter() - t1
-        kv_peak = session.kv_bytes()
+            seconds = time.perf_counter() - t0
+        empty = ids.new_empty(0, dtype=self.dtype)
+        return Prefill(
+            keys=[kv.keys for kv in session.kv], values=[kv.values for kv in session.kv],
+            queries=[q if q is not None else empty for q in session.queries], logits=logits,
+            prompt_len=prompt_len, seconds=seconds,
+            kv_bytes=sum(kv.nbytes() for kv in session.kv))
+
+    def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
+                 consume: bool = False) -> tuple[State, list[list[Tensor]]]:
+        """The method's state with its per-layer stores built from ``pre`` (copies of the kept
+        tokens), and the kept prompt-token indices per layer and KV head. With ``consume`` each
+        layer's prefill tensors are dropped once its store is built (a prefill nobody shares)."""
+        state = method.begin(pre.prompt_len, max_new_tokens)
+        keys, values = pre.keys, pre.values
+        assert all(k is not None for k in keys), "this prefill was consumed already"
+        ctx = PrefillContext(keys, values, pre.queries, pre.prompt_len, max_new_tokens, self.scale)  # type: ignore[arg-type]
+        keep = method.select(state, ctx)
+        if keep is None:
+            everything = torch.arange(pre.prompt_len, device=keys[0].device)  # type: ignore[union-attr]
+            keep = [[everything] * keys[0].shape[0] for _ in keys]  # type: ignore[union-attr]
+        del ctx
+        for layer in range(len(keys)):
+            state.stores.append(method.make_store(state, layer, keys[layer], values[layer],  # type: ignore[arg-type]
+                                                  keep[layer]))
+            if consume:
+                keys[layer] = values[layer] = None
+        return state, keep
+
+    @torch.inference_mode()
+    def generate_from(self, pre: Prefill, method: Method, max_new_tokens: int,
+                      stop: Sequence[str] = (), stop_at_eos: bool = True,
+                      return_logits: bool = False, consume: bool = False) -> GenerationOutput:
+        """Compress ``pre`` with ``method`` and decode. TTFT = the prefill's time + this
+        compression + the first token."""
+        stopper = StopStrings(self.tokenizer, stop)
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        state, keep = self.compress(pre, method, max_new_tokens, consume)
+        token = int(torch.argmax(pre.logits))
+        synchronize(self.device)
+        compress_s = time.perf_counter() - t0
+        kv_after = state.nbytes()
+        logits_seen = [pre.logits.float().cpu()] if return_logits else []
+        tokens, read_bytes, decode_s, step = self.decode(
+            method, state, pre.prompt_len, token, max_new_tokens, stopper, stop_at_eos,
+            logits_seen if return_logits else None)
+        kv_end = state.nbytes()
         text_tokens = [t for t in tokens if not (stop_at_eos and t in self.eos_ids)]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True) if self.tokenizer else ""
+        kept = [[int(i.numel()) for i in layer] for layer in keep]
+        flat = [n for layer in kept for n in layer]
         stats: dict[str, Any] = {
             "cuda_graph": isinstance(step, _GraphStep) and step.graph is not None,
-            "kept_tokens": [[int(i.numel()) for i in layer] for layer in (session.kept or [])],
-            "kv_bytes_prefill": kv_prefill_peak,
+            "kept_tokens": kept,
+            "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
+            "kv_bytes_prefill": pre.kv_bytes,
+            "prefill_s": pre.seconds,
+            "compress_s": compress_s,
+            "kept_indices": keep,
+            "stopped_by": ("eos" if stop_at_eos and tokens[-1] in self.eos_ids else
+                           "stop" if stopper.hit(tokens) else "length"),
         }
         if return_logits:
             stats["logits"] = logits_seen
-            stats["kept_indices"] = session.kept
+            stats["state"] = state
         return GenerationOutput(
             token_ids=tokens,
-            text=text,
-            prompt_tokens=prompt_len,
-            ttft_s=ttft,
+            text=stopper.cut(text),
+            prompt_tokens=pre.prompt_len,
+            ttft_s=pre.seconds + compress_s,
             decode_s=decode_s,
             decode_tokens=len(tokens) - 1,
             kv_bytes_after_compression=kv_after,
-            kv_bytes_peak=max(kv_after, kv_peak),
-            kv_bytes_uncompressed=self.full_kv_bytes(prompt_len + max_new_tokens),
+            kv_bytes_peak=max(kv_after, kv_end),
+            kv_bytes_uncompressed=self.full_kv_bytes(pre.prompt_len + len(tokens) - 1),
             decode_kv_read_bytes=(sum(read_bytes) / len(read_bytes)) if read_bytes else None,
             stats=stats,
         )
 
-    def _stepper(self, session: _Session) -> _EagerStep:
-        if self.cuda_graph and self.device.type == "cuda" and getattr(self.method, "static", False):
+    def decode(self, method: Method, state: State, prompt_len: int, token: int,
+               max_new_tokens: int, stopper: StopStrings, stop_at_eos: bool,
+               logits_seen: list[Tensor] | None) -> tuple[list[int], list[int], float, _EagerStep]:
+        """Greedy decoding from the first ``token``: the tokens, the KV bytes each step read,
+        the decode time (after the first token) and the stepper used."""
+        session = _DecodeSession(method, state, prompt_len)
+        tokens = [token]
+        read_bytes: list[int] = []
+        with hf_seam.use_engine_attention(self.model):
+            step = self._stepper(method, session)
+            synchronize(self.device)
+            t1 = time.perf_counter()
+            while (len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids)
+                   and not stopper.hit(tokens)):
+                logits, step_bytes = step(token)
+                read_bytes.append(step_bytes)
+                token = int(torch.argmax(logits))
+                tokens.append(token)
+                if logits_seen is not None:
+                    logits_seen.append(logits.float().cpu())
+            synchronize(self.device)
+            decode_s = time.perf_counter() - t1
+        return tokens, read_bytes, decode_s, step
+
+    def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
+        if self.cuda_graph and self.device.type == "cuda" and method.static_decode():
             return _GraphStep(self.model, session, self.device)
         return _EagerStep(self.model, session, self.device)
 
-    def warmup(self) -> None:
+    def warmup(self, method: Method) -> None:
         """One short generation so that one-time costs stay out of the timed samples."""
         n = min(64, self.dims["max_positions"] - 4)
-        self.generate(list(range(1, n + 1)), max_new_tokens=3, stop_at_eos=False)
+        self.generate(list(range(1, n + 1)), method, max_new_tokens=3, stop_at_eos=False)
 
 
 class _EagerStep:
     """One decode step: the token at the session's next position through the model."""
 
-    def __init__(self, model: Any, session: _Session, device: torch.device):
+    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
         self.model, self.session, self.device = model, session, device
 
     def __call__(self, token: int) -> tuple[Tensor, int]:
@@ -229,7 +332,7 @@ class _GraphStep(_EagerStep):
     capture fails, the steps run eagerly and ``stats["cuda_graph"]`` says so.
     """
 
-    def __init__(self, model: Any, session: _Session, device: torch.device):
+    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
         super().__init__(model, session, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0

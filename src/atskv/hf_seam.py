@@ -14,7 +14,8 @@ Two seams, no edits or monkeypatches of modeling code:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -100,6 +101,20 @@ def model_dims(model: Any) -> dict[str, int]:
     }
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and the model's generation config's."""
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    ids = {eos} if isinstance(eos, int) else set()
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else ({extra} if isinstance(extra, int) else set())
+    return ids
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation the model uses outside the engine (e.g. ``sdpa``)."""
+    return getattr(text_config(model), "_attn_implementation", None)
+
+
 @contextlib.contextmanager
 def use_engine_attention(model: Any) -> Iterator[None]:
     """Switch the model to the engine's attention for the duration (restored afterwards)."""
@@ -123,6 +138,40 @@ def forward(model: Any, session: Session, ids: Tensor, positions: Tensor) -> Ten
     finally:
         _ACTIVE.pop()
     return out.logits[0, -1]
+
+
+class _StepClock:
+    """A LogitsProcessor that stamps when each step's logits arrive (``sync`` first)."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+@torch.inference_mode()
+def timed_generate(model: Any, ids: Tensor, new_tokens: int,
+                   sync: Callable[[], None]) -> tuple[int, list[float], float]:
+    """Transformers' own ``generate()`` (greedy, its DynamicCache and default attention,
+    ``min_new_tokens = max_new_tokens`` so it never stops early), the reference our decode loop
+    is compared with. Returns the tokens generated, the time each step's logits arrived (a
+    LogitsProcessor stamps them after ``sync()``), and the start time."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    gen = model.generation_config
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=gen.eos_token_id,
+                           pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else 0)
+    clock = _StepClock(sync)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                         logits_processor=LogitsProcessorList([clock]))
+    return out.shape[1] - ids.shape[1], clock.stamps, t0
 
 
 @torch.inference_mode()

@@ -159,9 +159,14 @@ class PackedKV:
     def total_tokens(self) -> int:
         return sum(self.lengths)
 
-    def nbytes(self) -> int:
-        """Bytes allocated for this layer's keys and values (headroom included)."""
-        return tensor_bytes(self.k, self.v)
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the store holds: keys and values, headroom included (lengths and
+        offsets are host-side lists)."""
+        return self.k, self.v
+
+    def spare_bytes(self) -> int:
+        """Bytes of the rows reserved for generated tokens that have not been appended (yet)."""
+        return (sum(self.capacities) - sum(self.lengths)) * self.token_bytes()
 
     def token_bytes(self) -> int:
         """Bytes of one token's key + value in one head."""
@@ -199,6 +204,8 @@ class StaticPagedKV:
             self.k[s : s + lengths[h]] = keys[h].index_select(0, keep[h])
             self.v[s : s + lengths[h]] = values[h].index_select(0, keep[h])
         self.offsets = torch.tensor(starts, device=dev)
+        self.reserved = sum(headroom)  # rows for generated tokens (spare until appended)
+        self.initial = sum(lengths)
         self.lens = torch.tensor(lengths, device=dev)
         self.caps = torch.tensor(caps, device=dev)
         self.capacities = caps
@@ -257,10 +264,17 @@ class StaticPagedKV:
     def total_tokens(self) -> int:
         return int(self.lens.sum())
 
-    def nbytes(self) -> int:
-        """Bytes held: keys, values, page summaries and the index tensors."""
-        return tensor_bytes(self.k, self.v, self.kmin, self.kmax, self.ksum, self.offsets,
-                            self.lens, self.caps)
+    def spare_bytes(self) -> int:
+        """Bytes of the headroom rows reserved for generated tokens not appended (yet); page
+        rounding is not spare (it is paid for)."""
+        appended = int(self.lens.sum()) - self.initial  # a host sync: never inside a decode step
+        return max(0, self.reserved - appended) * self.token_bytes()
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the store holds: keys, values, page summaries, pinned pages and the index
+        tensors."""
+        return tuple(t for t in (self.k, self.v, self.offsets, self.lens, self.caps, self._heads,
+                                 self.kmin, self.kmax, self.ksum, self.pinned) if t is not None)
 
     def token_bytes(self) -> int:
         return 2 * self.k.shape[1] * self.k.element_size()

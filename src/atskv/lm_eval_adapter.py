@@ -20,9 +20,9 @@ defaults come from ``conf/method/<name>.yaml``. Unknown keys are errors that nam
 
 Prompts longer than ``context_len`` (default: what fits the model's positions next to
 ``max_gen_toks``) are middle-truncated at token level, as LongBench does. Stop strings
-(``until``) cut the returned text at the first occurrence; generation itself runs to
-``max_gen_toks`` or EOS (the engine has no stop-string check), so results equal a stopping
-decoder's while the extra tokens only cost time. ``loglikelihood`` requests are refused: the
+(``until``) end generation: the engine checks them incrementally on the decoded text and stops
+at the first one (or at EOS or ``max_gen_toks``), and the returned text is cut there, so timings
+and KV bytes cover only the tokens a stopping decoder makes. ``loglikelihood`` requests are refused: the
 methods compress the cache after prefill and act on generation.
 
 The run's method, hyperparameters and KV-cache statistics land in lm-eval's results under
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 # lm-eval imports its built-in models (hf, vllm, ...) only when its registry is empty; register
@@ -53,7 +51,8 @@ log = logging.getLogger("atskv.lm_eval")
 #: ``--model_args`` keys (besides ``method.<field>``) and what they mean.
 MODEL_ARGS: dict[str, str] = {
     "method": "KV-cache method name (default full)",
-    "budget": "fraction of the full KV cache the method may keep, in (0, 1] (default 0.25)",
+    "budget": "fraction of the prompt's KV cache the method keeps, in (0, 1] (default 0.25)",
+    "kv_size": "alternatively, prompt tokens kept per layer and KV head (not with budget)",
     "model": "model preset name from conf/model (default smollm2_135m)",
     "model_path": "local Hugging Face folder for presets that load from the hub (model.path)",
     "context_len": "max prompt tokens; longer prompts are middle-truncated (default: all that "
@@ -68,47 +67,6 @@ METHOD_PREFIX = "method."
 DEFAULT_MAX_GEN_TOKS = 256
 #: generation kwargs that greedy decoding ignores (they only shape sampling)
 SAMPLING_ONLY = ("top_p", "top_k", "min_p", "typical_p", "seed")
-
-
-def conf_dir() -> Path:
-    """The Hydra ``conf/`` folder (repository root; ``ATSKV_CONF_DIR`` overrides)."""
-    env = os.environ.get("ATSKV_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"atskv's Hydra config folder {path} is missing (an editable install of "
-                          f"the repository provides it; ATSKV_CONF_DIR=<repo>/conf points at it)")
-    return path
-
-
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
-def compose_run_config(overrides: list[str]) -> Any:
-    """The run config ``run.py`` would compose from ``overrides`` (Hydra compose API). Works
-    inside a running Hydra app too: its global state is set aside and restored."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    from atskv.config import register_configs
-
-    register_configs()
-    backup = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
-    if backup is not None:
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    finally:
-        if backup is not None:
-            restore_gh_from_backup(backup)
-
-
-def check_choice(kind: str, value: Any, choices: list[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{kind}={value!r} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 def split_until(text: str, until: list[str]) -> str:
@@ -169,7 +127,8 @@ class AtsKVLM(LM):
     def __init__(
         self,
         method: str = "full",
-        budget: float = 0.25,
+        budget: float | None = None,
+        kv_size: int | None = None,
         model: str = "smollm2_135m",
         model_path: str | None = None,
         context_len: int | None = None,
@@ -182,49 +141,69 @@ class AtsKVLM(LM):
         **extra: Any,
     ) -> None:
         super().__init__()
-        import torch
+        harness = dict(_harness or {})
+        cfg, device, fell_back = self.compose(method, budget, kv_size, model, model_path, device,
+                                              dtype, prefill_chunk, threads, extra, harness)
+        self.check(cfg, device, fell_back, max_gen_toks, harness.get("batch_size"))
+        self.build(cfg, method, context_len, device, max_gen_toks)
 
-        from atskv import models
-        from atskv.config import method_kwargs, validate
-        from atskv.engine import Engine
+    @classmethod
+    def compose(cls, method: str, budget: float | None, kv_size: int | None, model: str,
+                model_path: str | None, device: str | None, dtype: str | None,
+                prefill_chunk: int | None, threads: int | None, extra: dict[str, Any],
+                harness: dict[str, Any]) -> tuple[Any, str, bool]:
+        """The run config ``run.py`` would compose for these model_args (unknown keys and
+        mistyped values are errors naming the choices), the device and whether it fell back
+        to the CPU."""
+
+        from atskv.compose import check_choice, compose_run_config, group_choices
         from atskv.methods import METHODS
 
-        harness = dict(_harness or {})
-        METHODS.get(str(method))  # unknown names fail here, naming the choices
-        fields = [f.name for f in dataclasses.fields(METHODS.get(method)) if f.name != "budget"]
-        method_over = self._method_overrides(method, fields, extra)
+        cls_ = METHODS.get(str(method))  # unknown names fail here, naming the choices
+        fields = [f.name for f in dataclasses.fields(cls_) if f.name not in ("budget", "kv_size")]
+        method_over = cls._method_overrides(method, fields, extra)
         check_choice("model", model, group_choices("model"))
-
-        device, fell_back = self._pick_device(device, harness.get("device"))
+        device, fell_back = cls._pick_device(device, harness.get("device"))
         hw = "cuda" if device.startswith("cuda") else "cpu"
         cfg = compose_run_config([f"method={method}", f"model={model}", f"hardware={hw}"])
         try:
-            cfg.budget = budget
+            cfg.budget, cfg.kv_size = budget, kv_size
             for key, value in method_over.items():
                 cfg.method[key] = value
             cfg.hardware.device = device
-            if dtype is not None:
-                cfg.hardware.dtype = dtype
-            if prefill_chunk is not None:
-                cfg.hardware.prefill_chunk = prefill_chunk
-            if threads is not None:
-                cfg.hardware.threads = threads
+            for key, value in (("dtype", dtype), ("prefill_chunk", prefill_chunk),
+                               ("threads", threads)):
+                if value is not None:
+                    cfg.hardware[key] = value
             if model_path is not None:
                 cfg.model.path = str(model_path)
         except OmegaConfBaseException as e:  # a value of the wrong type for its field
             raise ConfigError(f"atskv model_args: {e}") from e
+        return cfg, device, fell_back
+
+    @staticmethod
+    def check(cfg: Any, device: str, fell_back: bool, max_gen_toks: Any, batch_size: Any) -> None:
+        """Every check that needs no model (run.py's and the bridge's own)."""
+        import torch
+
+        from atskv.config import validate
+
         if not fell_back and device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={device} but CUDA is not available here; use device=cpu")
         validate(cfg)
-        if cfg.hardware.prefill_chunk < 0:
-            raise ConfigError(f"prefill_chunk={cfg.hardware.prefill_chunk} must be >= 0")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ConfigError(f"max_gen_toks={max_gen_toks!r} must be a positive integer")
-
-        batch_size = harness.get("batch_size")
         if batch_size not in (None, 1, "1", "auto") and not str(batch_size).startswith("auto"):
             log.warning("atskv runs batch size 1 (batch_size=%s ignored; results are the same)",
                         batch_size)
+
+    def build(self, cfg: Any, method: str, context_len: Any, device: str, max_gen_toks: int) -> None:
+        """Load the tokenizer and model, and build the method and the engine."""
+        import torch
+
+        from atskv import models
+        from atskv.config import build_method
+        from atskv.engine import Engine
 
         path = models.resolve_path(cfg.model)
         self.max_positions = models.max_positions(cfg.model, path)
@@ -232,7 +211,7 @@ class AtsKVLM(LM):
             if not isinstance(context_len, int) or isinstance(context_len, bool) or context_len < 1:
                 raise ConfigError(f"context_len={context_len!r} must be a positive integer")
             if context_len >= self.max_positions:
-                raise ConfigError(f"context_len={context_len} does not fit model {model}'s "
+                raise ConfigError(f"context_len={context_len} does not fit model {cfg.model.name}'s "
                                   f"{self.max_positions} positions (prompt plus generated tokens)")
         if cfg.hardware.threads:
             torch.set_num_threads(int(cfg.hardware.threads))
@@ -244,9 +223,8 @@ class AtsKVLM(LM):
         self.tokenizer = models.load_tokenizer(cfg.model, path)
         self.model = models.load_model(cfg.model, path, device, cfg.hardware.dtype,
                                        cfg.hardware.device_map)
-        self.method = METHODS.get(method)(**method_kwargs(cfg))
-        self.engine = Engine(self.model, self.tokenizer, self.method,
-                             prefill_chunk=cfg.hardware.prefill_chunk,
+        self.method = build_method(cfg)
+        self.engine = Engine(self.model, self.tokenizer, prefill_chunk=cfg.hardware.prefill_chunk,
                              cuda_graph=cfg.hardware.cuda_graph)
         self._device = torch.device(device)
         self.last_output: GenerationOutput | None = None
@@ -399,10 +377,11 @@ class AtsKVLM(LM):
         if not ids:
             ids = [self.tokenizer.eos_token_id if self.tokenizer.bos_token_id is None
                    else self.tokenizer.bos_token_id]
-        out = self.engine.generate(ids, max_gen_toks)
+        out = self.engine.generate(ids, self.method, max_gen_toks, stop=until)
         self.last_output = out
         self.records.append({
             "prompt_tokens": out.prompt_tokens,
+            "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
             "generated_tokens": len(out.token_ids),
             "kv_bytes_peak": out.kv_bytes_peak,
             "kv_bytes_after_compression": out.kv_bytes_after_compression,
@@ -417,12 +396,15 @@ class AtsKVLM(LM):
         of every generation this model ran (means over requests)."""
         from omegaconf import OmegaConf
 
+        from atskv.config import resolved_budget
+
         r = self.records
         ratios = [x["kv_bytes_peak"] / x["kv_bytes_uncompressed"] for x in r
                   if x["kv_bytes_uncompressed"]]
         return {"atskv": {
             "method": self.method_name,
-            "budget": float(self.cfg.budget),
+            **resolved_budget(self.cfg),
+            "budget_of": "prompt",
             "hyperparameters": OmegaConf.to_container(self.cfg.method, resolve=True),
             "model": self.cfg.model.name,
             "path": str(self.path),
@@ -435,6 +417,7 @@ class AtsKVLM(LM):
             "pretokenized_prompts": self.pretokenized,
             "prompt_tokens_mean": _mean([x["prompt_tokens"] for x in r]),
             "generated_tokens_mean": _mean([x["generated_tokens"] for x in r]),
+            "prompt_tokens_kept_mean": _mean([x["prompt_tokens_kept"] for x in r]),
             "kv_bytes_peak_mean": _mean([x["kv_bytes_peak"] for x in r]),
             "kv_bytes_after_compression_mean": _mean([x["kv_bytes_after_compression"] for x in r]),
             "kv_bytes_uncompressed_mean": _mean([x["kv_bytes_uncompressed"] for x in r]),

@@ -12,14 +12,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, set_name: bool = False):
         self.kind = kind
+        self.set_name = set_name  # registering sets ``obj.name`` (the name is spelt once)
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
+            if self.set_name:
+                obj.name = name  # type: ignore[attr-defined]
             self._items[name] = obj
             return obj
 

@@ -112,6 +112,33 @@ def provenance(device: str) -> dict[str, Any]:
     }
 
 
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def load_summary(start: list[float] | None, end: list[float] | None) -> dict[str, Any]:
+    """The machine's load around a run; ``oversubscribed`` when the 1-minute load exceeded the
+    CPUs this process may use (timings then are inflated and noisy)."""
+    import torch
+
+    cpus = usable_cpus()
+    busy = [x[0] for x in (start, end) if x]
+    return {"loadavg_start": start, "loadavg_end": end, "usable_cpus": cpus,
+            "torch_threads": torch.get_num_threads(),
+            "oversubscribed": bool(busy) and max(busy) > cpus}
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return mean(vals) if vals else None
@@ -138,4 +165,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "decode_tokens_per_s": _mean([r["decode_tokens_per_s"] for r in rows]),
         "prompt_tokens": _mean([r["prompt_tokens"] for r in rows]),
         "generated_tokens": _mean([r["generated_tokens"] for r in rows]),
+        "prompt_tokens_kept": _kept(rows),
+        "kv_cache_bytes_prefill": _mean([r.get("kv_cache_bytes_prefill") for r in rows]),
+        "needle_recall": _mean([r.get("needle_recall") for r in rows]),
+        "prefill_s": _mean([r.get("prefill_s") for r in rows]),
+        "compress_s": _mean([r.get("compress_s") for r in rows]),
     }
+
+
+def _kept(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Run-level prompt tokens kept per layer and KV head: mean of the samples' means, min of
+    their mins, max of their maxes."""
+    kept = [r["prompt_tokens_kept"] for r in rows if r.get("prompt_tokens_kept")]
+    if not kept:
+        return None
+    return {"mean": mean(k["mean"] for k in kept), "min": min(k["min"] for k in kept),
+            "max": max(k["max"] for k in kept)}

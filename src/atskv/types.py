@@ -25,6 +25,7 @@ class Sample:
     references: list[str]
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)  # generation ends at the first of these
 
 
 @dataclass

@@ -42,6 +42,14 @@ class Benchmark(ABC):
     def score(self, prediction: str, sample: Sample) -> float:
         """Score in [0, 100] for one prediction."""
 
+    def score_parts(self, prediction: str, sample: Sample) -> dict[str, float]:
+        """Per-sample components a task's aggregate needs (default none)."""
+        return {}
+
+    def max_new_tokens(self) -> int:
+        """The longest generation of the selected tasks (no data loaded)."""
+        raise NotImplementedError
+
 
 class TaskFileBenchmark(Benchmark):
     """A benchmark of named tasks whose records come from the hub or, with ``data_dir``, from

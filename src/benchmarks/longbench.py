@@ -204,6 +204,10 @@ class LongBench(TaskFileBenchmark):
     task_path = "{task}.jsonl"
     hub_path = HUB_PATH
 
+    def max_new_tokens(self) -> int:
+        override = cfg_get(self.cfg, "max_new_tokens")
+        return max(int(override or task_spec(t).max_new_tokens) for t in self.tasks())
+
     def _validate_task(self, task: str) -> list[dict[str, Any]]:
         task_spec(task)
         return super()._validate_task(task)

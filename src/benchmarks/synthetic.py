@@ -179,6 +179,10 @@ class SyntheticBenchmark(Benchmark):
         tasks = getattr(self.cfg, "tasks", None)
         return list(DEFAULT_TASKS if tasks is None else tasks)
 
+    def max_new_tokens(self) -> int:
+        override = getattr(self.cfg, "max_new_tokens", None)
+        return max(int(override or TASKS[t]) for t in self.tasks() if t in TASKS)
+
     def validate(self) -> None:
         tasks = self.tasks()
         valid = ", ".join(TASKS)

@@ -279,6 +279,10 @@ class ZeroScrolls(TaskFileBenchmark):
     task_path = f"{{task}}/{SPLIT}.jsonl"
     hub_path = HUB_PATH
 
+    def max_new_tokens(self) -> int:
+        override = cfg_get(self.cfg, "max_new_tokens")
+        return max(int(override or DEFAULT_MAX_NEW_TOKENS[t]) for t in self.tasks())
+
     def _validate_task(self, task: str) -> list[dict[str, Any]]:
         records = super()._validate_task(task)
         if task == "space_digest":

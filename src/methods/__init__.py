@@ -1,16 +1,13 @@
-"""KV-cache methods; importing this package registers them all in ``METHODS``."""
+"""KV-cache methods. Importing this package imports every module in it, which registers each
+method class in ``METHODS`` (``@METHODS.register("name")``): a new method is a new module here."""
 
-from atskv.methods import (  # noqa: F401
-    atskv,
-    dynamic_kv,
-    full,
-    h2o,
-    pyramidkv,
-    quest,
-    rocket_kv,
-    sliding_window,
-    snapkv,
-)
-from atskv.methods.base import METHODS, AttendResult, Method, PrefillContext
+import importlib
+import pkgutil
 
-__all__ = ["METHODS", "AttendResult", "Method", "PrefillContext"]
+from atskv.methods.base import METHODS, AttendResult, Method, PrefillContext, State
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["METHODS", "AttendResult", "Method", "PrefillContext", "State"]

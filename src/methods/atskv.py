@@ -40,26 +40,37 @@ pages), which reads less but cannot be captured. Both give the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.kvcache import StaticPagedKV
-from atskv.methods.base import METHODS, AttendResult, Method, PrefillContext
+from atskv.methods.base import METHODS, AttendResult, PrefillContext, State, headroom
 from atskv.methods.pages import page_upper_bound
-from atskv.methods.scoring import window_scores
-from atskv.types import ConfigError
+from atskv.methods.scoring import ScoredSelection, window_scores
 
 SIGNALS = ("attn", "attn_vnorm", "vnorm")
 
 
-@METHODS.register("atskv")
 @dataclass
-class ATSKV(Method):
+class ATSKVState(State):
+    #: per layer and head, the rows of the most relevant chunks (consumed by make_store)
+    pins: list[list[Tensor] | None] = field(default_factory=list)
+
+    def own_tensors(self) -> Iterator[Tensor]:
+        for layer in self.pins:
+            yield from layer or ()
+
+
+@METHODS.register("atskv")
+@dataclass(frozen=True)
+class ATSKV(ScoredSelection):
     window: int = 48
     kernel: int = 7
+    pooling: str = "max"
     signal: str = "attn_vnorm"
     chunk: int = 16
     consensus: float = 0.5
@@ -75,61 +86,65 @@ class ATSKV(Method):
     mass: float = 0.999
     static: bool = True
 
-    name = "atskv"
     paper = "this project (see src/methods/atskv.py)"
+    sparse_reads = True
+    state_type = ATSKVState
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.signal not in SIGNALS:
-            raise ConfigError(f"method.signal={self.signal!r}; choose one of {', '.join(SIGNALS)}")
-        for field in ("window", "chunk", "page_size", "max_pages", "min_pages"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"method.{field}={getattr(self, field)} must be >= 1")
-        for field, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0)):
-            if not lo <= getattr(self, field) <= hi:
-                raise ConfigError(f"method.{field}={getattr(self, field)} must be in [{lo:g}, {hi:g}]")
+        self.check("signal", self.signal, self.signal in SIGNALS,
+                   f"is unknown; choose one of {', '.join(SIGNALS)}")
+        for name in ("chunk", "page_size", "max_pages", "min_pages"):
+            self.check(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
+        for name in ("n_sink", "span", "pin_chunks"):
+            self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
+        for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0)):
+            value = getattr(self, name)
+            self.check(name, value, lo <= value <= hi, f"must be in [{lo:g}, {hi:g}]")
 
-    def begin(self, prompt_len: int, max_new_tokens: int) -> None:
-        super().begin(prompt_len, max_new_tokens)
-        self._pins: list[list[Tensor]] | None = None  # set by select when it compresses
+    def static_decode(self) -> bool:
+        return self.static
 
-    @property
-    def observation_window(self) -> int:  # type: ignore[override]
-        return self.window
-
-    def token_capacity(self) -> int:
-        """Tokens per head whose storage, page summaries (min, max and sum of keys: 1.5 tokens'
-        worth of K+V per page) and page rounding (half a page on average) included, fits the
-        budget's bytes."""
-        if not self.sparse_decode:  # no page bounds, no page rounding
-            return self.capacity_tokens()
+    def prompt_target(self, prompt_len: int) -> int:
+        """Prompt tokens per head whose storage fits the prompt budget's bytes when the page
+        summaries of the prompt's pages (min, max and sum of keys: 1.5 tokens' worth of K+V per
+        page) and the page rounding (half a page per head on average) are paid out of it.
+        Generated tokens, and their pages' summaries, come on top as for every appending
+        method."""
+        keep = self.prompt_keep(prompt_len)
+        if not self.sparse_decode or keep >= prompt_len:  # no summaries, no rounding
+            return keep
         p = self.page_size
-        return int(self.capacity_tokens() * p / (p + 1.5) - (p - 1) / 2)
+        return max(0, int(keep * p / (p + 1.5) - (p - 1) / 2))
 
     # -- prefill: relevance and allocation ----------------------------------------------------
-    def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """``(H_kv, M)`` relevance of the middle tokens ``[n_sink, L - w)``, normalised to sum
-        to 1 per head (comparable across heads and layers)."""
+    def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float, n_sink: int) -> Tensor:
+        """``(H_kv, M)`` relevance of the middle tokens ``[n_sink, L - w)`` (``w``: the
+        window queries given), normalised to sum to 1 per head (comparable across heads and
+        layers)."""
         n = k.shape[1]
-        w = min(self.window, q.shape[1])
+        w = q.shape[1]
         if self.signal == "vnorm":
-            s = v[:, self.n_sink : n - w].float().norm(dim=-1)
+            s = v[:, n_sink : n - w].float().norm(dim=-1)
         else:
-            s = window_scores(q, k, scale, w, self.kernel)[:, self.n_sink :]
+            s = window_scores(q, k, scale, w, self.kernel, self.pooling)[:, n_sink:]
             if self.signal == "attn_vnorm":
-                s = s * v[:, self.n_sink : n - w].float().norm(dim=-1)
+                s = s * v[:, n_sink : n - w].float().norm(dim=-1)
         return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
-    def select(self, ctx: PrefillContext) -> list[list[Tensor]] | None:
+    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
+        assert isinstance(state, ATSKVState)
         n = ctx.prompt_len
-        w = min(self.window, n)
-        middle = n - w - self.n_sink
-        per_head = self.token_capacity() - self.max_new_tokens - w - self.n_sink  # middle tokens
-        per_head = min(per_head, self.prompt_budget() - w - self.n_sink)
-        if middle <= 0 or per_head >= middle:
+        tokens = self.prompt_target(n)
+        if state.keep >= n or tokens >= n:
             return None
-        per_head = max(0, per_head)
-        rel = torch.stack([self.relevance(q, k, v, ctx.scale)
+        sinks_n = min(self.n_sink, tokens)  # a budget below sinks + window shrinks them
+        w = max(1, min(self.window, tokens - sinks_n))
+        middle = n - w - sinks_n
+        per_head = max(0, tokens - w - sinks_n)  # middle tokens
+        if middle <= 0:
+            return None
+        rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n)
                            for q, k, v in zip(ctx.queries, ctx.keys, ctx.values)])  # (N, H, M)
         if self.consensus:
             shared = rel.mean(dim=(0, 1), keepdim=True)
@@ -144,35 +159,40 @@ class ATSKV(Method):
         else:
             counts = torch.full((ctx.n_layers, ctx.n_kv_heads), total // (ctx.n_layers * ctx.n_kv_heads))
         dev = ctx.keys[0].device
-        sinks = torch.arange(self.n_sink, device=dev)
+        sinks = torch.arange(sinks_n, device=dev)
         tail = torch.arange(n - w, n, device=dev)
-        keep, self._pins = [], []
+        keep = []
         for layer, scores in enumerate(chunk_scores):
             heads, pins = [], []
             for h in range(ctx.n_kv_heads):
                 c = int(min(counts[layer, h], n_chunks))
                 top = torch.topk(scores[h], c).indices if c else sinks[:0]  # best first
                 tok = (top[:, None] * self.chunk + torch.arange(self.chunk, device=dev))
-                tok = tok[tok < middle].view(-1) + self.n_sink if c else sinks[:0]
+                tok = tok[tok < middle].view(-1) + sinks_n if c else sinks[:0]
                 kept = torch.cat([sinks, tok.sort().values, tail])
                 heads.append(kept)
                 best = tok[: self.pin_chunks * self.chunk]  # the most relevant chunks' tokens
                 pins.append(torch.searchsorted(kept, best))  # their rows in the head's segment
             keep.append(heads)
-            self._pins.append(pins)
+            state.pins.append(pins)
         return keep
 
     # -- decode -------------------------------------------------------------------------------
-    def make_store(self, layer, keys, values, keep, headroom) -> StaticPagedKV:  # type: ignore[override]
+    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+                   keep: list[Tensor]) -> StaticPagedKV:
+        assert isinstance(state, ATSKVState)
+        rows = [headroom(state)] * len(keep)
         if not self.sparse_decode:
-            return StaticPagedKV(keys, values, keep, headroom, page=1, bounds=False)
-        store = StaticPagedKV(keys, values, keep, headroom, self.page_size)
-        if self._pins is not None:
-            for h, rows in enumerate(self._pins[layer]):
+            return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
+        store = StaticPagedKV(keys, values, keep, rows, self.page_size)
+        if layer < len(state.pins) and state.pins[layer] is not None:
+            for h, rows in enumerate(state.pins[layer]):
                 store.pinned[h, rows.to(keys.device) // self.page_size] = True
+            state.pins[layer] = None  # consumed: the store's pinned pages hold it now
         return store
 
-    def attend(self, layer: int, store: StaticPagedKV, q: Tensor, scale: float) -> AttendResult:  # type: ignore[override]
+    def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
+               scale: float) -> AttendResult:
         n_pages = store.n_pages
         if not self.sparse_decode or n_pages <= max(self.min_pages, self.max_pages):
             # every page fits the cap: exact attention over all of them is cheaper than ranking

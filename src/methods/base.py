@@ -1,30 +1,45 @@
 """The method interface every KV-cache strategy implements, and the registry.
 
-A method is a dataclass whose fields are its hyperparameters (typed, with the paper's defaults).
-The shared ``budget`` (fraction of the full KV cache a method may keep, 0 < budget <= 1) is a
-field of every method; each method translates it into its native knobs. The engine calls, per
-generation:
+A method is a frozen dataclass of hyperparameters (typed, with the paper's defaults): settings
+only. Everything a method keeps during one generation lives in the :class:`State` that
+:meth:`Method.begin` returns and that every hook receives; the state owns every tensor the method
+keeps (its per-layer stores included), so the bytes a method stores are counted from it.
 
-1. :meth:`Method.begin` with the prompt length and generation length;
+The shared budget is a fraction of the **prompt's** KV cache (the field's definition: kvpress's
+``compression_ratio = 1 - budget``; the papers' "KV size" divided by the prompt length):
+``budget`` or, alternatively, ``kv_size`` (prompt tokens per layer and KV head, the LongBench
+papers' parameter). :meth:`Method.prompt_keep` turns either into prompt tokens kept per layer and
+KV head on average; every method translates that into its own knobs. Generated tokens come on
+top, as each paper treats them: methods that evict while decoding (``evicts_while_decoding``)
+stay at their compressed size, the others append every generated token.
+
+The engine calls, per generation:
+
+1. :meth:`Method.begin` with the prompt length and generation length -> a :class:`State`;
 2. :meth:`Method.select` once after prefill: which prompt tokens each layer/KV head keeps;
-3. :meth:`Method.headroom` to size each head's decode buffer;
+3. :meth:`Method.make_store` per layer: the decode storage (headroom for generated tokens);
 4. per decode step and layer, :meth:`Method.before_append` (evict to make room) and
    :meth:`Method.attend` (attention of the new query over the kept tokens; sparse methods choose a
    subset here and report the bytes they read).
 
-No runner code knows which method it runs.
+Capabilities the runner or the tests need are declared once on the class (``compresses``,
+``evicts_while_decoding``, ``sparse_reads``) or answered by a method of the settings
+(:meth:`Method.queries_needed`, :meth:`Method.static_decode`); nothing is probed with getattr.
+No runner code knows which method it runs: a new method is one module in this package with a
+``@METHODS.register("name")`` class, discovered on import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
+from atskv.kvcache import PackedKV, tensor_bytes
 from atskv.registry import Registry
 from atskv.types import ConfigError
 
@@ -34,8 +49,8 @@ class PrefillContext:
     """Everything a method may look at when compressing after prefill (batch size 1).
 
     keys, values: per layer ``(H_kv, L, d)``, keys after RoPE.
-    queries: per layer ``(H_q, w, d)``, the last ``w`` prompt queries after RoPE
-        (``w = Method.observation_window``; empty when 0).
+    queries: per layer ``(H_q, w, d)``, the last ``w`` prompt queries after RoPE, ``w`` at least
+        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones).
     """
 
     keys: list[Tensor]
@@ -56,7 +71,7 @@ class PrefillContext:
     @property
     def group(self) -> int:
         """Query heads per KV head (GQA)."""
-        return self.queries[0].shape[0] // self.n_kv_heads if self.queries else 1
+        return self.queries[0].shape[0] // self.n_kv_heads if self.queries[0].numel() else 1
 
 
 @dataclass
@@ -66,57 +81,132 @@ class AttendResult:
 
 
 @dataclass
+class State:
+    """One generation's state: what a method keeps between its hooks.
+
+    ``stores`` (one per layer, built by :meth:`Method.make_store`) hold the kept keys/values and
+    whatever per-token or per-page metadata the store maintains. Subclasses add the method's own
+    per-generation fields; tensors among them are listed by :meth:`own_tensors`, so that
+    :meth:`nbytes` counts every byte the method keeps (a generic test walks every tensor reachable
+    from the state and checks the sum).
+    """
+
+    prompt_len: int
+    max_new_tokens: int
+    keep: int  # prompt tokens per layer and KV head the budget allows (average)
+    stores: list[Any] = field(default_factory=list)
+
+    def own_tensors(self) -> Iterator[Tensor]:
+        """The method's own tensors besides the stores (override in subclasses)."""
+        return iter(())
+
+    def tensors(self) -> Iterator[Tensor]:
+        for store in self.stores:
+            yield from store.tensors()
+        yield from self.own_tensors()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the state holds: K/V, page summaries, scores, index tensors."""
+        return tensor_bytes(*self.tensors())
+
+    def nbytes(self) -> int:
+        """The stored KV footprint: :meth:`allocated_bytes` less the rows reserved for generated
+        tokens that were never made (decoding stopped early, or not there yet)."""
+        return self.allocated_bytes() - sum(s.spare_bytes() for s in self.stores)
+
+
+@dataclass(frozen=True)
 class Method:
     """Base class: the full cache. Subclasses override the phases they act in."""
 
-    budget: float = 1.0
+    budget: float | None = None  # fraction of the prompt's KV cache kept (None: all of it)
+    kv_size: int | None = None  # alternatively: prompt tokens kept per layer and KV head
 
-    name: ClassVar[str] = "base"
+    #: the registered name (set by ``METHODS.register``)
+    name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    #: prompt queries per layer kept for scoring after prefill
-    observation_window: ClassVar[int] = 0
+    #: keeps fewer prompt tokens than the full cache (False: stores everything)
+    compresses: ClassVar[bool] = True
+    #: evicts while decoding, so the cache stays at its compressed size
+    evicts_while_decoding: ClassVar[bool] = False
+    #: reads only a subset of the stored KV per decode step
+    sparse_reads: ClassVar[bool] = False
+    #: the per-generation state class :meth:`begin` creates
+    state_type: ClassVar[type[State]] = State
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.budget) <= 1.0:
-            raise ConfigError(f"budget={self.budget} is outside (0, 1]")
+        if self.budget is not None and self.kv_size is not None:
+            raise ConfigError(f"budget={self.budget} and kv_size={self.kv_size} are both set; "
+                              f"give one (budget: fraction of the prompt's KV cache kept; "
+                              f"kv_size: prompt tokens kept per layer and KV head)")
+        if self.budget is not None and not 0.0 < float(self.budget) <= 1.0:
+            raise ConfigError(f"budget={self.budget} is outside (0, 1]: the fraction of the "
+                              f"prompt's KV cache a method keeps, e.g. budget=0.2")
+        if self.kv_size is not None and int(self.kv_size) < 1:
+            raise ConfigError(f"kv_size={self.kv_size} must be >= 1 (prompt tokens kept per layer "
+                              f"and KV head, e.g. kv_size=512)")
 
-    # -- per generation -------------------------------------------------------------------
-    def begin(self, prompt_len: int, max_new_tokens: int) -> None:
-        self.prompt_len = prompt_len
-        self.max_new_tokens = max_new_tokens
+    def check(self, name: str, value: Any, ok: bool, rule: str) -> None:
+        """Raise a :class:`ConfigError` naming ``method.<name>=<value>`` unless ``ok``."""
+        if not ok:
+            raise ConfigError(f"method.{name}={value!r} {rule}")
 
-    def capacity_tokens(self) -> int:
-        """Tokens per layer and KV head the shared budget allows at the peak of a generation:
-        ``budget`` times what a full cache holds (prompt plus generated tokens)."""
-        total = self.prompt_len + self.max_new_tokens
-        return max(1, min(total, round(self.budget * total)))
+    # -- capabilities -----------------------------------------------------------------------
+    def queries_needed(self) -> int:
+        """How many of the last prompt queries (per layer) :meth:`select` scores with."""
+        return 0
 
-    def prompt_budget(self) -> int:
-        """Prompt tokens to keep per KV head when every generated token is kept too, so that the
-        peak stays within :meth:`capacity_tokens`."""
-        return max(1, min(self.prompt_len, self.capacity_tokens() - self.max_new_tokens))
+    def static_decode(self) -> bool:
+        """Whether the decode state lives in fixed-shape device tensors updated in place with no
+        host synchronisation, so that the decode step can be captured (CUDA graph)."""
+        return False
 
-    # -- after prefill --------------------------------------------------------------------
-    def select(self, ctx: PrefillContext) -> list[list[Tensor]] | None:
+    # -- per generation ---------------------------------------------------------------------
+    def prompt_keep(self, prompt_len: int) -> int:
+        """Prompt tokens to keep per layer and KV head on average: ``kv_size``, or ``budget`` x
+        the prompt length, between 1 and the prompt length. Never depends on the generation
+        length."""
+        if self.kv_size is not None:
+            n = int(self.kv_size)
+        else:
+            n = round((1.0 if self.budget is None else float(self.budget)) * prompt_len)
+        return max(1, min(prompt_len, n))
+
+    def prompt_target(self, prompt_len: int) -> int:
+        """Prompt tokens per layer and KV head the method aims to keep: :meth:`prompt_keep`, less
+        what a method pays out of the budget for its own metadata (e.g. page summaries)."""
+        return self.prompt_keep(prompt_len)
+
+    def begin(self, prompt_len: int, max_new_tokens: int) -> State:
+        return self.state_type(prompt_len, max_new_tokens, self.prompt_keep(prompt_len))
+
+    # -- after prefill ----------------------------------------------------------------------
+    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
         """Per layer, per KV head, the sorted prompt-token indices to keep (None: keep all)."""
         return None
 
-    def headroom(self, layer: int, kept: list[int]) -> list[int]:
-        """Rows to reserve per KV head for decoded tokens (default: all of them)."""
-        return [self.max_new_tokens] * len(kept)
+    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+                   keep: list[Tensor]) -> Any:
+        """The layer's decode storage from the prefill tensors ``(H_kv, L, d)`` (a copy of the
+        kept tokens; the prefill tensors are never modified). Default: every generated token is
+        appended, so each head gets a row for each generated token that is fed back (all but the
+        last)."""
+        return PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
 
-    def make_store(self, layer: int, keys: Tensor, values: Tensor, keep: list[Tensor],
-                   headroom: list[int]) -> PackedKV:
-        """Build the layer's decode storage from the prefill tensors ``(H_kv, L, d)``."""
-        return PackedKV.from_selection(keys, values, keep, headroom)
-
-    # -- each decode step -----------------------------------------------------------------
-    def before_append(self, layer: int, store: PackedKV) -> None:
+    # -- each decode step -------------------------------------------------------------------
+    def before_append(self, state: State, layer: int, store: Any) -> None:
         """Evict tokens so that one more fits in every head (default: nothing)."""
 
-    def attend(self, layer: int, store: PackedKV, q: Tensor, scale: float) -> AttendResult:
+    def attend(self, state: State, layer: int, store: Any, q: Tensor, scale: float) -> AttendResult:
         """Attention of one query step ``q`` ``(H_kv, g, d)`` over the stored tokens."""
-        return AttendResult(dense_attention(store, q, scale), store.total_tokens() * store.token_bytes())
+        return AttendResult(dense_attention(store, q, scale),
+                            store.total_tokens() * store.token_bytes())
+
+
+def headroom(state: State) -> int:
+    """Rows a head needs for the generated tokens fed back to the model: every one but the last
+    (the last token is sampled, never attended to)."""
+    return max(0, state.max_new_tokens - 1)
 
 
 def dense_attention(store: PackedKV, q: Tensor, scale: float) -> Tensor:
@@ -132,4 +222,4 @@ def dense_attention(store: PackedKV, q: Tensor, scale: float) -> Tensor:
     return torch.cat(outs, dim=0)
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", set_name=True)

@@ -8,6 +8,6 @@ from atskv.methods.base import METHODS, Method
 
 
 @METHODS.register("full")
-@dataclass
+@dataclass(frozen=True)
 class Full(Method):
-    name = "full"
+    compresses = False

@@ -64,8 +64,8 @@ class PageBounds:
         self.seen[heads] = [n] * len(self.seen[heads])
         return self.kmin[heads, :n_pages], self.kmax[heads, :n_pages]
 
-    def nbytes(self) -> int:
-        return 2 * self.kmin.numel() * self.kmin.element_size()
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.kmin, self.kmax
 
 
 def head_batches(store: PackedKV) -> list[tuple[slice, Tensor, Tensor]]:

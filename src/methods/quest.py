@@ -5,66 +5,89 @@ of its keys (updated as tokens are appended). Per decode step, layer and KV head
 is ``sum_d max(q_d kmax_d, q_d kmin_d)`` (an upper bound of ``q . k`` in the page) summed over
 the GQA group; the top ``token_budget // page_size`` pages get exact attention. The first
 ``dense_layers`` layers attend densely, as do steps whose cache fits in the token budget.
-Saves bandwidth, not capacity: stored bytes equal full's. ``read_bytes`` counts the selected
-tokens' K/V plus every page's min/max (the page metadata itself is not part of the cache bytes).
-``token_budget = None`` reads ``budget`` x full's at the peak: ``t = capacity_tokens()``.
+Saves bandwidth, not capacity: the stored bytes are full's plus the page min/max (counted).
+``read_bytes`` counts the selected tokens' K/V plus every page's min/max.
+``token_budget = None`` reads, per step, what an appending method at the same budget stores: the
+prompt budget (``budget`` x prompt, or ``kv_size``) plus the generated tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, AttendResult, Method
+from atskv.methods.base import METHODS, AttendResult, Method, State, headroom
 from atskv.methods.pages import PageBounds, attend_tokens, head_batches, page_upper_bound
 from atskv.methods.scoring import topk_sorted
-from atskv.types import ConfigError
+
+
+@dataclass
+class QuestState(State):
+    tokens: int = 0  # tokens read per step and head
+    n_pages: int = 0
+    bounds: dict[int, PageBounds] = field(default_factory=dict)
+
+    def own_tensors(self) -> Iterator[Tensor]:
+        for b in self.bounds.values():
+            yield from b.tensors()
 
 
 @METHODS.register("quest")
-@dataclass
+@dataclass(frozen=True)
 class Quest(Method):
     token_budget: int | None = None
     page_size: int = 16
     dense_layers: int = 2
 
-    name = "quest"
     paper = "https://arxiv.org/abs/2406.10774"
+    compresses = False
+    sparse_reads = True
+    state_type = QuestState
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.token_budget is not None and self.token_budget < 1:
-            raise ConfigError(f"method.token_budget={self.token_budget} must be >= 1 (or null)")
-        if self.page_size < 1 or self.dense_layers < 0:
-            raise ConfigError("method.page_size must be >= 1 and method.dense_layers >= 0")
+        self.check("token_budget", self.token_budget,
+                   self.token_budget is None or self.token_budget >= 1, "must be >= 1 (or null)")
+        self.check("page_size", self.page_size, self.page_size >= 1, "must be >= 1")
+        self.check("dense_layers", self.dense_layers, self.dense_layers >= 0, "must be >= 0")
 
-    def begin(self, prompt_len: int, max_new_tokens: int) -> None:
-        super().begin(prompt_len, max_new_tokens)
-        self.tokens = self.token_budget or self.capacity_tokens()
-        self.n_pages = max(1, self.tokens // self.page_size)
-        self.bounds: dict[int, PageBounds] = {}
+    def begin(self, prompt_len: int, max_new_tokens: int) -> QuestState:
+        state = QuestState(prompt_len, max_new_tokens, prompt_len)  # stores every prompt token
+        state.tokens = self.token_budget or self.prompt_keep(prompt_len) + headroom(state)
+        state.n_pages = max(1, state.tokens // self.page_size)
+        return state
 
-    def attend(self, layer: int, store: PackedKV, q: Tensor, scale: float) -> AttendResult:
+    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+                   keep: list[Tensor]) -> PackedKV:
+        assert isinstance(state, QuestState)
+        store = super().make_store(state, layer, keys, values, keep)
+        longest = max(store.capacities)
+        if layer >= self.dense_layers and longest > max(state.tokens, state.n_pages * self.page_size):
+            state.bounds[layer] = PageBounds(store, self.page_size)
+        return store
+
+    def attend(self, state: State, layer: int, store: PackedKV, q: Tensor,
+               scale: float) -> AttendResult:
+        assert isinstance(state, QuestState)
         longest = max(store.lengths)
-        if layer < self.dense_layers or longest <= max(self.tokens, self.n_pages * self.page_size):
-            return super().attend(layer, store, q, scale)
-        if layer not in self.bounds:
-            self.bounds[layer] = PageBounds(store, self.page_size)
-        bounds = self.bounds[layer]
+        if layer not in state.bounds or longest <= max(state.tokens, state.n_pages * self.page_size):
+            return super().attend(state, layer, store, q, scale)
+        bounds = state.bounds[layer]
         outs, read_tokens = [], 0
         for heads, k, v in head_batches(store):
             n = k.shape[1]
-            if n <= self.n_pages * self.page_size:  # a short head of a ragged store: read it all
+            if n <= state.n_pages * self.page_size:  # a short head of a ragged store: read it all
                 outs.append(F.scaled_dot_product_attention(q[heads], k, v, scale=scale))
                 read_tokens += k.shape[0] * n
                 continue
             kmin, kmax = bounds.sync(heads, k)
             read_tokens += kmin.shape[0] * kmin.shape[1]  # a page's min + max = one token's K + V
-            pages = topk_sorted(page_upper_bound(q[heads], kmin, kmax).sum(dim=1), self.n_pages)
+            pages = topk_sorted(page_upper_bound(q[heads], kmin, kmax).sum(dim=1), state.n_pages)
             idx = (pages[..., None] * self.page_size
                    + torch.arange(self.page_size, device=k.device)).flatten(1)
             valid = idx < n

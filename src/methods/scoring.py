@@ -1,4 +1,6 @@
-"""Shared scoring and selection pieces (SnapKV-style), used by every score-based method.
+"""Shared scoring and selection pieces (SnapKV-style), used by every score-based method, and
+:class:`ScoredSelection`, the base of the methods that keep a per-head top-k of scored prompt
+tokens plus the observation window.
 
 Attention weights are not returned by SDPA kernels, so the observation-window attention is
 recomputed here: ``softmax(Q_win K^T * scale)``, causal inside the window. Scores are aggregated
@@ -7,9 +9,15 @@ over the query heads of a GQA group and selection happens once per KV head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from atskv.methods.base import Method, PrefillContext, State
+
+POOLINGS = ("max", "avg")
 
 
 def window_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -74,18 +82,52 @@ def topk_sorted(scores: Tensor, k: int) -> Tensor:
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
-def snap_keep(q: Tensor, k: Tensor, scale: float, window: int, keep: int, kernel: int,
-              pool: str = "max", reduce: str = "sum") -> list[Tensor]:
-    """SnapKV selection for one layer: per KV head, ``keep`` prompt tokens (window included),
-    sorted. All tokens when ``keep >= L``; the window shrinks to ``keep`` when it is larger."""
-    n = k.shape[1]
-    if keep >= n:
-        return [torch.arange(n, device=k.device)] * k.shape[0]
-    w = max(0, min(window, keep, q.shape[1]))
-    if w == 0:  # nothing observed: keep the most recent tokens
-        return [torch.arange(n - keep, n, device=k.device)] * k.shape[0]
-    scores = window_scores(q, k, scale, w, kernel, pool, reduce)
-    return keep_topk_plus_window(scores, keep - w, w)
+@dataclass(frozen=True)
+class ScoredSelection(Method):
+    """Keep, per layer and KV head, the top-scored prompt tokens plus the observation window
+    (SnapKV and the methods built on it; kvpress's ScorerPress idea).
+
+    Owns the window/kernel/pooling settings, their validation and the top-k. A subclass says how
+    it scores (:meth:`scores`; default: SnapKV's observation-window attention, summed over the
+    window and the GQA group, pooled) and how many tokens each layer and head keeps beyond the
+    window (:meth:`budgets`; default: the uniform prompt budget). The window shrinks to the
+    budget when the budget is smaller. Nothing is selected (the full prompt is kept) when the
+    budget covers the prompt.
+    """
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check("window", self.window, self.window >= 1, "must be >= 1")
+        self.check("kernel", self.kernel, self.kernel >= 1, "must be >= 1")
+        self.check("pooling", self.pooling, self.pooling in POOLINGS,
+                   f"is unknown; choose one of {', '.join(POOLINGS)}")
+
+    def queries_needed(self) -> int:
+        return self.window
+
+    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
+        keep = state.keep
+        if keep >= ctx.prompt_len:
+            return None
+        w = min(self.window, keep)
+        scores = [self.scores(ctx, layer, w) for layer in range(ctx.n_layers)]
+        budgets = self.budgets(state, ctx, scores, keep - w)
+        return [keep_topk_plus_window(s, b, w) for s, b in zip(scores, budgets)]
+
+    def scores(self, ctx: PrefillContext, layer: int, w: int) -> Tensor:
+        """``(H_kv, L - w)`` relevance of the prompt tokens before the window."""
+        return window_scores(ctx.queries[layer], ctx.keys[layer], ctx.scale, w, self.kernel,
+                             self.pooling)
+
+    def budgets(self, state: State, ctx: PrefillContext, scores: list[Tensor],
+                per_layer: int) -> list[int | list[int]]:
+        """Tokens beyond the window each layer keeps (an int, or one per KV head), given the
+        average ``per_layer``."""
+        return [per_layer] * ctx.n_layers
 
 
 def accumulated_attention(q: Tensor, k: Tensor, scale: float, block: int = 1 << 24) -> Tensor:

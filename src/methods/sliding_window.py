@@ -1,9 +1,11 @@
 """StreamingLLM: attention sinks plus the most recent tokens (arXiv 2309.17453).
 
-Keeps the first ``n_sink`` tokens and the most recent ``budget_tokens - n_sink``; evicts from the
-middle after prefill and again as decoding appends, so the cache never exceeds the budget. Keys
-keep their original positions (the common comparison setting; the paper re-rotates keys to
-in-cache positions instead).
+Keeps the first ``n_sink`` tokens and the most recent ``keep - n_sink`` of the prompt (``keep``:
+the prompt budget), and evicts the oldest non-sink token as each generated token arrives, so the
+cache stays at its compressed size while decoding, as in the paper. When the budget covers the
+whole prompt nothing is compressed and nothing is evicted (the full cache). Keys keep their
+original positions (the common comparison setting; the paper re-rotates keys to in-cache
+positions instead).
 """
 
 from __future__ import annotations
@@ -14,28 +16,26 @@ import torch
 from torch import Tensor
 
 from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, Method, PrefillContext
-from atskv.types import ConfigError
+from atskv.methods.base import METHODS, Method, PrefillContext, State
 
 
 @METHODS.register("sliding_window")
-@dataclass
+@dataclass(frozen=True)
 class SlidingWindow(Method):
     n_sink: int = 4
 
-    name = "sliding_window"
     paper = "https://arxiv.org/abs/2309.17453"
+    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_sink < 0:
-            raise ConfigError(f"method.n_sink={self.n_sink} must be >= 0")
+        self.check("n_sink", self.n_sink, self.n_sink >= 0, "must be >= 0")
 
-    def capacity(self) -> int:
-        return max(self.n_sink + 1, self.capacity_tokens())
+    def prompt_keep(self, prompt_len: int) -> int:
+        return min(prompt_len, max(self.n_sink + 1, super().prompt_keep(prompt_len)))
 
-    def select(self, ctx: PrefillContext) -> list[list[Tensor]] | None:
-        cap = self.capacity()
+    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
+        cap = state.keep
         if cap >= ctx.prompt_len:
             return None
         dev = ctx.keys[0].device
@@ -43,11 +43,13 @@ class SlidingWindow(Method):
                           torch.arange(ctx.prompt_len - (cap - self.n_sink), ctx.prompt_len, device=dev)])
         return [[keep] * ctx.n_kv_heads for _ in range(ctx.n_layers)]
 
-    def headroom(self, layer: int, kept: list[int]) -> list[int]:
-        # The window stays at its capacity: decoded tokens replace the oldest non-sink ones.
-        return [max(0, self.capacity() - n) for n in kept]
+    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+                   keep: list[Tensor]) -> PackedKV:
+        if state.keep >= state.prompt_len:  # not compressed: the full cache
+            return super().make_store(state, layer, keys, values, keep)
+        return PackedKV.from_selection(keys, values, keep, [0] * len(keep))
 
-    def before_append(self, layer: int, store: PackedKV) -> None:
+    def before_append(self, state: State, layer: int, store: PackedKV) -> None:
         for h in range(store.n_heads):
             if store.lengths[h] >= store.capacities[h]:
                 store.evict(h, min(self.n_sink, store.lengths[h] - 1))

@@ -71,6 +71,7 @@ def sample_record(sample: Sample, tokenizer: Any, benchmark: str) -> dict[str, A
         "input_ids": list(sample.input_ids),
         "references": list(sample.references),
         "max_new_tokens": int(sample.max_new_tokens),
+        "stop": list(sample.stop),
         "meta": json.dumps(sample.meta, default=str),
     }
 
@@ -85,6 +86,7 @@ def record_sample(doc: dict[str, Any]) -> Sample:
         references=list(doc["references"]),
         max_new_tokens=int(doc.get("max_new_tokens") or 0),
         meta=json.loads(meta) if isinstance(meta, str) else dict(meta),
+        stop=list(doc.get("stop") or []),
     )
 
 
@@ -111,7 +113,7 @@ def register_docs(docs: Iterable[dict[str, Any]]) -> None:
 def load_preset_tokenizer(model: str = "smollm2_135m", model_path: str | None = None) -> Any:
     """The tokenizer of a ``conf/model`` preset (what the ``atskv`` lm-eval model loads)."""
     from atskv import models
-    from atskv.lm_eval_adapter import check_choice, compose_run_config, group_choices
+    from atskv.compose import check_choice, compose_run_config, group_choices
 
     check_choice("model", model, group_choices("model"))
     cfg = compose_run_config([f"model={model}"])
@@ -201,7 +203,11 @@ def export_samples(samples: list[Sample], tokenizer: Any, benchmark: str, out_di
         data = write_jsonl(out_dir / f"{name}.jsonl",
                            (sample_record(s, tokenizer, benchmark) for s in group))
         max_gen = max(s.max_new_tokens for s in group)
-        (out_dir / f"{name}.yaml").write_text(task_yaml(name, data, max_gen), encoding="utf-8")
+        stops = sorted({tuple(s.stop) for s in group})
+        if len(stops) > 1:
+            raise ConfigError(f"{benchmark} task {task}: samples disagree on stop strings {stops}")
+        (out_dir / f"{name}.yaml").write_text(task_yaml(name, data, max_gen, list(stops[0])),
+                                              encoding="utf-8")
         names.append(name)
     return names
 
@@ -214,7 +220,7 @@ def export_benchmark(benchmark: str, out_dir: str | Path, context_len: int, n: i
     export them; returns the lm-eval task names."""
     from atskv import models
     from atskv.benchmarks import BENCHMARKS
-    from atskv.lm_eval_adapter import check_choice, compose_run_config, group_choices
+    from atskv.compose import check_choice, compose_run_config, group_choices
 
     presets = group_choices("benchmark")
     check_choice("benchmark", benchmark, sorted(set(presets) | set(BENCHMARKS.names())))
