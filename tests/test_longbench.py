@@ -72,6 +72,8 @@ def test_official_generation_lengths():
     assert task_spec("hotpotqa").max_new_tokens == 32
     assert task_spec("narrativeqa").max_new_tokens == 128
     assert task_spec("trec").until == ("\n",)
+    assert task_spec("samsum").until == ("\n",)
+    assert task_spec("hotpotqa").until == ()
 
 
 def test_prompt_question_is_thudm_input():
@@ -145,7 +147,8 @@ def test_middle_truncate_is_token_exact():
     assert middle_truncate(ids, 1) == [99]
 
 
-def test_load_truncates_to_budget_with_chat_template(tmp_path, smollm2_tokenizer):
+def test_load_truncates_whole_prompt_to_context_len(tmp_path, smollm2_tokenizer):
+    # context_len is the prompt length (THUDM's max_length); the generation comes on top.
     tok = smollm2_tokenizer
     long_ctx = " ".join(f"Sentence number {i} talks about topic {i % 7}." for i in range(400))
     write_jsonl(tmp_path / "hotpotqa.jsonl", [record(context=long_ctx)])
@@ -153,14 +156,15 @@ def test_load_truncates_to_budget_with_chat_template(tmp_path, smollm2_tokenizer
     bench.validate()
     (s,) = bench.load(tok, 512, None, 0)
     assert s.max_new_tokens == 32 and s.meta["truncated"] and s.meta["chat_template"]
-    assert len(s.input_ids) == 512 - 32
+    assert len(s.input_ids) == 512
     pre, post, _ = prompt_wrapper(tok, True)
     assert s.input_ids[: len(pre)] == pre and s.input_ids[-len(post) :] == post
     full = encode(tok, render_prompt(task_spec("hotpotqa").prompt, record(context=long_ctx)))
-    budget = 512 - 32 - len(pre) - len(post)
+    budget = 512 - len(pre) - len(post)
     body = s.input_ids[len(pre) : len(s.input_ids) - len(post)]
     assert body == full[: budget // 2] + full[-(budget - budget // 2) :]
     assert tok.decode(body).rstrip().endswith("Question: What is the capital of France?\nAnswer:")
+    assert s.stop == [] and s.meta["split"] == "test" and "length_bucket" not in s.meta
 
 
 def test_no_chat_template_for_fewshot_and_code(tmp_path, smollm2_tokenizer):
@@ -190,24 +194,141 @@ def test_subset_is_deterministic(tmp_path, smollm2_tokenizer):
     assert len(capped.load(smollm2_tokenizer, 1024, None, 0)) == 2
 
 
-def test_context_len_too_small(tmp_path, smollm2_tokenizer):
+def test_generation_length_never_limits_the_prompt(tmp_path, smollm2_tokenizer):
+    # gov_report generates 512 tokens; a 256-token prompt is still fine (the runner checks
+    # prompt + generation against the model's positions).
+    write_jsonl(tmp_path / "gov_report.jsonl", [record(context="Budget report. " * 300)])
+    (s,) = LongBench(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, 256, None, 0)
+    assert len(s.input_ids) == 256 and s.max_new_tokens == 512
+
+
+def test_context_len_below_the_chat_template_raises(tmp_path, smollm2_tokenizer):
     write_jsonl(tmp_path / "gov_report.jsonl", [record()])
-    with pytest.raises(ConfigError, match="context_len 256"):
-        LongBench(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, 256, None, 0)
+    pre, post, _ = prompt_wrapper(smollm2_tokenizer, True)
+    small = len(pre) + len(post)
+    with pytest.raises(ConfigError, match=rf"context_len={small} .*template alone takes {small}"):
+        LongBench(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, small, None, 0)
+    (s,) = LongBench(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, small + 1, None, 0)
+    assert len(s.input_ids) == small + 1
+
+
+def test_max_new_tokens_without_data(tmp_path):
+    # No file is read: the tasks' files do not even exist.
+    assert LongBench(cfg(tasks=["hotpotqa", "gov_report"])).max_new_tokens() == 512
+    assert LongBench(cfg(tasks=["trec", "hotpotqa_e"])).max_new_tokens() == 64
+    assert LongBench(cfg(tasks=["trec"], max_new_tokens=7)).max_new_tokens() == 7
+    assert LongBench(cfg()).max_new_tokens() == 512  # the 16 default tasks
+    with pytest.raises(ConfigError, match=r"max_new_tokens=0 must be a positive integer"):
+        LongBench(cfg(tasks=["trec"], max_new_tokens=0)).max_new_tokens()
+    with pytest.raises(ConfigError, match="benchmark.tasks is empty"):
+        LongBench(cfg(tasks=[])).max_new_tokens()
+
+
+def test_max_new_tokens_is_the_max_over_loaded_samples(tmp_path, smollm2_tokenizer):
+    trec = record(input="Question: Where is Paris?\nType:", all_classes=TREC_CLASSES,
+                  answers=["Location"])
+    write_jsonl(tmp_path / "trec.jsonl", [trec])
+    write_jsonl(tmp_path / "hotpotqa.jsonl", [record()])
+    write_jsonl(tmp_path / "qasper.jsonl", [record()])
+    bench = LongBench(cfg(data_dir=str(tmp_path)))
+    samples = bench.load(smollm2_tokenizer, 1024, None, 0)
+    assert {s.task for s in samples} == {"trec", "hotpotqa", "qasper"}
+    assert bench.max_new_tokens() == max(s.max_new_tokens for s in samples) == 128
+
+
+@pytest.mark.parametrize("task", ["trec", "samsum", "triviaqa_e"])
+def test_newline_stop_for_fewshot_tasks(tmp_path, smollm2_tokenizer, task):
+    extra = {"all_classes": TREC_CLASSES, "answers": ["Location"]} if task == "trec" else {}
+    write_jsonl(tmp_path / f"{task}.jsonl", [record(input="Dialogue: A: hi\nSummary:", **extra)])
+    (s,) = LongBench(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, 1024, None, 0)
+    assert s.stop == ["\n"] and s.meta["stop"] == ["\n"]
+    write_jsonl(tmp_path / "hotpotqa.jsonl", [record()])
+    (h,) = LongBench(cfg(data_dir=str(tmp_path), tasks=["hotpotqa"])).load(
+        smollm2_tokenizer, 1024, None, 0
+    )
+    assert h.stop == []
+
+
+def test_stop_strings_follow_lm_eval_yaml():
+    newline = {t for t in ALL_TASKS if task_spec(t).until == ("\n",)}
+    assert newline == {"trec", "triviaqa", "samsum", "trec_e", "triviaqa_e", "samsum_e"}
+    assert all(task_spec(t).until == () for t in set(ALL_TASKS) - newline)
+
+
+def test_length_buckets_on_longbench_e(tmp_path, smollm2_tokenizer):
+    lengths = {"a": 120, "b": 3999, "c": 4000, "d": 7999, "e": 8000, "f": 25000}
+    rows = [record(_id=k, length=v) for k, v in lengths.items()]  # all in the test split
+    write_jsonl(tmp_path / "hotpotqa_e.jsonl", rows)
+    write_jsonl(tmp_path / "hotpotqa.jsonl", rows)
+    bench = LongBench(cfg(data_dir=str(tmp_path)))
+    got = {}
+    for s in bench.load(smollm2_tokenizer, 1024, None, 0):
+        if s.task == "hotpotqa_e":
+            got[s.id.split("/")[1]] = s.meta["length_bucket"]
+        else:
+            assert "length_bucket" not in s.meta
+    assert got == {"a": "0-4k", "b": "0-4k", "c": "4-8k", "d": "4-8k", "e": "8k+", "f": "8k+"}
+    assert bench.aggregation("hotpotqa_e") == "mean"
+
+
+def test_longbench_e_needs_length(tmp_path):
+    bad = record()
+    del bad["length"]
+    write_jsonl(tmp_path / "qasper_e.jsonl", [bad])
+    with pytest.raises(ConfigError, match=r"line 1: record is missing required field 'length'"):
+        LongBench(cfg(data_dir=str(tmp_path))).validate()
+
+
+def test_task_metric_names():
+    bench = LongBench(cfg())
+    assert bench.task_metric("hotpotqa") == "F1"
+    assert bench.task_metric("gov_report_e") == "ROUGE-L"
+    assert bench.task_metric("trec") == "classification accuracy"
+    assert bench.task_metric("passage_retrieval_en") == "retrieval accuracy"
+    assert bench.task_metric("passage_count") == "count accuracy"
+    assert bench.task_metric("lcc") == "code edit similarity"
+    with pytest.raises(ConfigError, match="hotpot_qa"):
+        bench.task_metric("hotpot_qa")
+
+
+def test_mean_aggregate():
+    bench = LongBench(cfg())
+    rows = [{"score": 100.0, "score_parts": {}}, {"score": 50.0, "score_parts": {}}]
+    assert bench.aggregate("qmsum", rows) == 75.0
+
+
+@pytest.mark.skipif(not (REAL_DIR / "multi_news.jsonl").is_file(), reason="no shared data")
+def test_real_multi_news_at_512(smollm2_tokenizer):
+    # multi_news generates 512 tokens; every record still loads, its prompt filling at most
+    # (and, when longer, exactly) a 512-token context.
+    loaded = 0
+    for split in ("dev", "test"):
+        bench = LongBench(cfg(data_dir=str(REAL_DIR), split=split))
+        bench.validate()
+        assert bench.tasks() == ["multi_news"] and bench.max_new_tokens() == 512
+        samples = bench.load(smollm2_tokenizer, 512, None, seed=0)
+        for s in samples:
+            assert s.max_new_tokens == 512 and s.references and s.stop == []
+            if s.meta["prompt_tokens_full"] > 512:
+                assert s.meta["truncated"] and len(s.input_ids) == 512
+            else:
+                assert not s.meta["truncated"]
+                assert len(s.input_ids) == s.meta["prompt_tokens_full"] <= 512
+        assert any(s.meta["truncated"] for s in samples)
+        assert bench.max_new_tokens() == max(s.max_new_tokens for s in samples)
+        loaded += len(samples)
+    assert loaded == 200
 
 
 @pytest.mark.skipif(not (REAL_DIR / "multi_news.jsonl").is_file(), reason="no shared data")
 def test_real_multi_news_fits_2048(smollm2_tokenizer):
     bench = LongBench(cfg(data_dir=str(REAL_DIR)))
-    bench.validate()
-    assert bench.tasks() == ["multi_news"]
     samples = bench.load(smollm2_tokenizer, 2048, 6, seed=0)
     assert len(samples) == 6
     for s in samples:
         assert len(s.input_ids) <= 2048
-        assert s.max_new_tokens == 512 and s.references
         if s.meta["truncated"]:
-            assert len(s.input_ids) == 2048 - 512
+            assert len(s.input_ids) == 2048
     assert any(s.meta["truncated"] for s in samples)
 
 

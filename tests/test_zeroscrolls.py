@@ -97,12 +97,60 @@ def test_rouge_geometric_mean_hand_computed():
     assert rouge_geometric_mean("mat cat", ["the cat sat on the mat"]) == 0.0
 
 
-def test_corpus_rouge_is_geometric_mean_of_means():
-    preds = ["the cat sat", "a dog ran home"]
-    refs = [["the cat sat on the mat"], ["a dog ran home fast"]]
-    samples = [Sample(f"s{i}", "qmsum", [], r, 8) for i, r in enumerate(refs)]
-    per_sample = sum(score_prediction("qmsum", p, r) for p, r in zip(preds, refs, strict=True)) / 2
-    assert corpus_rouge(preds, samples) >= per_sample > 0
+def test_corpus_rouge_aggregate_hand_computed():
+    # Reference "the cat sat on the mat" (6 tokens) for both samples.
+    # "the cat sat": R1 = RL = F(P=1, R=1/2) = 2/3; R2 = F(P=1, R=2/5) = 4/7.
+    # "mat cat": R1 = F(1, 1/3) = 1/2; R2 = 0; RL = F(P=1/2, R=1/6) (LCS 1) = 1/4.
+    ref = ["the cat sat on the mat"]
+    preds = ["the cat sat", "mat cat"]
+    samples = [Sample(f"s{i}", "qmsum", [], ref, 8) for i in range(2)]
+    bench = ZeroScrolls(cfg())
+    rows = [
+        {"score": bench.score(p, s), "score_parts": bench.score_parts(p, s)}
+        for p, s in zip(preds, samples, strict=True)
+    ]
+    assert rows[0]["score_parts"] == pytest.approx(
+        {"rouge1": 200 / 3, "rouge2": 400 / 7, "rougeL": 200 / 3}
+    )
+    assert rows[1]["score_parts"] == pytest.approx({"rouge1": 50, "rouge2": 0, "rougeL": 25})
+    r1, r2, rl = (200 / 3 + 50) / 2, (400 / 7 + 0) / 2, (200 / 3 + 25) / 2
+    corpus = (r1 * r2 * rl) ** (1 / 3)  # upstream: geometric mean of the corpus means, ~42.4
+    mean_of_geomeans = ((200 / 3 * 400 / 7 * 200 / 3) ** (1 / 3) + 0) / 2  # ~31.5
+    assert bench.aggregation("qmsum") == "geomean_of_part_means"
+    assert bench.aggregate("qmsum", rows) == pytest.approx(corpus, abs=1e-9)
+    assert corpus_rouge(preds, samples) == pytest.approx(corpus, abs=1e-9)
+    assert sum(r["score"] for r in rows) / 2 == pytest.approx(mean_of_geomeans, abs=1e-9)
+    assert corpus - mean_of_geomeans > 10
+
+
+def test_mean_aggregate_and_metric_names():
+    bench = ZeroScrolls(cfg())
+    s = Sample("q", "qasper", [], ["a BiLSTM encoder"], 8)
+    assert bench.score_parts("a BiLSTM encoder", s) == {}
+    assert bench.aggregation("qasper") == "mean"
+    rows = [{"score": 100.0, "score_parts": {}}, {"score": 0.0, "score_parts": {}}]
+    assert bench.aggregate("quality", rows) == 50.0
+    assert math.isnan(bench.aggregate("quality", []))
+    names = {t: bench.task_metric(t) for t in TASKS}
+    assert names["gov_report"] == names["squality"] == "ROUGE geometric mean"
+    assert names["qasper"] == names["musique"] == "F1"
+    assert names["quality"] == "accuracy"
+    assert names["space_digest"] == "exponential similarity"
+    assert names["book_sum_sort"] == "concordance index"
+    with pytest.raises(ConfigError, match="quality_hard"):
+        bench.task_metric("quality_hard")
+
+
+def test_upstream_generation_lengths_and_no_stop():
+    # tau-nlp/zero_scrolls experiments/api/api.py, dataset_to_leave_tokens_for_generations
+    assert DEFAULT_MAX_NEW_TOKENS == {
+        "gov_report": 1024, "summ_screen_fd": 512, "qmsum": 512, "squality": 512,
+        "qasper": 128, "narrative_qa": 64, "quality": 10, "musique": 32,
+        "space_digest": 36, "book_sum_sort": 256,
+    }
+    assert ZeroScrolls(cfg()).max_new_tokens() == 1024
+    assert ZeroScrolls(cfg(tasks=["quality", "qasper"])).max_new_tokens() == 128
+    assert ZeroScrolls(cfg(tasks=["gov_report"], max_new_tokens=20)).max_new_tokens() == 20
 
 
 def test_f1_hand_computed():
@@ -149,14 +197,22 @@ def test_truncation_keeps_query_and_inserts_separator(tmp_path, smollm2_tokenize
     bench = ZeroScrolls(cfg(data_dir=str(tmp_path)))
     bench.validate()
     (s,) = bench.load(tok, 300, None, 0)
-    assert s.meta["truncated"] and s.references == ["(B)"]
-    assert len(s.input_ids) == 300 - DEFAULT_MAX_NEW_TOKENS["quality"]
+    assert s.meta["truncated"] and s.references == ["(B)"] and s.stop == []
+    assert len(s.input_ids) == 300 and s.max_new_tokens == 10
     text = tok.decode(s.input_ids)
     assert QUERY in text and SEP in text
     assert "Answer with a letter.\n\nStory:\nOn day 0 the sailor" in text
     assert text.index("On day 0") < text.index(SEP) < text.index(QUERY)
     assert "On day 299" not in text
     assert text.endswith("Answer:\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_generation_length_never_limits_the_prompt(tmp_path, smollm2_tokenizer):
+    rec = make_record(LONG_DOC, "Summary:", rid="gov_report-2-0", output="A summary.")  # a test-split id
+    write_task(tmp_path, "gov_report", [rec])
+    bench = ZeroScrolls(cfg(data_dir=str(tmp_path)))
+    (s,) = bench.load(smollm2_tokenizer, 512, None, 0)
+    assert len(s.input_ids) == 512 and s.max_new_tokens == 1024 == bench.max_new_tokens()
 
 
 def test_short_input_is_untouched(tmp_path, smollm2_tokenizer):
@@ -171,7 +227,9 @@ def test_short_input_is_untouched(tmp_path, smollm2_tokenizer):
 
 def test_query_that_cannot_fit_is_a_config_error(tmp_path, smollm2_tokenizer):
     write_task(tmp_path, "quality", [make_record(LONG_DOC, QUERY * 20)])
-    with pytest.raises(ConfigError, match="instruction and query alone"):
+    with pytest.raises(
+        ConfigError, match=r"context_len=300 .*instruction and query alone take \d+ tokens"
+    ):
         ZeroScrolls(cfg(data_dir=str(tmp_path))).load(smollm2_tokenizer, 300, None, 0)
 
 
@@ -188,7 +246,8 @@ def test_records_sharing_an_id_are_one_sample(tmp_path, smollm2_tokenizer):
 
 
 @pytest.mark.skipif(not REAL_DIR.is_dir(), reason="no shared data")
-def test_real_files_fit_2048_and_keep_queries(smollm2_tokenizer):
+@pytest.mark.parametrize("context_len", [512, 2048])
+def test_real_files_fit_and_keep_queries(smollm2_tokenizer, context_len):
     tok = smollm2_tokenizer
     bench = ZeroScrolls(cfg(data_dir=str(REAL_DIR), n_samples=2))
     bench.validate()
@@ -199,17 +258,20 @@ def test_real_files_fit_2048_and_keep_queries(smollm2_tokenizer):
         for line in (REAL_DIR / task / "validation.jsonl").read_text().splitlines():
             r = json.loads(line)
             records[f"{task}/{r['id']}"] = r
-    samples = bench.load(tok, 2048, None, seed=0)
+    samples = bench.load(tok, context_len, None, seed=0)
     assert len(samples) == 2 * len(tasks)
+    assert bench.max_new_tokens() == max(s.max_new_tokens for s in samples) == 1024
     for s in samples:
-        assert len(s.input_ids) <= 2048
+        assert s.max_new_tokens == DEFAULT_MAX_NEW_TOKENS[s.task]
         r = records[s.id]
         text = tok.decode(s.input_ids)
         query = r["input"][r["query_start_index"] : r["query_end_index"]]
         assert query in text
         if s.meta["truncated"]:
             assert r["truncation_seperator"] in text
-            assert len(s.input_ids) == 2048 - s.max_new_tokens
+            assert len(s.input_ids) == context_len
+        else:
+            assert len(s.input_ids) <= context_len
 
 
 # -- validation ---------------------------------------------------------------------------------

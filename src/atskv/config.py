@@ -52,6 +52,7 @@ class BenchmarkConfig:
     data_dir: str | None = None
     haystack: str = "generated"  # synthetic: "generated" or a folder of .txt files
     max_new_tokens: int | None = None  # overrides the per-task default
+    split: str = "test"  # dev | test: disjoint, fixed parts of every benchmark (dev for tuning)
 
 
 @dataclass

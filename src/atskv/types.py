@@ -17,6 +17,9 @@ class Sample:
     ``input_ids`` is the exact token sequence fed to the model (chat template and truncation
     already applied by the benchmark); ``references`` are the gold answers the scorer compares
     against; ``task`` names the sub-task (a LongBench dataset, a synthetic task type, ...).
+    ``max_new_tokens`` is the generation length, on top of the prompt; generation ends at EOS,
+    after ``max_new_tokens`` tokens, or as soon as the generated text contains one of the
+    ``stop`` strings (empty: no stop string).
     """
 
     id: str
@@ -25,7 +28,7 @@ class Sample:
     references: list[str]
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
-    stop: list[str] = field(default_factory=list)  # generation ends at the first of these
+    stop: list[str] = field(default_factory=list)
 
 
 @dataclass

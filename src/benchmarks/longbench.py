@@ -2,14 +2,27 @@
 
 Protocol (THUDM's ``pred.py``/``eval.py``, as shipped by lm-eval 0.4.13):
 
-* prompts and maximum generation lengths are read at run time from lm-eval's task YAMLs
-  (``lm_eval/tasks/longbench/<task>.yaml``); their ``{{question}}`` is THUDM's ``input`` field;
-* the prompt is middle-truncated (first and last halves kept) to ``context_len`` minus the
-  generation room minus the chat-template tokens, token-exact;
+* prompts, maximum generation lengths and stop strings are read at run time from lm-eval's
+  task YAMLs (``lm_eval/tasks/longbench/<task>.yaml``: ``doc_to_text``, ``max_gen_toks``,
+  ``until``); their ``{{question}}`` is THUDM's ``input`` field. ``until`` is ``["\\n"]`` for
+  trec, triviaqa, samsum, lsht (and their -E variants), empty for the others; it becomes
+  :attr:`Sample.stop`;
+* ``context_len`` is THUDM's ``max_length``: the whole prompt, chat template included, is
+  middle-truncated (first and last halves kept) to at most ``context_len`` tokens,
+  token-exact; the generation comes on top;
 * the chat template is applied except for trec, triviaqa, samsum, lsht, lcc and repobench-p;
 * trec, triviaqa, samsum and lsht keep only the first line of the prediction;
 * the score is the task's metric (qa_f1, ROUGE-L, classification, retrieval, count or code
-  similarity; lm-eval's implementations of THUDM's functions), max over the references, x100.
+  similarity; lm-eval's implementations of THUDM's functions), max over the references, x100;
+  a task's score is the mean over its samples;
+* LongBench-E samples (``<task>_e``) carry ``meta["length_bucket"]``: ``"0-4k"``, ``"4-8k"`` or
+  ``"8k+"`` from the record's ``length`` (words), as THUDM's ``eval.py`` (``scorer_e``) buckets:
+  ``length < 4000``, ``< 8000``, else.
+
+Splits (``benchmark.split``): a record is ``dev`` when the SHA-1 of ``"atskv-split:" + _id``
+(its position in the file when it has no ``_id``), as an integer, is divisible by 4 (about a
+quarter of the records), else ``test``. The id alone decides, so a record shared by a task and its -E variant lands in
+the same split. ``n_samples`` and the seeded subset apply within the split.
 
 Data: ``datasets.load_dataset("THUDM/LongBench", task, split="test")``, falling back to the
 parquet copy lm-eval uses; or, with ``data_dir``, THUDM-format ``<data_dir>/<task>.jsonl`` files
@@ -29,15 +42,14 @@ import yaml
 
 from atskv.benchmarks.base import BENCHMARKS, TaskFileBenchmark
 from atskv.benchmarks.textmetrics import (
-    cfg_get,
     check_fields,
+    check_task_names,
     encode,
     hub_load,
     lm_eval_longbench_metrics,
     max_over_references,
     middle_truncate,
     prompt_wrapper,
-    subset_indices,
 )
 from atskv.types import ConfigError, Sample
 
@@ -87,6 +99,16 @@ TASK_METRIC: dict[str, str] = {
     "repobench-p": "code_sim_score",
 }
 """Per-pair metric of each base task: a function name in ``lm_eval.tasks.longbench.metrics``."""
+
+METRIC_NAMES: dict[str, str] = {
+    "qa_f1_score": "F1",
+    "rouge_score": "ROUGE-L",
+    "classification_score": "classification accuracy",
+    "retrieval_score": "retrieval accuracy",
+    "count_score": "count accuracy",
+    "code_sim_score": "code edit similarity",
+}
+"""Report-table names of the metric functions in :data:`TASK_METRIC`."""
 
 NO_CHAT_TEMPLATE = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 FIRST_LINE_ONLY = frozenset({"trec", "triviaqa", "samsum", "lsht"})
@@ -150,6 +172,14 @@ def task_spec(task: str) -> TaskSpec:
     )
 
 
+def length_bucket(length: float) -> str:
+    """LongBench-E's length bucket of a record's word count ``length``: ``"0-4k"`` below 4000,
+    ``"4-8k"`` below 8000, else ``"8k+"`` (THUDM ``eval.py``, ``scorer_e``)."""
+    if length < 4000:
+        return "0-4k"
+    return "4-8k" if length < 8000 else "8k+"
+
+
 def render_prompt(template: str, record: dict[str, Any]) -> str:
     """Fill ``{{context}}`` and ``{{question}}`` (THUDM's ``input``) from a record."""
     values = {"context": record["context"], "question": record["input"], "input": record["input"]}
@@ -175,6 +205,11 @@ def score_prediction(
     return round(100.0 * best, 6)  # rouge's F1 carries a 1e-8 epsilon: 99.9999995 -> 100
 
 
+def record_id(record: dict[str, Any], index: int) -> str:
+    """A record's id: THUDM's ``_id``, else its position in the task's file."""
+    return str(record.get("_id") or index)
+
+
 def check_record(task: str, record: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate one THUDM-schema record (lm-eval's copies name ``input`` ``question``)."""
     if "input" not in record and "question" in record:
@@ -185,6 +220,8 @@ def check_record(task: str, record: dict[str, Any], where: str) -> dict[str, Any
         raise ConfigError(f"{where}: field 'answers' should be a non-empty list of strings")
     if base_task(task) in ("trec", "lsht"):
         check_fields(record, {"all_classes": (list,)}, where)
+    if task.endswith("_e"):
+        check_fields(record, {"length": (int, float)}, where)
     return record
 
 
@@ -194,7 +231,8 @@ class LongBench(TaskFileBenchmark):
 
     Config fields: ``tasks`` (None: the 16 English tasks from the hub, or every task whose
     ``<task>.jsonl`` exists in ``data_dir``), ``data_dir``, ``n_samples`` (cap per task, used
-    when ``load`` gets ``n=None``), ``max_new_tokens`` (overrides the per-task lengths).
+    when ``load`` gets ``n=None``), ``max_new_tokens`` (overrides the per-task lengths),
+    ``split`` (``dev`` or ``test``; see the module docstring).
     """
 
     suite = "longbench"
@@ -204,13 +242,17 @@ class LongBench(TaskFileBenchmark):
     task_path = "{task}.jsonl"
     hub_path = HUB_PATH
 
-    def max_new_tokens(self) -> int:
-        override = cfg_get(self.cfg, "max_new_tokens")
-        return max(int(override or task_spec(t).max_new_tokens) for t in self.tasks())
-
     def _validate_task(self, task: str) -> list[dict[str, Any]]:
         task_spec(task)
         return super()._validate_task(task)
+
+    def default_max_new_tokens(self, task: str) -> int:
+        """lm-eval's ``max_gen_toks`` for ``task`` (THUDM's ``dataset2maxlen``)."""
+        return task_spec(task).max_new_tokens
+
+    def task_metric(self, task: str) -> str:
+        check_task_names(self.suite, [task], self.all_tasks)
+        return METRIC_NAMES[TASK_METRIC[base_task(task)]]
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -224,14 +266,17 @@ class LongBench(TaskFileBenchmark):
             candidates.append((spec.dataset_path, spec.dataset_name))
         return hub_load(candidates, "test", _DATA_HINT)
 
+    def _items(self, task: str) -> list[tuple[str, Any]]:
+        return [(record_id(r, i), r) for i, r in enumerate(self._records(task))]
+
     def load(self, tokenizer: Any, context_len: int, n: int | None, seed: int) -> list[Sample]:
-        cap = n if n is not None else cfg_get(self.cfg, "n_samples")
+        """The split's samples of every selected task, each prompt at most ``context_len``
+        tokens (exactly ``context_len`` when it had to be truncated)."""
         wrappers = {chat: prompt_wrapper(tokenizer, chat) for chat in (True, False)}
         samples: list[Sample] = []
         for task in self.tasks():
-            records = self._records(task)
-            for i in subset_indices(len(records), cap, seed):
-                samples.append(self._sample(task, i, records[i], tokenizer, context_len, wrappers))
+            for i, record in self.selected_items(task, n, seed):
+                samples.append(self._sample(task, i, record, tokenizer, context_len, wrappers))
         return samples
 
     def _sample(
@@ -245,34 +290,37 @@ class LongBench(TaskFileBenchmark):
     ) -> Sample:
         spec = task_spec(task)
         base = base_task(task)
-        max_new = int(cfg_get(self.cfg, "max_new_tokens") or spec.max_new_tokens)
         pre, post, used_chat = wrappers[base not in NO_CHAT_TEMPLATE]
         content = encode(tokenizer, render_prompt(spec.prompt, record))
-        budget = context_len - max_new - len(pre) - len(post)
+        budget = context_len - len(pre) - len(post)
         if budget <= 0:
             raise ConfigError(
-                f"context_len {context_len} leaves no room for a LongBench {task} prompt "
-                f"({max_new} new tokens + {len(pre) + len(post)} template tokens)"
+                f"context_len={context_len} leaves no room for a LongBench {task} prompt: the "
+                f"chat template alone takes {len(pre) + len(post)} tokens"
             )
         kept = middle_truncate(content, budget)
-        rid = record.get("_id") or str(index)
+        meta: dict[str, Any] = {
+            "all_classes": record.get("all_classes"),
+            "first_line": base in FIRST_LINE_ONLY,
+            "chat_template": used_chat,
+            "stop": list(spec.until),
+            "metric": TASK_METRIC[base],
+            "prompt_tokens_full": len(content) + len(pre) + len(post),
+            "truncated": len(kept) < len(content),
+            "length": record.get("length"),
+            "index": index,
+            "split": self.split(),
+        }
+        if task.endswith("_e"):
+            meta["length_bucket"] = length_bucket(record["length"])
         return Sample(
-            id=f"{task}/{rid}",
+            id=f"{task}/{record_id(record, index)}",
             task=task,
             input_ids=pre + kept + post,
             references=list(record["answers"]),
-            max_new_tokens=max_new,
-            meta={
-                "all_classes": record.get("all_classes"),
-                "first_line": base in FIRST_LINE_ONLY,
-                "chat_template": used_chat,
-                "stop": list(spec.until),
-                "metric": TASK_METRIC[base],
-                "prompt_tokens_full": len(content) + len(pre) + len(post),
-                "truncated": len(kept) < len(content),
-                "length": record.get("length"),
-                "index": index,
-            },
+            max_new_tokens=self.task_max_new_tokens(task),
+            meta=meta,
+            stop=list(spec.until),
         )
 
     # -- scoring ------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the filler is padded by whole sentences and the last sentence is cut at token le
 
 Tasks (``cfg.tasks``; ``None`` means ``["single_needle"]``):
 
-* ``single_needle``: one "special magic number" (7 digits) for a key word; exact-match scoring.
+* ``single_needle``: one "special magic number" (7 digits) for a key word; string match (100
+  when the number appears in the answer, else 0).
 * ``multi_key``: four needles with different key words, the question asks for one of them.
 * ``multi_value``: four numbers for the same key word; score = % of them in the answer.
 * ``variable_tracking``: ``VAR A = 12345``, ``VAR B = VAR A``, ... (four hops); the answer must
@@ -14,8 +15,18 @@ Tasks (``cfg.tasks``; ``None`` means ``["single_needle"]``):
 
 ``cfg.haystack`` is ``"generated"`` (seeded pseudo-English, no external data) or a folder of
 ``.txt`` essays. Sample ``i`` of a task puts its target needle at depth ``i`` of an evenly spaced
-grid over [0.05, 0.95]; ``meta`` holds ``depth``, ``depths``, ``needle_spans`` (token index
-ranges of each needle in ``input_ids``) and ``answer_prefix``.
+grid over [0.05, 0.95]; ``meta`` holds ``depth``, ``depths``, ``needles``, ``needle_spans``
+(``[start, end)`` token spans of each needle in ``input_ids``), ``answer_needles`` (indices into
+``needle_spans`` of the needles holding the answer: the one needle, the target key's needle,
+all four values, the whole variable chain) and ``answer_prefix``. No stop string (the scorer
+looks for the answers anywhere in the generation).
+
+Splits (``cfg.split``): ``dev`` and ``test`` draw from separate RNG namespaces
+(``atskv-synthetic/<split>:<seed>:<task>:<i>``), separate key words (alternate entries of the
+key lists) and separate haystacks: the generated filler of each split has its own vocabulary
+(no content word in common), and a haystack folder's ``.txt`` files are divided by the SHA-1
+of ``"atskv-split:" + file name`` (divisible by 3: dev, about a third; else test). Sample ids carry the split:
+``synthetic/<split>/<task>/<context_len>/<seed>/<i>``.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atskv.benchmarks.base import BENCHMARKS, Benchmark
+from atskv.benchmarks.textmetrics import cfg_get, hash_split
 from atskv.types import ConfigError, Sample
 
 TASKS: dict[str, int] = {  # task name -> default max_new_tokens
@@ -35,6 +47,12 @@ TASKS: dict[str, int] = {  # task name -> default max_new_tokens
     "multi_value": 48,
     "variable_tracking": 48,
 }
+METRIC_NAMES: dict[str, str] = {  # task name -> what its score measures, for report tables
+    "single_needle": "string match",  # the gold number appears in the answer: 0 or 100
+    "multi_key": "string match",
+    "multi_value": "recall of values",  # share of the four numbers that appear
+    "variable_tracking": "recall of variables",  # share of the chain's names that appear
+}
 DEFAULT_TASKS = ["single_needle"]
 DEFAULT_N = 8
 MIN_FILLER_TOKENS = 64  # a prompt must hold at least this much haystack besides the needles
@@ -42,22 +60,48 @@ N_KEYS = 4  # multi_key: needles with different keys (1 target + 3 distractors)
 N_VALUES = 4  # multi_value: values for the same key
 N_HOPS = 4  # variable_tracking: assignments after the first (5 variables in all)
 
-_ADJ = (
-    "quiet bright ancient narrow gentle heavy hollow clever silent golden distant rapid "
-    "humble steady curious patient broken crowded simple rustic tidy hidden wooden"
-).split()
-_NOUN = (
-    "river garden village market teacher engine harbor lantern orchard bridge library "
-    "traveler meadow kitchen painter forest castle window letter mountain sailor farmer "
-    "workshop valley"
-).split()
-_VERB = (
-    "visited crossed painted watched followed repaired described admired opened measured "
-    "carried noticed studied cleaned remembered"
-).split()
-_ADV = "slowly carefully often rarely happily quietly eagerly patiently suddenly gladly".split()
-_NAME = "Alice Marco Priya Tomas Helen Omar Lena Victor Grace Samuel Nadia Felix".split()
-_TIME = "morning evening spring winter afternoon autumn night summer".split()
+# Filler vocabulary per split: dev and test share no content word, and neither shares a word
+# with the key words below, the instructions, the questions or the needles.
+_FILLER: dict[str, dict[str, list[str]]] = {
+    "test": {
+        "adj": (
+            "quiet bright ancient narrow gentle heavy hollow clever silent golden distant sunny "
+            "humble steady curious patient broken crowded simple rustic tidy lofty wooden"
+        ).split(),
+        "noun": (
+            "river garden village market teacher engine station lantern orchard bridge library "
+            "traveler meadow kitchen painter forest castle window letter mountain sailor farmer "
+            "workshop valley"
+        ).split(),
+        "verb": (
+            "visited crossed painted watched followed repaired described admired opened "
+            "measured carried noticed studied cleaned remembered"
+        ).split(),
+        "adv": (
+            "slowly carefully often rarely happily quietly eagerly patiently suddenly gladly"
+        ).split(),
+        "name": "Alice Marco Priya Tomas Helen Omar Lena Victor Grace Samuel Nadia Felix".split(),
+        "time": "morning evening spring winter afternoon autumn night summer".split(),
+    },
+    "dev": {
+        "adj": (
+            "bold crisp damp faint fragile gloomy grand hasty lively lonely modest mellow plain "
+            "polite rough sleepy sturdy swift tender warm weary wild young"
+        ).split(),
+        "noun": (
+            "barn cellar chapel cottage ferry fountain granary island ladder lighthouse mill "
+            "pasture pier quarry reef school stable tavern tower vineyard wagon canal shepherd "
+            "baker"
+        ).split(),
+        "verb": (
+            "built guarded sketched polished explored mended praised climbed counted sold "
+            "borrowed locked fixed greeted inspected"
+        ).split(),
+        "adv": "briskly calmly gently kindly boldly proudly softly warmly wisely loudly".split(),
+        "name": "Bruno Clara Dmitri Elena Farid Ines Jonas Keiko Louis Mira Pablo Rosa".split(),
+        "time": "dawn dusk noon midnight harvest holiday weekend twilight".split(),
+    },
+}
 _KEY_ADJ = (
     "amber brave calm dusty eager fancy gusty hazy icy jolly keen lucky misty noble "
     "olive proud rapid shiny tame vivid witty zesty"
@@ -66,6 +110,24 @@ _KEY_NOUN = (
     "apple badger cactus dolphin falcon guitar harbor iris jacket kettle lemon magnet "
     "nectar otter pepper quilt rocket saddle tulip violin walnut zebra"
 ).split()
+# Key words per split: alternate entries, so dev and test keys share no word.
+_KEYS: dict[str, tuple[list[str], list[str]]] = {
+    "test": (_KEY_ADJ[0::2], _KEY_NOUN[0::2]),
+    "dev": (_KEY_ADJ[1::2], _KEY_NOUN[1::2]),
+}
+ESSAY_DEV_ONE_IN = 3  # a haystack file is dev when sha1("atskv-split:" + name) % 3 == 0
+
+
+def filler_vocabulary(split: str) -> set[str]:
+    """Every content word the generated haystack of ``split`` can use."""
+    return {w for words in _FILLER[split].values() for w in words}
+
+
+def key_words(split: str) -> set[str]:
+    """Every word the keys of ``split``'s needles can use."""
+    adjs, nouns = _KEYS[split]
+    return set(adjs) | set(nouns)
+
 
 _NIAH_HEAD = (
     "Some special magic numbers are hidden within the following text. Memorize them; "
@@ -74,19 +136,22 @@ _NIAH_HEAD = (
 _VT_HEAD = "Memorize and track the chain of variable assignments hidden in the following text."
 
 
-def _filler_sentence(rng: random.Random) -> str:
-    """One pseudo-English sentence (no digits) from a seeded generator."""
-    a, n, v, d = rng.choice(_ADJ), rng.choice(_NOUN), rng.choice(_VERB), rng.choice(_ADV)
-    n2, who, t = rng.choice(_NOUN), rng.choice(_NAME), rng.choice(_TIME)
+def _filler_sentence(rng: random.Random, split: str) -> str:
+    """One pseudo-English sentence (no digits) from a seeded generator, using only the content
+    words of ``split``."""
+    w = _FILLER[split]
+    a, n, v, d = (rng.choice(w[k]) for k in ("adj", "noun", "verb", "adv"))
+    n2, who, t = rng.choice(w["noun"]), rng.choice(w["name"]), rng.choice(w["time"])
+    a2 = rng.choice(w["adj"])
     forms = (
-        f"The {a} {n} {v} the {rng.choice(_ADJ)} {n2} {d}.",
+        f"The {a} {n} {v} the {a2} {n2} {d}.",
         f"In the {t}, {who} {v} the {n} near the {n2}.",
-        f"{who} said that the {n} was {a} and {rng.choice(_ADJ)}.",
+        f"{who} said that the {n} was {a} and {a2}.",
         f"Nobody {v} the {a} {n} before the {t} came.",
         f"Every {t} the {n} {v} the {a} {n2}, and {who} {v} it {d}.",
         f"Why would anyone call the {n} {a}?",
         f"{who} {d} {v} the {n}, then went back to the {n2}.",
-        f"It was a {a} {t}, and the {n} seemed {rng.choice(_ADJ)}.",
+        f"It was a {a} {t}, and the {n} seemed {a2}.",
     )
     return rng.choice(forms)
 
@@ -102,11 +167,14 @@ class _Spec:
     references: list[str]
     target: int  # index of the needle placed at the grid depth
     ordered: bool  # needles must appear in list order
+    answer_needles: list[int]  # indices of the needles that hold the answer
 
 
-def _make_spec(task: str, rng: random.Random) -> _Spec:
-    """Keys, numbers, needles, question and answer prefix of one sample of ``task``."""
-    keys = rng.sample([f"{a}-{b}" for a in _KEY_ADJ for b in _KEY_NOUN], N_KEYS)
+def _make_spec(task: str, rng: random.Random, split: str) -> _Spec:
+    """Keys, numbers, needles, question and answer prefix of one sample of ``task``, keys
+    drawn from ``split``'s key words."""
+    adjs, nouns = _KEYS[split]
+    keys = rng.sample([f"{a}-{b}" for a in adjs for b in nouns], N_KEYS)
     nums = [str(x) for x in rng.sample(range(1_000_000, 10_000_000), max(N_KEYS, N_VALUES))]
     needle = "One of the special magic numbers for {} is: {}."
     if task in ("single_needle", "multi_key"):
@@ -120,6 +188,7 @@ def _make_spec(task: str, rng: random.Random) -> _Spec:
             [nums[t]],
             t,
             False,
+            [t],
         )
     if task == "multi_value":
         vals = nums[:N_VALUES]
@@ -131,6 +200,7 @@ def _make_spec(task: str, rng: random.Random) -> _Spec:
             vals,
             0,
             False,
+            list(range(N_VALUES)),
         )
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     names: list[str] = []
@@ -149,18 +219,25 @@ def _make_spec(task: str, rng: random.Random) -> _Spec:
         names,
         0,
         True,
+        list(range(len(chain))),
     )
 
 
-def _read_essays(folder: str) -> list[str]:
-    """Sentences of every ``.txt`` file in ``folder`` (sorted by name, whitespace normalised)."""
+def essay_files(folder: str, split: str) -> list[str]:
+    """The names of ``folder``'s ``.txt`` files that belong to ``split`` (sorted): dev when the
+    SHA-1 of ``"atskv-split:" + name``, as an integer, is divisible by 3, test otherwise."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".txt"))
+    return [n for n in names if hash_split(n, ESSAY_DEV_ONE_IN) == split]
+
+
+def _read_essays(folder: str, names: list[str]) -> list[str]:
+    """Sentences of the files ``names`` in ``folder`` (in that order, whitespace normalised)."""
     sentences: list[str] = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".txt"):
-            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
-                text = " ".join(f.read().split())
-            parts = re.split(r"(?<=[.!?])\s+|(?<=[a-z][.!?])(?=[A-Z])", text)
-            sentences += [p for p in parts if p.strip()]
+    for name in names:
+        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+            text = " ".join(f.read().split())
+        parts = re.split(r"(?<=[.!?])\s+|(?<=[a-z][.!?])(?=[A-Z])", text)
+        sentences += [p for p in parts if p.strip()]
     return sentences
 
 
@@ -176,14 +253,23 @@ class SyntheticBenchmark(Benchmark):
 
     def tasks(self) -> list[str]:
         """The configured task names (``cfg.tasks``, default ``["single_needle"]``)."""
-        tasks = getattr(self.cfg, "tasks", None)
+        tasks = cfg_get(self.cfg, "tasks")
         return list(DEFAULT_TASKS if tasks is None else tasks)
 
-    def max_new_tokens(self) -> int:
-        override = getattr(self.cfg, "max_new_tokens", None)
-        return max(int(override or TASKS[t]) for t in self.tasks() if t in TASKS)
+    def default_max_new_tokens(self, task: str) -> int:
+        return TASKS[task]
+
+    def task_metric(self, task: str) -> str:
+        if task not in METRIC_NAMES:
+            raise ConfigError(f"unknown synthetic task {task!r}; valid tasks: {', '.join(TASKS)}")
+        return METRIC_NAMES[task]
+
+    def haystack(self) -> str:
+        """``cfg.haystack``: ``"generated"`` (the default) or a folder of ``.txt`` files."""
+        return cfg_get(self.cfg, "haystack") or "generated"
 
     def validate(self) -> None:
+        super().validate()
         tasks = self.tasks()
         valid = ", ".join(TASKS)
         if not tasks:
@@ -191,35 +277,42 @@ class SyntheticBenchmark(Benchmark):
         for t in tasks:
             if t not in TASKS:
                 raise ConfigError(f"unknown synthetic task {t!r}; valid tasks: {valid}")
-        hay = getattr(self.cfg, "haystack", "generated") or "generated"
+        hay = self.haystack()
         if hay == "generated" or self._essays:
             return
         hint = "valid: 'generated' or a readable folder holding non-empty .txt files"
         if not os.path.isdir(hay):
             raise ConfigError(f"benchmark.haystack={hay!r} is not a folder; {hint}")
+        split = self.split()
         try:
-            sentences = _read_essays(hay)
+            names = essay_files(hay, split)
+            sentences = _read_essays(hay, names)
         except OSError as e:
             raise ConfigError(f"benchmark.haystack={hay!r} cannot be read ({e}); {hint}") from e
         if not sentences:
-            raise ConfigError(f"benchmark.haystack={hay!r} has no text in .txt files; {hint}")
+            raise ConfigError(
+                f"benchmark.haystack={hay!r} has no text in the .txt files of split {split!r} "
+                f"({len(names)} file(s); a file is dev when the SHA-1 of 'atskv-split:' + its "
+                f"name is divisible by {ESSAY_DEV_ONE_IN}, test otherwise); {hint}, for both splits (dev, test)"
+            )
         self._essays = sentences
 
     def load(self, tokenizer: Any, context_len: int, n: int | None, seed: int) -> list[Sample]:
-        """``n`` samples per task (``None``: ``cfg.n_samples``, else 8), each of exactly
-        ``context_len`` tokens; the same ``seed`` gives identical ``input_ids``."""
+        """``n`` samples per task (``None``: ``cfg.n_samples``, else 8) of the configured split,
+        each of exactly ``context_len`` tokens; the same split and ``seed`` give identical
+        ``input_ids``."""
         self.validate()
-        n = n if n is not None else (getattr(self.cfg, "n_samples", None) or DEFAULT_N)
+        n = n if n is not None else (cfg_get(self.cfg, "n_samples") or DEFAULT_N)
         if n < 1:
             raise ConfigError(f"synthetic benchmark needs n_samples >= 1, got {n}")
-        override = getattr(self.cfg, "max_new_tokens", None)
+        split = self.split()
         samples: list[Sample] = []
         for task in self.tasks():
             grid = [0.5] if n == 1 else [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
             built = []
             for i in range(n):
-                rng = random.Random(f"atskv-synthetic:{seed}:{task}:{i}")
-                spec = _make_spec(task, rng)
+                rng = random.Random(f"atskv-synthetic/{split}:{seed}:{task}:{i}")
+                spec = _make_spec(task, rng, split)
                 head, tail = self._frame(tokenizer, spec)
                 needles = [self._enc(tokenizer, " " + s) for s in spec.needles]
                 fixed = len(head) + len(tail) + sum(map(len, needles))
@@ -232,7 +325,7 @@ class SyntheticBenchmark(Benchmark):
                     f"{MIN_FILLER_TOKENS} haystack tokens)"
                 )
             for i, (rng, spec, head, tail, needles, fixed) in enumerate(built):
-                filler = self._filler(tokenizer, rng, context_len - fixed)
+                filler = self._filler(tokenizer, rng, context_len - fixed, split)
                 depths = [round(rng.uniform(0.05, 0.95), 4) for _ in needles]
                 depths[spec.target] = grid[i]
                 if spec.ordered:
@@ -241,22 +334,25 @@ class SyntheticBenchmark(Benchmark):
                 assert len(ids) == context_len, (len(ids), context_len)
                 samples.append(
                     Sample(
-                        id=f"synthetic/{task}/{context_len}/{seed}/{i}",
+                        id=f"synthetic/{split}/{task}/{context_len}/{seed}/{i}",
                         task=task,
                         input_ids=ids,
                         references=list(spec.references),
-                        max_new_tokens=int(override or TASKS[task]),
+                        max_new_tokens=self.task_max_new_tokens(task),
                         meta={
                             "depth": grid[i],
                             "depths": depths,
                             "needles": list(spec.needles),
                             "needle_spans": spans,
+                            "answer_needles": list(spec.answer_needles),
                             "answer_prefix": spec.answer_prefix,
                             "question": spec.question,
-                            "haystack": getattr(self.cfg, "haystack", "generated"),
+                            "haystack": self.haystack(),
                             "context_len": context_len,
                             "seed": seed,
+                            "split": split,
                         },
+                        stop=[],
                     )
                 )
         return samples
@@ -291,9 +387,11 @@ class SyntheticBenchmark(Benchmark):
             self._enc(tokenizer, after + "\n" + spec.answer_prefix),
         )
 
-    def _filler(self, tokenizer: Any, rng: random.Random, budget: int) -> list[list[int]]:
-        """Haystack sentences (token ids, leading space) totalling exactly ``budget`` tokens;
-        the last one is cut at token level."""
+    def _filler(
+        self, tokenizer: Any, rng: random.Random, budget: int, split: str
+    ) -> list[list[int]]:
+        """Haystack sentences (token ids, leading space) totalling exactly ``budget`` tokens,
+        from ``split``'s essays or vocabulary; the last one is cut at token level."""
         out: list[list[int]] = []
         total = 0
         if self._essays:
@@ -309,7 +407,7 @@ class SyntheticBenchmark(Benchmark):
                 pos += 1
         else:
             while total < budget:
-                batch = [" " + _filler_sentence(rng) for _ in range(64)]
+                batch = [" " + _filler_sentence(rng, split) for _ in range(64)]
                 for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                     if total >= budget:
                         break

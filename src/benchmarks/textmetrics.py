@@ -3,7 +3,7 @@
 * token-exact prompt assembly: chat-template wrapping split into the ids before and after the
   user content, so truncation can be computed on the content alone and still hit the budget;
 * middle truncation (keep the head and the tail of a token sequence);
-* deterministic per-task subsets;
+* deterministic per-task subsets and the dev/test split of records by a hash of their id;
 * streaming JSON-lines readers whose errors name the file, the line and the field;
 * the QA F1 used by both suites (LongBench's ``qa_f1_score`` from lm-eval, which is the SQuAD F1
   that ZeroSCROLLS also uses).
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import random
@@ -142,6 +143,22 @@ def subset_indices(total: int, n: int | None, seed: int) -> list[int]:
     if n is None or n >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), max(0, n)))
+
+
+SPLITS: tuple[str, ...] = ("dev", "test")
+"""The splits every benchmark offers (``benchmark.split``): ``dev`` for tuning, ``test`` for
+reported numbers; disjoint by construction."""
+
+
+SPLIT_SALT = "atskv-split:"
+
+
+def hash_split(key: str, dev_one_in: int) -> str:
+    """``"dev"`` when the SHA-1 of ``"atskv-split:" + key`` (UTF-8), read as a big-endian
+    integer, is divisible by ``dev_one_in``, else ``"test"``: a stable split (about one key in
+    ``dev_one_in`` is dev) that depends on nothing but the key."""
+    digest = hashlib.sha1((SPLIT_SALT + key).encode("utf-8")).hexdigest()
+    return "dev" if int(digest, 16) % dev_one_in == 0 else "test"
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:

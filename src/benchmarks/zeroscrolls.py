@@ -1,19 +1,24 @@
 """ZeroSCROLLS (Shaham et al., arXiv 2305.14196): ten zero-shot long-text tasks, validation split.
 
 Each record's ``input`` already holds the instruction, the document and the query; the
-``document_*`` and ``query_*`` indices mark the spans. When the prompt does not fit
-``context_len`` minus the generation room (minus chat-template tokens), the document is cut at a
-token boundary (its head is kept), the record's ``truncation_seperator`` is inserted, and the
-query with everything after it is kept whole (ZeroSCROLLS' own truncation, token-exact).
-The prompt goes through the tokenizer's chat template when it has one (``chat_template: false``
-in the config turns that off).
+``document_*`` and ``query_*`` indices mark the spans. ``context_len`` is the maximum input
+length: when the prompt, chat template included, does not fit ``context_len`` tokens, the
+document is cut at a token boundary (its head is kept), the record's ``truncation_seperator``
+is inserted, and the query with everything after it is kept whole (ZeroSCROLLS' own truncation,
+token-exact: the prompt then has exactly ``context_len`` tokens). The generation comes on top,
+with upstream's per-task lengths (:data:`DEFAULT_MAX_NEW_TOKENS`) and no stop string (upstream
+generates to EOS or the length limit). The prompt goes through the tokenizer's chat template
+when it has one (``chat_template: false`` in the config turns that off).
 
 Metrics (upstream definitions, per prediction, 0-100):
 
-* gov_report, summ_screen_fd, qmsum, squality: geometric mean of ROUGE-1/2/L F1 (rouge-score,
-  Porter stemming; with several references, each ROUGE type takes its best reference).
-  Upstream takes the geometric mean of corpus-averaged ROUGE; the mean of per-sample geometric
-  means reported here is never above it. :func:`corpus_rouge` gives the upstream aggregate;
+* gov_report, summ_screen_fd, qmsum, squality: ROUGE-1/2/L F1 (rouge-score, Porter stemming;
+  with several references, each ROUGE type takes its best reference). A sample's ``score`` is
+  their geometric mean; the task's score is upstream's corpus aggregate, the geometric mean of
+  the corpus-mean ROUGE-1/2/L (``aggregation`` ``"geomean_of_part_means"`` over
+  :meth:`ZeroScrolls.score_parts`, which are in 0-100), never below the mean of per-sample
+  geometric means. (SCROLLS' metric script, tau/scrolls ``metrics/scrolls.py``, scores ROUGE
+  without stemming; ZeroSCROLLS' own script could not be checked here, so stemming is kept.)
 * qasper, narrative_qa, musique: SQuAD token F1, max over references;
 * quality: accuracy of the first standalone option letter A-D of the prediction;
 * space_digest: exponential similarity ``0.5 ** (|gold% - predicted%| / 10)`` of the first
@@ -22,7 +27,14 @@ Metrics (upstream definitions, per prediction, 0-100):
   gold permutation does (ids are the integers in the text; a pair with an id the prediction
   omits counts as discordant).
 
-Records sharing an ``id`` (several references for one question) form one sample.
+Records sharing an ``id`` (several references for one question) form one sample. The other
+tasks' score is the mean over samples.
+
+Splits (``benchmark.split``): a sample (a group of records sharing an ``id``) is ``dev`` when the
+SHA-1 of ``"atskv-split:" + id``, as an integer, is divisible by 4 (about a quarter), else
+``test``. ``n_samples`` and the seeded subset apply within the split. Queries about the same
+document have different ids, so a document can appear in both splits with different questions.
+
 Data: ``datasets.load_dataset("tau/zero_scrolls", task, split="validation")`` or, with
 ``data_dir``, ``<data_dir>/<task>/validation.jsonl`` files in the same schema.
 """
@@ -34,16 +46,16 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from atskv.benchmarks.base import BENCHMARKS, TaskFileBenchmark
+from atskv.benchmarks.base import BENCHMARKS, TaskFileBenchmark, aggregate_rows
 from atskv.benchmarks.textmetrics import (
     cfg_get,
     check_fields,
+    check_task_names,
     encode,
     hub_load,
     max_over_references,
     prompt_wrapper,
     qa_f1,
-    subset_indices,
 )
 from atskv.types import ConfigError, Sample
 
@@ -73,20 +85,34 @@ TASK_METRIC: dict[str, str] = {
     "book_sum_sort": "concordance_index",
 }
 
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
-    "gov_report": 256,
-    "summ_screen_fd": 256,
-    "qmsum": 256,
-    "squality": 256,
-    "qasper": 64,
-    "narrative_qa": 64,
-    "musique": 32,
-    "quality": 16,
-    "space_digest": 16,
-    "book_sum_sort": 128,
+METRIC_NAMES: dict[str, str] = {
+    "rouge": "ROUGE geometric mean",
+    "f1": "F1",
+    "accuracy": "accuracy",
+    "exp_similarity": "exponential similarity",
+    "concordance_index": "concordance index",
 }
-"""Generation lengths kept modest for CPU runs (upstream lets summaries run to ~512-1024
-tokens); ``benchmark.max_new_tokens`` overrides them for every task."""
+"""Report-table names of the metrics in :data:`TASK_METRIC`."""
+
+ROUGE_PARTS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
+
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
+    "gov_report": 1024,
+    "summ_screen_fd": 512,
+    "qmsum": 512,
+    "squality": 512,
+    "qasper": 128,
+    "narrative_qa": 64,
+    "quality": 10,
+    "musique": 32,
+    "space_digest": 36,
+    "book_sum_sort": 256,
+}
+"""Upstream's generation lengths: ``dataset_to_leave_tokens_for_generations`` in
+tau-nlp/zero_scrolls ``experiments/api/api.py`` (commit 27aa342), the room its API runners
+leave for the answer (their ``max_tokens``). Its Flan-T5 runner (``experiments/hf/
+run_hf_model.py``) uses ``max_length=1024`` for every task instead. ``benchmark.max_new_tokens``
+overrides them for every task."""
 
 HUB_PATH = "tau/zero_scrolls"
 SPLIT = "validation"
@@ -127,22 +153,30 @@ def _rouge_scorer() -> Any:
 def rouge_components(prediction: str, references: list[str]) -> dict[str, float]:
     """ROUGE-1/2/L F1 in [0, 1], each the best over the references."""
     scores = _rouge_scorer().score_multi(list(references), prediction)
-    return {k: float(v.fmeasure) for k, v in scores.items()}
+    return {k: float(scores[k].fmeasure) for k in ROUGE_PARTS}
+
+
+def rouge_parts(prediction: str, references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 in [0, 100] (keys ``rouge1``, ``rouge2``, ``rougeL``), each the best over
+    the references; the prediction is stripped first, as :func:`score_prediction` does."""
+    r = rouge_components(prediction.strip(), references)
+    return {k: 100.0 * v for k, v in r.items()}
 
 
 def rouge_geometric_mean(prediction: str, references: list[str]) -> float:
     """Geometric mean of ROUGE-1/2/L F1, in [0, 100]."""
     r = rouge_components(prediction, references)
-    return 100.0 * (r["rouge1"] * r["rouge2"] * r["rougeL"]) ** (1.0 / 3.0)
+    return 100.0 * math.prod(r.values()) ** (1.0 / 3.0)
 
 
 def corpus_rouge(predictions: list[str], samples: list[Sample]) -> float:
-    """Upstream's aggregate: geometric mean of the corpus-mean ROUGE-1/2/L, in [0, 100]."""
-    if not predictions:
-        return 0.0
-    rows = [rouge_components(p, s.references) for p, s in zip(predictions, samples, strict=True)]
-    means = [sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")]
-    return 100.0 * math.prod(means) ** (1.0 / 3.0)
+    """Upstream's aggregate: geometric mean of the corpus-mean ROUGE-1/2/L, in [0, 100]
+    (NaN for no predictions)."""
+    rows = [
+        {"score": 0.0, "score_parts": rouge_parts(p, s.references)}
+        for p, s in zip(predictions, samples, strict=True)
+    ]
+    return aggregate_rows("geomean_of_part_means", rows)
 
 
 def option_letter(text: str) -> str | None:
@@ -241,10 +275,13 @@ def group_by_id(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], lis
 
 
 def truncate_input(
-    tokenizer: Any, record: dict[str, Any], budget: int
+    tokenizer: Any, record: dict[str, Any], context_len: int, template_tokens: int = 0
 ) -> tuple[list[int], bool, int]:
-    """``(ids, truncated, full_length)`` for a record's ``input`` within ``budget`` tokens: the
-    whole input when it fits, else instruction + document head + separator + query and rest."""
+    """``(ids, truncated, full_length)`` for a record's ``input`` within ``context_len`` minus
+    ``template_tokens`` tokens: the whole input when it fits, else instruction + document head +
+    separator + query and rest, exactly filling the room. Raises :class:`ConfigError` when the
+    instruction, separator and query alone do not fit."""
+    budget = context_len - template_tokens
     text = record["input"]
     full = encode(tokenizer, text)
     if len(full) <= budget:
@@ -256,8 +293,9 @@ def truncate_input(
     keep = budget - len(head) - len(rest)
     if keep < 0:
         raise ConfigError(
-            f"ZeroSCROLLS record {record['id']}: the instruction and query alone take "
-            f"{len(head) + len(rest)} tokens, over the {budget} left by context_len"
+            f"context_len={context_len} is too small for ZeroSCROLLS record {record['id']}: "
+            f"the instruction and query alone take {len(head) + len(rest)} tokens "
+            f"(with the separator) and the chat template {template_tokens}"
         )
     return head + doc[:keep] + rest, True, len(full)
 
@@ -269,7 +307,8 @@ class ZeroScrolls(TaskFileBenchmark):
     Config fields: ``tasks`` (None: all ten from the hub, or every task whose
     ``<task>/validation.jsonl`` exists in ``data_dir``), ``data_dir``, ``n_samples`` (cap per
     task, used when ``load`` gets ``n=None``), ``max_new_tokens`` (overrides
-    :data:`DEFAULT_MAX_NEW_TOKENS`), ``chat_template`` (default true).
+    :data:`DEFAULT_MAX_NEW_TOKENS`), ``chat_template`` (default true), ``split`` (``dev`` or
+    ``test``; see the module docstring).
     """
 
     suite = "zeroscrolls"
@@ -278,10 +317,6 @@ class ZeroScrolls(TaskFileBenchmark):
     default_tasks = TASKS
     task_path = f"{{task}}/{SPLIT}.jsonl"
     hub_path = HUB_PATH
-
-    def max_new_tokens(self) -> int:
-        override = cfg_get(self.cfg, "max_new_tokens")
-        return max(int(override or DEFAULT_MAX_NEW_TOKENS[t]) for t in self.tasks())
 
     def _validate_task(self, task: str) -> list[dict[str, Any]]:
         records = super()._validate_task(task)
@@ -294,42 +329,72 @@ class ZeroScrolls(TaskFileBenchmark):
                     )
         return records
 
+    def default_max_new_tokens(self, task: str) -> int:
+        return DEFAULT_MAX_NEW_TOKENS[task]
+
+    def _metric(self, task: str) -> str:
+        """``task``'s key in :data:`METRIC_NAMES` (an unknown task raises ConfigError)."""
+        check_task_names(self.suite, [task], self.all_tasks)
+        return TASK_METRIC[task]
+
+    def task_metric(self, task: str) -> str:
+        return METRIC_NAMES[self._metric(task)]
+
+    # -- data ---------------------------------------------------------------------------------
+
     def _check_record(self, task: str, record: dict[str, Any], where: str) -> dict[str, Any]:
         return check_record(record, where)
 
     def _hub_rows(self, task: str) -> list[dict[str, Any]]:
         return hub_load([(HUB_PATH, task)], SPLIT, _DATA_HINT)
 
+    def _items(self, task: str) -> list[tuple[str, Any]]:
+        return [(record["id"], (record, refs)) for record, refs in group_by_id(self._records(task))]
+
     def load(self, tokenizer: Any, context_len: int, n: int | None, seed: int) -> list[Sample]:
-        cap = n if n is not None else cfg_get(self.cfg, "n_samples")
+        """The split's samples of every selected task, each prompt at most ``context_len``
+        tokens (exactly ``context_len`` when the document had to be cut)."""
         chat = bool(cfg_get(self.cfg, "chat_template", True))
         pre, post, used_chat = prompt_wrapper(tokenizer, chat)
-        override = cfg_get(self.cfg, "max_new_tokens")
         samples: list[Sample] = []
         for task in self.tasks():
-            groups = group_by_id(self._records(task))
-            max_new = int(override or DEFAULT_MAX_NEW_TOKENS[task])
-            budget = context_len - max_new - len(pre) - len(post)
-            for i in subset_indices(len(groups), cap, seed):
-                record, references = groups[i]
-                ids, truncated, full_len = truncate_input(tokenizer, record, budget)
+            for i, (record, references) in self.selected_items(task, n, seed):
+                ids, truncated, full_len = truncate_input(
+                    tokenizer, record, context_len, len(pre) + len(post)
+                )
                 samples.append(
                     Sample(
                         id=f"{task}/{record['id']}",
                         task=task,
                         input_ids=pre + ids + post,
                         references=references,
-                        max_new_tokens=max_new,
+                        max_new_tokens=self.task_max_new_tokens(task),
                         meta={
                             "metric": TASK_METRIC[task],
                             "chat_template": used_chat,
                             "truncated": truncated,
                             "prompt_tokens_full": full_len + len(pre) + len(post),
                             "index": i,
+                            "split": self.split(),
                         },
+                        stop=[],
                     )
                 )
         return samples
 
+    # -- scoring ------------------------------------------------------------------------------
+
     def score(self, prediction: str, sample: Sample) -> float:
         return score_prediction(sample.task, prediction, sample.references)
+
+    def score_parts(self, prediction: str, sample: Sample) -> dict[str, float]:
+        """ROUGE tasks: ``{"rouge1", "rouge2", "rougeL"}`` F1 in 0-100 (best reference per
+        type); the other tasks: ``{}``."""
+        if self._metric(sample.task) != "rouge":
+            return {}
+        return rouge_parts(prediction, sample.references)
+
+    def aggregation(self, task: str) -> str:
+        """``"geomean_of_part_means"`` for the ROUGE tasks (upstream's corpus ROUGE), else
+        ``"mean"``."""
+        return "geomean_of_part_means" if self._metric(task) == "rouge" else "mean"
