@@ -17,24 +17,47 @@ from atskv import report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write(root: Path, name: str, **over) -> dict:
+def _samples_for(task_scores: dict) -> list[dict]:
+    """Two samples per task whose mean is the task score (ids shared by every method)."""
+    rows = []
+    for task, s in task_scores.items():
+        d = min(10.0, s, 100.0 - s)
+        for i, v in enumerate((s - d, s + d)):
+            rows.append({"id": f"{task}/{i}", "task": task, "score": v, "score_parts": {},
+                         "prediction": "p", "reference": ["r"], "meta": {}})
+    return rows
+
+
+def _write(root: Path, name: str, samples="auto", **over) -> dict:
+    """A result.json (and, unless ``samples=None``, a samples.jsonl: by default two samples
+    per task matching ``task_scores``, which defaults to ``accuracy`` for qa and summ)."""
     rec = {
         "method": "full", "benchmark": "longbench", "model": "smollm2-135m", "context_len": 1024,
-        "budget": None, "seed": 0, "n_samples": 4, "status": "ok", "error": None,
-        "accuracy": 50.0, "task_scores": {"qa": 50.0, "summ": 50.0},
+        "budget": None, "kv_size": None, "budget_of": "prompt", "seed": 0, "status": "ok",
+        "error": None, "accuracy": 50.0,
         "kv_cache_bytes": 1000.0, "kv_cache_bytes_after_compression": 1000.0,
         # 8x the real footprint: using this as a denominator (or swapping the ratio) would
         # print the -700 % that a broken report once showed for every method.
         "kv_cache_bytes_uncompressed": 8000.0, "decode_kv_read_bytes": 1000.0,
         "peak_memory_bytes": 1_000_000.0, "peak_memory_kind": "process_peak_rss",
-        "ttft_s": 0.5, "decode_tokens_per_s": 20.0, "hardware": "cpu (test)",
+        "fresh_process": True, "ttft_s": 0.5, "decode_tokens_per_s": 20.0,
+        "hardware": "cpu (test)", "dtype": "float32", "split": "test",
+        "machine_load": {"loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [0.6, 0.5, 0.5],
+                         "usable_cpus": 2, "torch_threads": 2, "oversubscribed": False},
         "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T01:00:00+00:00",
         "config": {}, "provenance": {},
     }
     rec.update(over)
+    if "task_scores" not in over and rec["accuracy"] is not None:
+        rec["task_scores"] = {"qa": rec["accuracy"], "summ": rec["accuracy"]}
+    rec.setdefault("tasks", sorted(rec.get("task_scores") or {"qa": 0, "summ": 0}))
+    rows = _samples_for(rec.get("task_scores") or {}) if samples == "auto" else samples
+    rec.setdefault("n_samples", len(rows) if rows else 4)
     path = root / name / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
+    if rows is not None:
+        (path.parent / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rec
 
 
@@ -48,7 +71,8 @@ def make_fixture(root: Path, extra: Path) -> None:
                accuracy=60.0, ttft_s=0.5 * k, task_scores={"qa": 70.0, "summ": 50.0})
         _write(root, f"lb_snap_{ctx}", method="snapkv", budget=0.25, benchmark=lb,
                context_len=ctx, kv_cache_bytes=250.0 * k, peak_memory_bytes=800_000.0,
-               accuracy=40.0 if ctx == 1024 else 30.0, task_scores={"qa": 40.0, "summ": 20.0})
+               accuracy=40.0 if ctx == 1024 else 30.0,
+               task_scores={"qa": 50.0, "summ": 30.0} if ctx == 1024 else {"qa": 40.0, "summ": 20.0})
         if ctx == 1024:  # no full run for ruler at 2048
             _write(root, "ru_full_1024", benchmark=ru, kv_cache_bytes=1000.0, accuracy=90.0,
                    ttft_s=0.25, decode_tokens_per_s=40.0, task_scores={"niah": 90.0})
@@ -57,7 +81,7 @@ def make_fixture(root: Path, extra: Path) -> None:
                decode_tokens_per_s=45.0, task_scores={"niah": 80.0})
     _write(root, "lb_snap_1024_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
            kv_cache_bytes=250.0, peak_memory_bytes=800_000.0, accuracy=50.0,
-           task_scores={"qa": 50.0, "summ": 30.0})
+           task_scores={"qa": 60.0, "summ": 40.0})
     _write(root, "lb_snap_2048_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
            context_len=2048, kv_cache_bytes=500.0, peak_memory_bytes=800_000.0, accuracy=40.0,
            task_scores={"qa": 50.0, "summ": 30.0})
@@ -110,10 +134,11 @@ def test_memory_reduction_hand_computed(rep):
     assert (s["memory_reduction_pct"].dropna() >= 0).all(), "sign error: savings must be positive"
     lb = _section(rep.md, "longbench")
     pm = "( ± 0\\.0)?"  # two seeds with equal values: std 0
-    assert re.search(rf"\| full \| 0\.0{pm} \| 0\.0{pm} \|", lb)
-    assert re.search(rf"\| snapkv \| 75\.0{pm} \| 20\.0{pm} \|", lb)
+    kv = r"[0-9.]+( ± [0-9.]+)?"  # KV cache MiB
+    assert re.search(rf"\| full \| 4 \| {kv} \| 0\.0{pm} \| 0\.0{pm} \|", lb)
+    assert re.search(rf"\| snapkv \| 4 \| {kv} \| 75\.0{pm} \| 20\.0{pm} \|", lb)
     assert "-700" not in rep.md
-    assert "(s) | Avg throughput (tokens/s) | Avg accuracy |" in lb
+    assert "(s) | Avg throughput (tokens/s) | Avg accuracy [95% CI] | Δ vs full [95% CI] |" in lb
 
 
 def test_means_over_contexts_and_seeds(rep):
@@ -129,8 +154,8 @@ def test_means_over_contexts_and_seeds(rep):
     s = rep.summary
     assert _val(s, "accuracy", section="longbench", method="snapkv") == 40.0
     assert _val(s, "accuracy_std", section="longbench", method="snapkv") == pytest.approx(math.sqrt(50.0))
-    assert "| 40.00 ± 7.07 |" in _section(rep.md, "longbench")
-    assert "45.00 ± 7.07" in _section(rep.md, "longbench")
+    assert "| 40.0 ± 7.1 [" in _section(rep.md, "longbench")
+    assert "| 45.0 ± 7.1 [" in _section(rep.md, "longbench")
     # full's seed 1 only ran at 1024: no std from seeds that cover different contexts
     assert math.isnan(_val(s, "ttft_s_std", section="longbench", method="full"))
     assert _val(pc, "memory_reduction_pct", section="longbench", method="snapkv", context_len=2048) == 75.0
@@ -152,11 +177,11 @@ def test_benchmarks_give_different_numbers(rep):
 
 
 def test_per_task_table(rep):
-    lb = _section(rep.md, "longbench").split("### Per task accuracy")[1]
-    assert "| Method | qa | summ |" in lb
-    assert re.search(r"\| full \| 70\.00( ± 0\.00)? \| 50\.00( ± 0\.00)? \|", lb)
-    assert "| snapkv | 45.00 ± 7.07 | 25.00 ± 7.07 |" in lb  # seed averages 40/50 and 20/30
-    assert "| niah |" in _section(rep.md, "ruler")
+    lb = _section(rep.md, "longbench").split("### Per task")[1]
+    assert "| Method | qa (n=2) | summ (n=2) |" in lb  # no task_metrics recorded: no name
+    assert re.search(r"\| full \| 70\.0( ± 0\.0)? \| 50\.0( ± 0\.0)? \|", lb)
+    assert "| snapkv | 50.0 ± 7.1 | 30.0 ± 7.1 |" in lb  # seed averages 45/55 and 25/35
+    assert "| niah (n=2) |" in _section(rep.md, "ruler")
 
 
 def test_missing_full_is_na_with_note(rep):
@@ -164,7 +189,8 @@ def test_missing_full_is_na_with_note(rep):
                            method="snapkv", context_len=2048))
     ru = _section(rep.md, "ruler")
     row = next(line for line in ru.splitlines() if line.startswith("| snapkv | 2048 |"))
-    assert row.split(" | ")[4] == "n/a"
+    assert row.split(" | ")[5] == "n/a"  # memory reduction
+    assert row.split(" | ")[-1] == "n/a |"  # Δ vs full
     notes = _section(rep.md, "Notes")
     assert re.search(r"n/a for ruler .* context length 2048 .*no `full` run", notes)
     assert "90.0 †" in ru and "† averaged only over" in ru  # summary uses 1024 only, says so
@@ -227,18 +253,21 @@ def test_sign_and_denominator_unit():
 
 def test_cli_prints_out_dir(tmp_path, capsys):
     root = tmp_path / "res"
-    _write(root, "a", budget=0.25)  # sweeps run full once per budget: both are "full"
-    _write(root, "a2", budget=0.5, ttft_s=0.7)
+    # a sweep that ran full once per budget: the full cache ignores the budget, so these are
+    # one setting run twice (a duplicate; the newest is kept)
+    _write(root, "a", budget=0.25)
+    _write(root, "a2", budget=1.0, ttft_s=0.7, finished_at="2025-01-01T02:00:00+00:00")
     _write(root, "b", method="snapkv", budget=0.5, kv_cache_bytes=500.0)
     _write(root, "c", method="h2o", budget=0.5, kv_cache_bytes=500.0, benchmark="ruler")
     out = tmp_path / "rep"
     assert report.main(["--results", str(root), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith(str(out))
     md = (out / "report.md").read_text()
-    assert re.search(r"No successful run of full, snapkv for this benchmark", md)  # method missing in ruler
+    assert re.search(r"No successful run of full, snapkv in this section", md)  # method missing in ruler
     assert "n/a for ruler" in md  # no full run for ruler at all
-    assert "| full | 0.0 | 0.0 | 0.600 |" in md  # one full row, the two budgets averaged
-    assert "| full | 1024 | 1 |" in md and "| snapkv | 50.0 |" in md
+    assert re.search(r"Duplicate run \(method=full, .*kept the newest `[^`]*/a2/result.json`", md)
+    assert re.search(r"\| full \| 4 \| [0-9.]+ \| 0\.0 \| 0\.0 \| 0\.700 \|", md)
+    assert "| full | 1024 | 1 | 4 |" in md and re.search(r"\| snapkv \| 4 \| [0-9.]+ \| 50\.0 \|", md)
     assert (out / "summary.csv").stat().st_size > 0
 
 
@@ -302,7 +331,7 @@ def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
            accuracy=None, finished_at="2025-01-03T01:00:00+00:00")
     _write(root, "older_ok", method="snapkv", budget=0.25, accuracy=10.0,
            finished_at="2024-12-01T01:00:00+00:00")
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 1
     kept = runs.iloc[0]
     assert kept["status"] == "ok" and kept["accuracy"] == 42.0  # ok beats failed, then newest
@@ -312,7 +341,7 @@ def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
     # two failed runs: the newest failed one is kept (and listed as failed)
     _write(tmp_path / "f", "a", status="failed", error="first", finished_at="2025-01-01T00:00:00")
     _write(tmp_path / "f", "b", status="failed", error="second", finished_at="2025-01-02T00:00:00")
-    runs, _ = report.load_results([tmp_path / "f"])
+    runs, _, _ = report.load_results([tmp_path / "f"])
     assert list(runs["error"]) == ["second"]
 
 
@@ -347,7 +376,7 @@ def test_ablations_are_not_collapsed(tmp_path):
            config=_method_cfg("atskv", chunk=32), finished_at="2025-01-05T00:00:00+00:00")
     _write(root, "atskv_c32_nosparse", method="atskv", budget=0.25, kv_cache_bytes=500.0,
            accuracy=20.0, config=_method_cfg("atskv", chunk=32, sparse_decode=False))
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 4 and not [n for n in notes if n.startswith("Duplicate")]
     rep = report.generate_report([root], tmp_path / "o")
     s = rep.summary.set_index("method")
@@ -360,6 +389,6 @@ def test_ablations_are_not_collapsed(tmp_path):
     _write(root, "atskv_c32_again", method="atskv", budget=0.25, kv_cache_bytes=500.0,
            accuracy=35.0, config=_method_cfg("atskv", chunk=32),
            finished_at="2025-01-06T00:00:00+00:00")
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 4
     assert any("hparams=chunk=32" in n and "atskv_c32_again" in n for n in notes)
