@@ -53,6 +53,7 @@ class Intervals:
         self.n_resamples, self.seed = n_resamples, seed
         self.notes: list[str] = []
         self._rows: dict[str, list[dict] | None] = {}
+        self._pairs: set[tuple[str, str]] = set()
 
     def samples(self, run) -> list[dict] | None:
         path = str(run.path)
@@ -74,7 +75,17 @@ class Intervals:
         return self._rows[path]
 
     def _full(self, run) -> list[dict] | None:
-        return self.samples(_Path(run.full_path, run.full_aggregation, run.full_accuracy))
+        ref = self.samples(_Path(run.full_path, run.full_aggregation, run.full_accuracy))
+        rows = self.samples(run)
+        if ref is not None and rows is not None and (run.path, run.full_path) not in self._pairs:
+            self._pairs.add((run.path, run.full_path))
+            a, b = {str(r.get("id")) for r in rows}, {str(r.get("id")) for r in ref}
+            if a != b:
+                self.notes.append(
+                    f"`{run.path}` and its `full` run `{run.full_path}` share {len(a & b)} "
+                    f"sample ids; {len(a ^ b)} sample(s) found in only one of them are left out "
+                    "of Δ vs full.")
+        return ref
 
     def interval(self, groups: list[list], paired: bool) -> stats.Interval | None:
         """``groups``: per context length, its runs (one per seed); the statistic is the mean
