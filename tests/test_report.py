@@ -571,10 +571,12 @@ def test_kept_tokens_prefill_kv_needle_recall_metrics_and_buckets(tmp_path):
                accuracy=100.0, kv_cache_bytes=1.0 * mib, kv_cache_bytes_prefill=4.0 * mib,
                needle_recall=recall, prompt_tokens_kept={"mean": kept, "min": lo, "max": hi})
     lbe = {"qasper_e": {"0-4k": 40.0, "4-8k": 30.0, "8k+": 20.0},
-           "hotpotqa_e": {"0-4k": 60.0, "4-8k": 50.0}}
+           "hotpotqa_e": {"0-4k": 60.0, "4-8k": 40.0}}
+    rows = [{"id": f"{t}/{b}", "task": t, "score": s, "meta": {"length_bucket": b}}
+            for t, d in lbe.items() for b, s in d.items()]
     _write(root, "lbe", benchmark="longbench", accuracy=40.0,
            task_scores={"qasper_e": 30.0, "hotpotqa_e": 50.0}, task_scores_by_bucket=lbe,
-           task_metrics={"qasper_e": "F1", "hotpotqa_e": "F1"})
+           task_metrics={"qasper_e": "F1", "hotpotqa_e": "F1"}, samples=rows)
     report.generate_report([root], tmp_path / "o")
     md = (tmp_path / "o" / "report.md").read_text()
     summ, ctx = "### Summary", "### Per context length"
@@ -589,12 +591,13 @@ def test_kept_tokens_prefill_kv_needle_recall_metrics_and_buckets(tmp_path):
     assert "| Method | single_needle (exact match, n=2) |" in md
     lb = _section(md, "longbench")
     assert "Needle recall" not in lb and "Prompt tokens kept" not in lb  # nothing recorded
-    assert "| Method | hotpotqa_e (F1, n=2) | qasper_e (F1, n=2) |" in lb
+    assert "| Method | hotpotqa_e (F1, n=2) | qasper_e (F1, n=3) |" in lb
     bucket = lb.split("### Per length bucket (LongBench-E)")[1]
-    assert "| Method | Task | 0-4k | 4-8k | 8k+ |" in bucket
-    assert "| full | mean over tasks | 50.0 | 40.0 | 20.0 |" in bucket
+    assert "| Method | Task | 0-4k (n=2) | 4-8k (n=2) | 8k+ (n=1) |" in bucket
+    assert "| full | mean over tasks | 50.0 | 35.0 | 20.0 |" in bucket
+    assert "| full | hotpotqa_e | 60.0 | 40.0 | n/a |" in bucket
     assert "| full | qasper_e | 40.0 | 30.0 | 20.0 |" in bucket
-    assert "| full | hotpotqa_e | 60.0 | 50.0 | n/a |" in bucket
+    assert not [n for n in _section(md, "Notes").splitlines() if "lbe/" in n]
 
 
 def test_method_order_follows_the_registry():

@@ -283,8 +283,8 @@ def prepare(ok: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             "n_requested": "all", "hparams": ""}
     for c, v in fill.items():
         ok[c] = ok[c].fillna(v)
-    ok["fresh_process"] = ok["fresh_process"].map(lambda v: v is True)
-    ok["oversubscribed"] = ok["oversubscribed"].map(lambda v: v is True)
+    for c in ("fresh_process", "oversubscribed"):  # only a recorded true counts
+        ok[c] = ok[c].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v)).astype(bool)
     where = ok["path"].where(ok["path"].notna(), ok["method"])
     notes = [f"Left out `{p}`: no context_len." for p in where[ok["context_len"].isna()]]
     ok = ok[ok["context_len"].notna()].assign(seed=ok["seed"].fillna(0))

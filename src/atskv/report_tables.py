@@ -317,7 +317,7 @@ def _scores(sec: pd.DataFrame, field: str, keys: list[tuple]) -> pd.DataFrame:
             for part in k:
                 d = d.get(part) if isinstance(d, dict) else None
             return d
-        out["::".join(k)] = pd.to_numeric(out[field].map(get), errors="coerce")
+        out["task::" + "::".join(k)] = pd.to_numeric(out[field].map(get), errors="coerce")
     return out
 
 
@@ -336,12 +336,10 @@ def _task_tables(sec: pd.DataFrame, labels: list[str], ctx_txt: str, ivs: Interv
             if rows is not None:
                 counts.setdefault(t, set()).add(sum(1 for r in rows if r.get("task") == t))
     tsec = _scores(sec, "task_scores", [(t,) for t in tasks])
-    tst = {t: _stats(tsec, t, False) for t in tasks}
+    tst = {t: _stats(tsec, f"task::{t}", False) for t in tasks}
 
     def head(t):
-        n = sorted(counts.get(t, ()))
-        n_txt = "" if not n else f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
-        inner = ", ".join(x for x in (metric.get(t, ""), n_txt) if x)
+        inner = ", ".join(x for x in (metric.get(t, ""), _n_range(counts.get(t, ()))) if x)
         return f"{t} ({inner})" if inner else t
 
     rows = [[lab] + [fmt(_get(tst[t], lab, "mean"), _get(tst[t], lab, "std"), 1) for t in tasks]
@@ -350,26 +348,43 @@ def _task_tables(sec: pd.DataFrame, labels: list[str], ctx_txt: str, ivs: Interv
               ("p", f"Each task's score in its own metric (named in the header; n = samples "
                     f"per run), averaged over context lengths {ctx_txt}; `± std` over seeds."),
               ("table", ["Method"] + [head(t) for t in tasks], rows)]
+    return blocks + _bucket_table(sec, labels, ctx_txt, ivs)
+
+
+def _n_range(values) -> str:
+    n = sorted(set(values))
+    return "" if not n else f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
+
+
+def _bucket_table(sec: pd.DataFrame, labels: list[str], ctx_txt: str, ivs: Intervals) -> list:
+    """LongBench-E: task scores per length bucket (``task_scores_by_bucket``)."""
     buckets = sorted({(t, b) for d in sec["task_scores_by_bucket"] if isinstance(d, dict)
                       for t, v in d.items() if isinstance(v, dict) for b in v})
-    if buckets:
-        names = BUCKETS + sorted({b for _, b in buckets} - set(BUCKETS))
-        names = [b for b in names if any(b == x for _, x in buckets)]
-        btasks = sorted({t for t, _ in buckets})
-        bsec = _scores(sec, "task_scores_by_bucket", buckets)
-        for b in names:  # mean over the tasks of each run that have this bucket
-            cols = [f"{t}::{b}" for t in btasks if f"{t}::{b}" in bsec]
-            bsec[f"*::{b}"] = bsec[cols].mean(axis=1, skipna=True)
-        rows = []
-        for lab in labels:
-            for t in ["*"] + btasks:
-                cells = [fmt(_get(st := _stats(bsec, f"{t}::{b}", False), lab, "mean"),
-                             _get(st, lab, "std"), 1) if f"{t}::{b}" in bsec else "n/a"
-                         for b in names]
-                rows.append([lab, "mean over tasks" if t == "*" else t] + cells)
-        blocks += [("h", 3, "Per length bucket (LongBench-E)"),
-                   ("p", "Task scores by the sample's length bucket, averaged over context "
-                         f"lengths {ctx_txt}; the first row of each method is the mean over its "
-                         "tasks."),
-                   ("table", ["Method", "Task"] + names, rows)]
-    return blocks
+    if not buckets:
+        return []
+    seen = {b for _, b in buckets}
+    names = [b for b in BUCKETS if b in seen] + sorted(seen - set(BUCKETS))
+    btasks = sorted({t for t, _ in buckets})
+    bsec = _scores(sec, "task_scores_by_bucket", buckets)
+    for b in names:  # mean over the tasks of each run that have this bucket
+        bsec[f"task::*::{b}"] = bsec[[f"task::{t}::{b}" for t in btasks
+                                      if (t, b) in set(buckets)]].mean(axis=1, skipna=True)
+    st = {(t, b): _stats(bsec, f"task::{t}::{b}", False)
+          for t in ["*"] + btasks for b in names if f"task::{t}::{b}" in bsec}
+    counts: dict[str, list[int]] = {b: [] for b in names}
+    for run in sec.itertuples(index=False):
+        rows = ivs.samples(run) or []
+        got = [(r.get("meta") or {}).get("length_bucket") for r in rows]
+        for b in names:
+            if b in got:
+                counts[b].append(got.count(b))
+    rows = [[lab, "mean over tasks" if t == "*" else t]
+            + [fmt(_get(st[(t, b)], lab, "mean"), _get(st[(t, b)], lab, "std"), 1)
+               if (t, b) in st else "n/a" for b in names]
+            for lab in labels for t in ["*"] + btasks]
+    heads = [f"{b} ({_n_range(counts[b])})" if counts[b] else b for b in names]
+    return [("h", 3, "Per length bucket (LongBench-E)"),
+            ("p", "Task scores by the sample's length bucket (n = samples per run in the "
+                  f"bucket), averaged over context lengths {ctx_txt}; the first row of each "
+                  "method is the mean over its tasks."),
+            ("table", ["Method", "Task"] + heads, rows)]
