@@ -106,7 +106,8 @@ class Intervals:
         try:
             return stats.weighted_bootstrap(terms, n_resamples=self.n_resamples, seed=self.seed)
         except ValueError as e:
-            self.notes.append(f"Accuracy interval n/a for {', '.join(f'`{r.path}`' for g in groups for r in g)}: {e}.")
+            paths = ", ".join(f"`{r.path}`" for g in groups for r in g)
+            self.notes.append(f"Accuracy interval n/a for {paths}: {e}.")
             return None
 
 
@@ -150,7 +151,7 @@ def _num(x, dec: int) -> str:
 
 
 def fmt_ci(ci: stats.Interval | None, dec: int) -> str:
-    return "" if ci is None else f" [{_num(ci.low, dec)}, {_num(ci.high, dec)}]"
+    return " [n/a]" if ci is None else f" [{_num(ci.low, dec)}, {_num(ci.high, dec)}]"
 
 
 def fmt_delta(ci: stats.Interval | None, dec: int, is_full: bool) -> str:
@@ -221,7 +222,7 @@ def _cells(runs, cols, stats_of, idx, ivs: Intervals, groups, marks: set):
         cell = fmt(m, s, dec)
         if col == "accuracy":
             ci = ivs.interval(groups, paired=False)
-            cell += fmt_ci(ci, dec)
+            cell += fmt_ci(ci, dec) if cell != "n/a" else ""
             num.update(accuracy_low=ci.low if ci else np.nan, accuracy_high=ci.high if ci else np.nan,
                        accuracy_n=ci.n if ci else np.nan)
         if col in TIMING and runs["oversubscribed"].any() and cell != "n/a":
