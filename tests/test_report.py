@@ -17,24 +17,47 @@ from atskv import report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write(root: Path, name: str, **over) -> dict:
+def _samples_for(task_scores: dict) -> list[dict]:
+    """Two samples per task whose mean is the task score (ids shared by every method)."""
+    rows = []
+    for task, s in task_scores.items():
+        d = min(10.0, s, 100.0 - s)
+        for i, v in enumerate((s - d, s + d)):
+            rows.append({"id": f"{task}/{i}", "task": task, "score": v, "score_parts": {},
+                         "prediction": "p", "reference": ["r"], "meta": {}})
+    return rows
+
+
+def _write(root: Path, name: str, samples="auto", **over) -> dict:
+    """A result.json (and, unless ``samples=None``, a samples.jsonl: by default two samples
+    per task matching ``task_scores``, which defaults to ``accuracy`` for qa and summ)."""
     rec = {
         "method": "full", "benchmark": "longbench", "model": "smollm2-135m", "context_len": 1024,
-        "budget": None, "seed": 0, "n_samples": 4, "status": "ok", "error": None,
-        "accuracy": 50.0, "task_scores": {"qa": 50.0, "summ": 50.0},
+        "budget": None, "kv_size": None, "budget_of": "prompt", "seed": 0, "status": "ok",
+        "error": None, "accuracy": 50.0,
         "kv_cache_bytes": 1000.0, "kv_cache_bytes_after_compression": 1000.0,
         # 8x the real footprint: using this as a denominator (or swapping the ratio) would
         # print the -700 % that a broken report once showed for every method.
         "kv_cache_bytes_uncompressed": 8000.0, "decode_kv_read_bytes": 1000.0,
         "peak_memory_bytes": 1_000_000.0, "peak_memory_kind": "process_peak_rss",
-        "ttft_s": 0.5, "decode_tokens_per_s": 20.0, "hardware": "cpu (test)",
+        "fresh_process": True, "ttft_s": 0.5, "decode_tokens_per_s": 20.0,
+        "hardware": "cpu (test)", "dtype": "float32", "split": "test",
+        "machine_load": {"loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [0.6, 0.5, 0.5],
+                         "usable_cpus": 2, "torch_threads": 2, "oversubscribed": False},
         "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T01:00:00+00:00",
         "config": {}, "provenance": {},
     }
     rec.update(over)
+    if "task_scores" not in over and rec["accuracy"] is not None:
+        rec["task_scores"] = {"qa": rec["accuracy"], "summ": rec["accuracy"]}
+    rec.setdefault("tasks", sorted(rec.get("task_scores") or {"qa": 0, "summ": 0}))
+    rows = _samples_for(rec.get("task_scores") or {}) if samples == "auto" else samples
+    rec.setdefault("n_samples", len(rows) if rows else 4)
     path = root / name / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
+    if rows is not None:
+        (path.parent / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rec
 
 
@@ -48,7 +71,8 @@ def make_fixture(root: Path, extra: Path) -> None:
                accuracy=60.0, ttft_s=0.5 * k, task_scores={"qa": 70.0, "summ": 50.0})
         _write(root, f"lb_snap_{ctx}", method="snapkv", budget=0.25, benchmark=lb,
                context_len=ctx, kv_cache_bytes=250.0 * k, peak_memory_bytes=800_000.0,
-               accuracy=40.0 if ctx == 1024 else 30.0, task_scores={"qa": 40.0, "summ": 20.0})
+               accuracy=40.0 if ctx == 1024 else 30.0,
+               task_scores={"qa": 50.0, "summ": 30.0} if ctx == 1024 else {"qa": 40.0, "summ": 20.0})
         if ctx == 1024:  # no full run for ruler at 2048
             _write(root, "ru_full_1024", benchmark=ru, kv_cache_bytes=1000.0, accuracy=90.0,
                    ttft_s=0.25, decode_tokens_per_s=40.0, task_scores={"niah": 90.0})
@@ -57,7 +81,7 @@ def make_fixture(root: Path, extra: Path) -> None:
                decode_tokens_per_s=45.0, task_scores={"niah": 80.0})
     _write(root, "lb_snap_1024_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
            kv_cache_bytes=250.0, peak_memory_bytes=800_000.0, accuracy=50.0,
-           task_scores={"qa": 50.0, "summ": 30.0})
+           task_scores={"qa": 60.0, "summ": 40.0})
     _write(root, "lb_snap_2048_s1", method="snapkv", budget=0.25, benchmark=lb, seed=1,
            context_len=2048, kv_cache_bytes=500.0, peak_memory_bytes=800_000.0, accuracy=40.0,
            task_scores={"qa": 50.0, "summ": 30.0})
@@ -110,10 +134,11 @@ def test_memory_reduction_hand_computed(rep):
     assert (s["memory_reduction_pct"].dropna() >= 0).all(), "sign error: savings must be positive"
     lb = _section(rep.md, "longbench")
     pm = "( ± 0\\.0)?"  # two seeds with equal values: std 0
-    assert re.search(rf"\| full \| 0\.0{pm} \| 0\.0{pm} \|", lb)
-    assert re.search(rf"\| snapkv \| 75\.0{pm} \| 20\.0{pm} \|", lb)
+    kv = r"[0-9.]+( ± [0-9.]+)?"  # KV cache MiB
+    assert re.search(rf"\| full \| 4 \| {kv} \| 0\.0{pm} \| 0\.0{pm} \|", lb)
+    assert re.search(rf"\| snapkv \| 4 \| {kv} \| 75\.0{pm} \| 20\.0{pm} \|", lb)
     assert "-700" not in rep.md
-    assert "(s) | Avg throughput (tokens/s) | Avg accuracy |" in lb
+    assert "(s) | Avg throughput (tokens/s) | Avg accuracy [95% CI] | Δ vs full [95% CI] |" in lb
 
 
 def test_means_over_contexts_and_seeds(rep):
@@ -129,8 +154,8 @@ def test_means_over_contexts_and_seeds(rep):
     s = rep.summary
     assert _val(s, "accuracy", section="longbench", method="snapkv") == 40.0
     assert _val(s, "accuracy_std", section="longbench", method="snapkv") == pytest.approx(math.sqrt(50.0))
-    assert "| 40.00 ± 7.07 |" in _section(rep.md, "longbench")
-    assert "45.00 ± 7.07" in _section(rep.md, "longbench")
+    assert "| 40.0 ± 7.1 [" in _section(rep.md, "longbench")
+    assert "| 45.0 ± 7.1 [" in _section(rep.md, "longbench")
     # full's seed 1 only ran at 1024: no std from seeds that cover different contexts
     assert math.isnan(_val(s, "ttft_s_std", section="longbench", method="full"))
     assert _val(pc, "memory_reduction_pct", section="longbench", method="snapkv", context_len=2048) == 75.0
@@ -152,11 +177,11 @@ def test_benchmarks_give_different_numbers(rep):
 
 
 def test_per_task_table(rep):
-    lb = _section(rep.md, "longbench").split("### Per task accuracy")[1]
-    assert "| Method | qa | summ |" in lb
-    assert re.search(r"\| full \| 70\.00( ± 0\.00)? \| 50\.00( ± 0\.00)? \|", lb)
-    assert "| snapkv | 45.00 ± 7.07 | 25.00 ± 7.07 |" in lb  # seed averages 40/50 and 20/30
-    assert "| niah |" in _section(rep.md, "ruler")
+    lb = _section(rep.md, "longbench").split("### Per task")[1]
+    assert "| Method | qa (n=2) | summ (n=2) |" in lb  # no task_metrics recorded: no name
+    assert re.search(r"\| full \| 70\.0( ± 0\.0)? \| 50\.0( ± 0\.0)? \|", lb)
+    assert "| snapkv | 50.0 ± 7.1 | 30.0 ± 7.1 |" in lb  # seed averages 45/55 and 25/35
+    assert "| niah (n=2) |" in _section(rep.md, "ruler")
 
 
 def test_missing_full_is_na_with_note(rep):
@@ -164,7 +189,8 @@ def test_missing_full_is_na_with_note(rep):
                            method="snapkv", context_len=2048))
     ru = _section(rep.md, "ruler")
     row = next(line for line in ru.splitlines() if line.startswith("| snapkv | 2048 |"))
-    assert row.split(" | ")[4] == "n/a"
+    assert row.split(" | ")[5] == "n/a"  # memory reduction
+    assert row.split(" | ")[-1] == "n/a |"  # Δ vs full
     notes = _section(rep.md, "Notes")
     assert re.search(r"n/a for ruler .* context length 2048 .*no `full` run", notes)
     assert "90.0 †" in ru and "† averaged only over" in ru  # summary uses 1024 only, says so
@@ -227,18 +253,21 @@ def test_sign_and_denominator_unit():
 
 def test_cli_prints_out_dir(tmp_path, capsys):
     root = tmp_path / "res"
-    _write(root, "a", budget=0.25)  # sweeps run full once per budget: both are "full"
-    _write(root, "a2", budget=0.5, ttft_s=0.7)
+    # a sweep that ran full once per budget: the full cache ignores the budget, so these are
+    # one setting run twice (a duplicate; the newest is kept)
+    _write(root, "a", budget=0.25)
+    _write(root, "a2", budget=1.0, ttft_s=0.7, finished_at="2025-01-01T02:00:00+00:00")
     _write(root, "b", method="snapkv", budget=0.5, kv_cache_bytes=500.0)
     _write(root, "c", method="h2o", budget=0.5, kv_cache_bytes=500.0, benchmark="ruler")
     out = tmp_path / "rep"
-    assert report.main(["--results", str(root), "--out", str(out)]) == 0
+    assert report.main(["--results", str(root), "--out", str(out), "--resamples", "50"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(out))
     md = (out / "report.md").read_text()
-    assert re.search(r"No successful run of full, snapkv for this benchmark", md)  # method missing in ruler
+    assert re.search(r"No successful run of full, snapkv in this section", md)  # method missing in ruler
     assert "n/a for ruler" in md  # no full run for ruler at all
-    assert "| full | 0.0 | 0.0 | 0.600 |" in md  # one full row, the two budgets averaged
-    assert "| full | 1024 | 1 |" in md and "| snapkv | 50.0 |" in md
+    assert re.search(r"Duplicate run \(method=full, .*kept the newest `[^`]*/a2/result.json`", md)
+    assert re.search(r"\| full \| 4 \| [0-9.]+ \| 0\.0 \| 0\.0 \| 0\.700 \|", md)
+    assert "| full | 1024 | 1 | 4 |" in md and re.search(r"\| snapkv \| 4 \| [0-9.]+ \| 50\.0 \|", md)
     assert (out / "summary.csv").stat().st_size > 0
 
 
@@ -302,7 +331,7 @@ def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
            accuracy=None, finished_at="2025-01-03T01:00:00+00:00")
     _write(root, "older_ok", method="snapkv", budget=0.25, accuracy=10.0,
            finished_at="2024-12-01T01:00:00+00:00")
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 1
     kept = runs.iloc[0]
     assert kept["status"] == "ok" and kept["accuracy"] == 42.0  # ok beats failed, then newest
@@ -312,7 +341,7 @@ def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
     # two failed runs: the newest failed one is kept (and listed as failed)
     _write(tmp_path / "f", "a", status="failed", error="first", finished_at="2025-01-01T00:00:00")
     _write(tmp_path / "f", "b", status="failed", error="second", finished_at="2025-01-02T00:00:00")
-    runs, _ = report.load_results([tmp_path / "f"])
+    runs, _, _ = report.load_results([tmp_path / "f"])
     assert list(runs["error"]) == ["second"]
 
 
@@ -347,7 +376,7 @@ def test_ablations_are_not_collapsed(tmp_path):
            config=_method_cfg("atskv", chunk=32), finished_at="2025-01-05T00:00:00+00:00")
     _write(root, "atskv_c32_nosparse", method="atskv", budget=0.25, kv_cache_bytes=500.0,
            accuracy=20.0, config=_method_cfg("atskv", chunk=32, sparse_decode=False))
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 4 and not [n for n in notes if n.startswith("Duplicate")]
     rep = report.generate_report([root], tmp_path / "o")
     s = rep.summary.set_index("method")
@@ -360,6 +389,303 @@ def test_ablations_are_not_collapsed(tmp_path):
     _write(root, "atskv_c32_again", method="atskv", budget=0.25, kv_cache_bytes=500.0,
            accuracy=35.0, config=_method_cfg("atskv", chunk=32),
            finished_at="2025-01-06T00:00:00+00:00")
-    runs, notes = report.load_results([root])
+    runs, notes, _ = report.load_results([root])
     assert len(runs) == 4
     assert any("hparams=chunk=32" in n and "atskv_c32_again" in n for n in notes)
+
+
+# ----------------------------------------------------------------------------- new record fields
+def _row(md: str, section: str, start: str) -> list[str]:
+    """The cells of the first table row in ``section`` that starts with ``start``."""
+    line = next(x for x in _section(md, section).splitlines() if x.startswith(start))
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def _col(md: str, section: str, table: str, header: str, start: str) -> str:
+    """One cell by column header (``table``: text before the table in the section)."""
+    part = _section(md, section).split(table, 1)[1]
+    lines = [x for x in part.splitlines() if x.startswith("|")]
+    heads = [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
+    row = next(x for x in lines[2:] if x.startswith(start))
+    return [c.strip() for c in row.strip().strip("|").split(" | ")][heads.index(header)]
+
+
+def test_cpu_and_gpu_runs_are_compared_with_their_own_full(tmp_path):
+    root = tmp_path / "r"
+    syn = {"benchmark": "synthetic", "task_scores": {"single_needle": 100.0}}
+    cpu = {**syn, "hardware": "cpu", "dtype": "float32", "peak_memory_kind": "process_peak_rss"}
+    gpu = {**syn, "hardware": "cuda", "dtype": "bfloat16", "peak_memory_kind": "cuda_max_allocated"}
+    snap = {"method": "snapkv", "budget": 0.2}
+    _write(root, "cpu/full", **cpu, accuracy=100.0, kv_cache_bytes=1000.0,
+           peak_memory_bytes=1_000_000.0)
+    _write(root, "cpu/snapkv", **snap, **{**cpu, "task_scores": {"single_needle": 60.0}},
+           accuracy=60.0, kv_cache_bytes=250.0, peak_memory_bytes=900_000.0)
+    _write(root, "gpu/full", **{**gpu, "task_scores": {"single_needle": 80.0}}, accuracy=80.0,
+           kv_cache_bytes=500.0, peak_memory_bytes=400_000.0)
+    _write(root, "gpu/snapkv", **snap, **{**gpu, "task_scores": {"single_needle": 60.0}},
+           accuracy=60.0, kv_cache_bytes=200.0, peak_memory_bytes=300_000.0)
+    runs, notes, old = report.load_results([root])
+    assert len(runs) == 4 and not notes and not old
+    rep = report.generate_report([root], tmp_path / "o")
+    s = rep.summary.set_index(["section", "method"])
+    c, g = "synthetic (cpu, float32)", "synthetic (cuda, bfloat16)"
+    assert set(s.index) == {(c, "full"), (c, "snapkv"), (g, "full"), (g, "snapkv")}
+    # against its own full: 1 - 250/1000 and 1 - 200/500 (crossed: 50 and 80)
+    assert s.loc[(c, "snapkv"), "memory_reduction_pct"] == 75.0
+    assert s.loc[(g, "snapkv"), "memory_reduction_pct"] == 60.0
+    # peak: 1 - 0.9/1.0 (process RSS, both fresh) and 1 - 0.3/0.4 (CUDA)
+    assert s.loc[(c, "snapkv"), "peak_memory_reduction_pct"] == pytest.approx(10.0)
+    assert s.loc[(g, "snapkv"), "peak_memory_reduction_pct"] == pytest.approx(25.0)
+    # accuracy difference to its own full: 60 - 100 and 60 - 80
+    assert s.loc[(c, "snapkv"), "delta"] == pytest.approx(-40.0)
+    assert s.loc[(g, "snapkv"), "delta"] == pytest.approx(-20.0)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Duplicate" not in md and "n/a" not in md.split("## synthetic")[1]
+    assert _row(md, c, "| snapkv |")[3] == "75.0" and _row(md, g, "| snapkv |")[3] == "60.0"
+    assert "Hardware (dtype): cpu (float32), cuda (bfloat16)" in md
+
+
+def test_peak_memory_only_between_fresh_processes_of_the_same_kind(tmp_path):
+    root = tmp_path / "r"
+    mib = 2**20
+    # a sweep in one CPU process: full ran first (fresh), sliding_window after it
+    _write(root, "full", peak_memory_bytes=1115.0 * mib)
+    _write(root, "sw", method="sliding_window", budget=0.2, fresh_process=False,
+           peak_memory_bytes=1643.0 * mib, kv_cache_bytes=200.0)
+    _write(root, "snap", method="snapkv", budget=0.2, peak_memory_bytes=892.0 * mib,
+           kv_cache_bytes=200.0)
+    _write(root, "h2o", method="h2o", budget=0.2, peak_memory_kind="cuda_max_allocated",
+           peak_memory_bytes=500.0 * mib, kv_cache_bytes=200.0)
+    rep = report.generate_report([root], tmp_path / "o")
+    s = rep.summary.set_index("method")
+    assert s.loc["snapkv", "peak_memory_reduction_pct"] == pytest.approx(20.0)  # 1 - 892/1115
+    assert math.isnan(s.loc["sliding_window", "peak_memory_reduction_pct"])
+    assert math.isnan(s.loc["h2o", "peak_memory_reduction_pct"])
+    assert s.loc["sliding_window", "memory_reduction_pct"] == 80.0  # KV bytes still compare
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "-47.4" not in md  # 1 - 1643/1115: the process's earlier peak, not the method's
+    assert _col(md, "longbench", "### Summary", "Peak memory reduction %", "| sliding_window |") == "n/a"
+    notes = _section(md, "Notes")
+    assert re.search(r"Peak memory reduction is n/a in longbench for sliding_window at 1024: "
+                     r"process peak RSS .*fresh_process: true.*never shrinks", notes)
+    assert re.search(r"n/a in longbench for h2o at 1024: .*measured peak memory differently "
+                     r"\(peak_memory_kind cuda_max_allocated vs full process_peak_rss\)", notes)
+    # the full run itself not fresh: nothing compares with it
+    _write(root, "full", peak_memory_bytes=1115.0 * mib, fresh_process=False)
+    rep = report.generate_report([root], tmp_path / "o2")
+    assert math.isnan(rep.summary.set_index("method").loc["snapkv", "peak_memory_reduction_pct"])
+
+
+def test_timings_of_oversubscribed_runs_are_marked(tmp_path):
+    root = tmp_path / "r"
+    _write(root, "full")
+    busy = {"loadavg_start": [3.9, 2.0, 1.0], "loadavg_end": [4.2, 2.5, 1.2], "usable_cpus": 2,
+            "torch_threads": 2, "oversubscribed": True}
+    _write(root, "snap", method="snapkv", budget=0.2, kv_cache_bytes=500.0, machine_load=busy,
+           ttft_s=0.9, decode_tokens_per_s=11.0)
+    report.generate_report([root], tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    for table, ttft, tput in (("### Summary", "Avg time to first token (s)", "Avg throughput (tokens/s)"),
+                              ("### Per context length", "Time to first token (s)", "Throughput (tokens/s)")):
+        assert _col(md, "longbench", table, ttft, "| snapkv |") == "0.900 ‡"
+        assert _col(md, "longbench", table, tput, "| snapkv |") == "11.0 ‡"
+        assert _col(md, "longbench", table, ttft, "| full |") == "0.500"
+        assert _col(md, "longbench", table, "Memory reduction %", "| snapkv |") == "50.0"
+    assert "‡ measured while the machine was oversubscribed" in md
+
+
+def _rows(task: str, scores, **extra) -> list[dict]:
+    return [{"id": f"{task}/{i}", "task": task, "score": float(v), "score_parts": {}, **extra}
+            for i, v in enumerate(scores)]
+
+
+def test_accuracy_intervals_and_delta_hand_computed(tmp_path):
+    """Two tasks of two samples each: every bootstrap resample can be enumerated by hand.
+
+    full: qa 100, 100; summ 100, 50 -> 87.5; summ's mean is 100/75/50 with P 1/4, 1/2, 1/4,
+    so the accuracy is 100/87.5/75: 95% interval [75, 100].
+    snapkv: qa 100, 50; summ 100, 50 -> 75; both task means independently 100/75/50, the
+    accuracy is 50 (P 1/16) ... 100 (P 1/16): [50, 100]. Paired with full: per-id
+    differences qa 0, -50; summ 0, 0 -> delta -12.5 = -25/2 with qa's mean difference
+    0/-25/-50: delta 0/-12.5/-25, [-25, 0], contains 0: `ns`.
+    h2o: qa 50, 50; summ 50, 0 -> 37.5 [25, 50]; every paired difference is -50: [-50, -50].
+    """
+    root = tmp_path / "r"
+    runs = {"full": ([100, 100], [100, 50]), "snapkv": ([100, 50], [100, 50]),
+            "h2o": ([50, 50], [50, 0])}
+    for m, (qa, summ) in runs.items():
+        acc = (sum(qa) / 2 + sum(summ) / 2) / 2
+        _write(root, m, method=m, budget=None if m == "full" else 0.2, accuracy=acc,
+               task_scores={"qa": sum(qa) / 2, "summ": sum(summ) / 2},
+               samples=_rows("qa", qa) + _rows("summ", summ))
+    _write(root, "quest", method="quest", budget=0.2, accuracy=60.0, samples=None)
+    rep = report.generate_report([root], tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    acc, delta = "Avg accuracy [95% CI]", "Δ vs full [95% CI]"
+    cells = {m: (_col(md, "longbench", "### Summary", acc, f"| {m} |"),
+                 _col(md, "longbench", "### Summary", delta, f"| {m} |"))
+             for m in ("full", "snapkv", "h2o", "quest")}
+    assert cells == {"full": ("87.5 [75.0, 100.0]", "reference"),
+                     "snapkv": ("75.0 [50.0, 100.0]", "-12.5 [-25.0, 0.0] ns"),
+                     "h2o": ("37.5 [25.0, 50.0]", "-50.0 [-50.0, -50.0]"),
+                     "quest": ("60.0 [n/a]", "n/a")}
+    assert _col(md, "longbench", "### Per context length", "Accuracy [95% CI]",
+                "| snapkv |") == "75.0 [50.0, 100.0]"
+    assert "`ns`: the 95% interval of the difference to `full` contains 0" in md
+    notes = _section(md, "Notes")
+    assert re.search(r"Accuracy interval n/a for `[^`]*/quest/result.json`: no `[^`]*samples.jsonl`", notes)
+    s = rep.summary.set_index("method")
+    assert (s.loc["snapkv", "accuracy_low"], s.loc["snapkv", "accuracy_high"]) == (50.0, 100.0)
+    assert (s.loc["full", "delta"], s.loc["full", "delta_low"], s.loc["full", "delta_high"]) == (0, 0, 0)
+
+
+def test_interval_notes_for_unpaired_and_inconsistent_samples(tmp_path):
+    root = tmp_path / "r"
+    # the same request (config.benchmark.n_samples), but snapkv's record lacks qa/3 and says
+    # 80 where its samples give 50
+    cfg = {"benchmark": {"n_samples": 4}}
+    _write(root, "full", accuracy=50.0, task_scores={"qa": 50.0}, config=cfg,
+           samples=_rows("qa", [0, 100, 50, 50]))
+    _write(root, "snap", method="snapkv", budget=0.2, accuracy=80.0, task_scores={"qa": 80.0},
+           kv_cache_bytes=500.0, config=cfg, samples=_rows("qa", [50, 50, 50]))
+    rep = report.generate_report([root], tmp_path / "o")
+    notes = "\n".join(rep.notes)
+    assert re.search(r"`[^`]*/snap/result.json` and its `full` run `[^`]*/full/result.json` share "
+                     r"3 sample ids; 1 sample\(s\) found in only one of them are left out", notes)
+    assert re.search(r"/snap/result.json`: its samples give accuracy 50.00, result.json says 80.00",
+                     notes)
+    # over qa/0..2: snapkv 50 vs full 50 = 0
+    assert rep.summary.set_index("method").loc["snapkv", "delta"] == pytest.approx(0.0)
+
+
+def test_kept_tokens_prefill_kv_needle_recall_metrics_and_buckets(tmp_path):
+    root = tmp_path / "r"
+    mib = 2**20
+    syn = {"benchmark": "synthetic", "task_scores": {"single_needle": 100.0},
+           "task_metrics": {"single_needle": "exact match"}}
+    _write(root, "full", **syn, accuracy=100.0, kv_cache_bytes=4.0 * mib,
+           kv_cache_bytes_prefill=4.0 * mib, needle_recall=1.0,
+           prompt_tokens_kept={"mean": 1000.0, "min": 1000, "max": 1000})
+    for ctx, kept, lo, hi, recall in ((1024, 204.0, 180, 230, 0.5), (2048, 410.0, 300, 500, 0.75)):
+        _write(root, f"snap{ctx}", **syn, method="snapkv", budget=0.2, context_len=ctx,
+               accuracy=100.0, kv_cache_bytes=1.0 * mib, kv_cache_bytes_prefill=4.0 * mib,
+               needle_recall=recall, prompt_tokens_kept={"mean": kept, "min": lo, "max": hi})
+    lbe = {"qasper_e": {"0-4k": 40.0, "4-8k": 30.0, "8k+": 20.0},
+           "hotpotqa_e": {"0-4k": 60.0, "4-8k": 40.0}}
+    rows = [{"id": f"{t}/{b}", "task": t, "score": s, "meta": {"length_bucket": b}}
+            for t, d in lbe.items() for b, s in d.items()]
+    _write(root, "lbe", benchmark="longbench", accuracy=40.0,
+           task_scores={"qasper_e": 30.0, "hotpotqa_e": 50.0}, task_scores_by_bucket=lbe,
+           task_metrics={"qasper_e": "F1", "hotpotqa_e": "F1"}, samples=rows)
+    report.generate_report([root], tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    summ, ctx = "### Summary", "### Per context length"
+    kept = "Prompt tokens kept (min-max)"
+    assert _col(md, "synthetic", summ, kept, "| snapkv |") == "307.0 (180-500)"  # (204+410)/2
+    assert _col(md, "synthetic", ctx, kept, "| snapkv | 2048 |") == "410.0 (300-500)"
+    assert _col(md, "synthetic", ctx, kept, "| full |") == "1000.0 (1000-1000)"
+    assert _col(md, "synthetic", ctx, "KV at prefill end (MiB)", "| snapkv | 1024 |") == "4.000"
+    assert _col(md, "synthetic", ctx, "KV cache (MiB)", "| snapkv | 1024 |") == "1.000"
+    assert _col(md, "synthetic", summ, "Needle recall", "| snapkv |") == "0.625"
+    assert _col(md, "synthetic", ctx, "Samples", "| snapkv | 1024 |") == "2"
+    assert "| Method | single_needle (exact match, n=2) |" in md
+    lb = _section(md, "longbench")
+    assert "Needle recall" not in lb and "Prompt tokens kept" not in lb  # nothing recorded
+    assert "| Method | hotpotqa_e (F1, n=2) | qasper_e (F1, n=3) |" in lb
+    bucket = lb.split("### Per length bucket (LongBench-E)")[1]
+    assert "| Method | Task | 0-4k (n=2) | 4-8k (n=2) | 8k+ (n=1) |" in bucket
+    assert "| full | mean over tasks | 50.0 | 35.0 | 20.0 |" in bucket
+    assert "| full | hotpotqa_e | 60.0 | 40.0 | n/a |" in bucket
+    assert "| full | qasper_e | 40.0 | 30.0 | 20.0 |" in bucket
+    assert not [n for n in _section(md, "Notes").splitlines() if "lbe/" in n]
+
+
+def test_method_order_follows_the_registry():
+    from atskv.methods import METHODS
+
+    order = report.method_order()
+    assert order[0] == "full" and order[1:] == [m for m in METHODS.names() if m != "full"]
+    got = report.order(["zzz", "snapkv@kv256", "snapkv@0.5", "atskv", "full", "snapkv@0.2",
+                        "atskv[chunk=32]", "aaa"])
+    assert got == ["full", "atskv", "atskv[chunk=32]", "snapkv@0.2", "snapkv@0.5",
+                   "snapkv@kv256", "aaa", "zzz"]
+
+
+def test_budget_and_kv_size_labels(tmp_path):
+    root = tmp_path / "r"
+    _write(root, "full", budget=1.0)
+    _write(root, "s02", method="snapkv", budget=0.2, kv_cache_bytes=200.0)
+    _write(root, "s256", method="snapkv", budget=None, kv_size=256, kv_cache_bytes=300.0)
+    rep = report.generate_report([root], tmp_path / "o")
+    s = rep.summary.set_index("method")
+    assert list(s.index) == ["full", "snapkv@0.2", "snapkv@kv256"]
+    assert s.loc["snapkv@kv256", "memory_reduction_pct"] == 70.0
+
+
+def test_old_budget_meaning_is_left_out(tmp_path, capsys):
+    root = tmp_path / "r"
+    _write(root, "full")
+    _write(root, "snap", method="snapkv", budget=0.2, kv_cache_bytes=250.0)
+    _write(root, "old_snap", method="snapkv", budget=0.5, budget_of=None, accuracy=12.25,
+           kv_cache_bytes=777.0)
+    _write(root, "old_full", budget_of="prompt+generation", accuracy=99.0, context_len=4096)
+    rep = report.generate_report([root], tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "2 runs use the old budget meaning (budget of prompt + generation" in md
+    assert "rerun them" in md and "old_snap/result.json" in md
+    assert list(rep.summary["method"]) == ["full", "snapkv"]  # one budget: no @ label
+    assert "12.2" not in md.split("## Notes")[1].split("\n## ", 1)[1] and "4096" not in md.split("## longbench")[1]
+    # only old runs: a clear error, no report
+    only = tmp_path / "only_old"
+    _write(only, "a", budget_of=None)
+    assert report.main(["--results", str(only), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "old budget meaning" in err and "rerun" in err
+    assert not (tmp_path / "o2" / "report.md").exists()
+
+
+def test_geomean_tasks_interval_from_score_parts(tmp_path):
+    root = tmp_path / "r"
+    parts = [{"rouge1": 0.8, "rouge2": 0.2, "rougeL": 0.4}, {"rouge1": 0.4, "rouge2": 0.1, "rougeL": 0.2}]
+    gm = 100 * (0.6 * 0.15 * 0.3) ** (1 / 3)  # geometric mean of the part means
+    rows = [{"id": f"gov/{i}", "task": "gov_report", "score": 0.0, "score_parts": p}
+            for i, p in enumerate(parts)]
+    _write(root, "full", benchmark="zeroscrolls", accuracy=gm, task_scores={"gov_report": gm},
+           task_aggregation={"gov_report": "geomean_of_part_means"},
+           task_metrics={"gov_report": "ROUGE geometric mean"}, samples=rows)
+    rep = report.generate_report([root], tmp_path / "o")
+    assert not [n for n in rep.notes if "interval" in n or "samples give" in n]
+    s = rep.summary.iloc[0]
+    assert s["accuracy"] == pytest.approx(gm) and s["accuracy_low"] < gm < s["accuracy_high"]
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "gov_report (ROUGE geometric mean, n=2)" in md
+
+
+def test_scatter_labels_of_coinciding_points_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from atskv import report_plots
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = [(80.0, 100.0, "atskv"), (80.0, 100.0, "sliding_window"), (80.0, 100.0, "snapkv"),
+           (80.4, 99.8, "dynamic_kv"), (0.0, 100.0, "full"), (40.0, 50.0, "h2o")]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(0, 110)
+    anns = report_plots.place_labels(ax, pts)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in anns]
+    assert [a.get_text() for a in anns] == [p[2] for p in pts]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (pts[i][2], pts[j][2])
+    # deterministic: the same input gives the same positions
+    fig2, ax2 = plt.subplots(figsize=(8, 5.5))
+    ax2.set_xlim(-5, 105)
+    ax2.set_ylim(0, 110)
+    again = report_plots.place_labels(ax2, pts)
+    assert [a.xyann for a in again] == [a.xyann for a in anns]
+    assert anns[0].xyann != anns[1].xyann
+    plt.close(fig)
+    plt.close(fig2)
