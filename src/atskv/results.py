@@ -144,18 +144,37 @@ def _mean(values: list[float | None]) -> float | None:
     return mean(vals) if vals else None
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-sample rows into the run's summary metrics. Accuracy is the mean over tasks
-    of each task's mean score (tasks weigh equally, as LongBench reports)."""
-    by_task: dict[str, list[float]] = {}
+def summarize(rows: list[dict[str, Any]], benchmark: Any = None) -> dict[str, Any]:
+    """Aggregate per-sample rows into the run's summary metrics. Each task's score is the
+    benchmark's own aggregate of its samples (the mean of their scores, or e.g. ZeroSCROLLS'
+    corpus-level ROUGE); accuracy is the mean over tasks (tasks weigh equally, as LongBench
+    reports). LongBench-E tasks are also scored per length bucket."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    by_bucket: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
-        by_task.setdefault(r["task"], []).append(r["score"])
-    task_scores = {t: mean(s) for t, s in sorted(by_task.items())}
+        by_task.setdefault(r["task"], []).append(r)
+        bucket = (r.get("meta") or {}).get("length_bucket")
+        if bucket:
+            by_bucket.setdefault(r["task"], {}).setdefault(bucket, []).append(r)
+
+    def agg(task: str, task_rows: list[dict[str, Any]]) -> float:
+        if benchmark is None:
+            return mean(r["score"] for r in task_rows)
+        return float(benchmark.aggregate(task, task_rows))
+
+    task_scores = {t: agg(t, rs) for t, rs in sorted(by_task.items())}
     kv = _mean([r["kv_cache_bytes"] for r in rows])
     kv_full = _mean([r["kv_cache_bytes_uncompressed"] for r in rows])
+    described = {}
+    if benchmark is not None:
+        described = {"task_metrics": {t: benchmark.task_metric(t) for t in task_scores},
+                     "task_aggregation": {t: benchmark.aggregation(t) for t in task_scores}}
     return {
         "accuracy": mean(task_scores.values()) if task_scores else None,
         "task_scores": task_scores,
+        **described,
+        "task_scores_by_bucket": {t: {b: agg(t, rs) for b, rs in sorted(bs.items())}
+                                  for t, bs in sorted(by_bucket.items())} or None,
         "kv_cache_bytes": kv,
         "kv_cache_bytes_after_compression": _mean([r["kv_cache_bytes_after_compression"] for r in rows]),
         "kv_cache_bytes_uncompressed": kv_full,

@@ -58,6 +58,7 @@ class _Member:
 
     job: Job
     base: dict[str, Any]
+    benchmark: Any = None
     method: Any = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
@@ -134,6 +135,8 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         assert shared is not None
         fresh = _jobs_in_process == 0 and len(members) == 1
         _jobs_in_process += len(members)
+        for m in members.values():
+            m.benchmark = shared[0]
         _run_members(list(members.values()), *shared, fresh=fresh)
         for i, m in members.items():
             out[i] = _finish(m)
@@ -230,7 +233,7 @@ def _finish(m: _Member) -> dict[str, Any]:
     """Write the member's files (samples first, result.json last: it marks the run complete)
     and mirror it to W&B."""
     cfg = m.job.cfg
-    summary = results.summarize(m.rows)
+    summary = results.summarize(m.rows, m.benchmark)
     if m.error is None:
         result = {**m.base, "status": "ok", "error": None, "n_samples": len(m.rows), **summary}
     else:
