@@ -48,16 +48,39 @@ def quote_group_numbers(argv: list[str], groups: tuple[str, ...] = ("context_len
     return out
 
 
+def group_members(cfg: DictConfig) -> list:
+    """The jobs of a prefill-sharing group (``atskv_group``, set by the sweeper): each member's
+    config and run folder, composed exactly as if Hydra had launched it alone."""
+    from omegaconf import open_dict
+
+    from atskv.compose import compose_run_config
+    from atskv.runner import Job
+    from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, member_key
+
+    hc = HydraConfig.get()
+    task = [o for o in hc.overrides.task
+            if not o.lstrip("+~").startswith(f"{GROUP_KEY}=") and not member_key(o)]
+    jobs = []
+    for own in decode(cfg[GROUP_KEY]):
+        member = compose_run_config([*hc.overrides.hydra, *task, *own], return_hydra_config=True)
+        out_dir = Path(member.hydra.sweep.dir) / str(member.hydra.sweep.subdir)
+        with open_dict(member):
+            del member["hydra"]
+        member.sweep_id = cfg.sweep_id
+        jobs.append(Job(member, out_dir))
+    return jobs
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from atskv.runner import run
+    from atskv.runner import Job, run_group
 
     if _interrupted:
         raise KeyboardInterrupt
     hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
     try:
-        result = run(cfg, out_dir)
+        jobs = group_members(cfg) if cfg.atskv_group else [Job(cfg, Path(hc.runtime.output_dir))]
+        results = run_group(jobs)
     except ConfigError as e:
         if hc.mode == RunMode.MULTIRUN:
             # Hydra records the job as failed and goes on with the rest of the sweep, which then
@@ -66,19 +89,22 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if result is None:
-        return
-    if result["status"] != "ok":
-        log.error("failed: %s (recorded in %s)", result["error"], out_dir / "result.json")
-        if hc.mode == RunMode.RUN:
-            sys.exit(1)
-        return
-    frac = result.get("kv_cache_fraction")
-    log.info("%s on %s ctx=%d: accuracy %.1f, KV %.1f%% of full, TTFT %.2fs, decode %s tok/s",
-             result["method"], result["benchmark"], result["context_len"], result["accuracy"],
-             100 * frac if frac is not None else float("nan"), result["ttft_s"],
-             f"{result['decode_tokens_per_s']:.1f}" if result["decode_tokens_per_s"] else "n/a")
-    print(f"results: {out_dir / 'result.json'}")
+    failed = False
+    for job, result in zip(jobs, results):
+        if result is None:
+            continue
+        if result["status"] != "ok":
+            log.error("failed: %s (recorded in %s)", result["error"], job.out_dir / "result.json")
+            failed = True
+            continue
+        frac = result.get("kv_cache_fraction")
+        log.info("%s on %s ctx=%d: accuracy %.1f, KV %.1f%% of full, TTFT %.2fs, decode %s tok/s",
+                 result["method"], result["benchmark"], result["context_len"], result["accuracy"],
+                 100 * frac if frac is not None else float("nan"), result["ttft_s"],
+                 f"{result['decode_tokens_per_s']:.1f}" if result["decode_tokens_per_s"] else "n/a")
+        print(f"results: {job.out_dir / 'result.json'}")
+    if failed and hc.mode == RunMode.RUN:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,15 @@ def test_slope_and_ratio_helpers():
     assert bench._slope([1.0], [1.0]) is None
     assert bench._ratio(1.0, None) is None and bench._ratio(1.0, 0.0) is None
     assert bench._median([3.0, None, 1.0, 2.0]) == 2.0 and bench._median([None]) is None
+
+
+def test_sweep_section_compares_shared_and_unshared_prefill(quick):
+    _, out, data = quick
+    sweep = data["sweep"]
+    assert sweep["methods"] == ["full", "sliding_window", "snapkv", "rocket_kv", "dynamic_kv",
+                                "atskv"] and sweep["budgets"] == [0.1, 0.2]
+    (row,) = sweep["rows"]
+    assert row["context_len"] == 256 and row["jobs"] == 12
+    assert row["identical"] is True and row["different"] == []
+    assert row["speedup"] == row["unshared_s"] / row["shared_s"]
+    assert "## Sweep with a shared prefill" in (out / "bench.md").read_text()

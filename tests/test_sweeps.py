@@ -102,9 +102,21 @@ def test_each_launcher_writes_every_job_into_its_folder(tmp_path, launcher):
         assert len(rows) == 1 and json.loads(rows[0])["prediction"] is not None
     # one sweep, one id (it is resolved when the sweep starts, not when each job does)
     assert len({r["sweep_id"] for r in res.values()}) == 1
+    # the two jobs differ only in method: one unit of work for the launcher, one prefill each
+    assert all(r["prefill_shared"] for r in res.values())
+    assert "2 jobs in 1 prefill-sharing unit(s) of work" in proc.stderr + proc.stdout
     assert "deprecated" not in proc.stderr
     if launcher == "submitit_local":  # submitit's pickles and logs stay inside the sweep folder
         assert list((tmp_path / ".submitit").rglob("*_result.pkl"))
+
+
+def test_share_prefill_false_launches_every_job_alone(tmp_path):
+    proc = run_py("-m", "method=full,sliding_window", "share_prefill=false", *TINY,
+                  f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results(tmp_path)
+    assert len(res) == 2 and not any(r["prefill_shared"] for r in res.values())
+    assert "prefill-sharing" not in proc.stderr + proc.stdout
 
 
 # -- failures and resume ----------------------------------------------------------------------
@@ -156,7 +168,9 @@ def test_config_error_in_a_sweep_skips_that_job_and_runs_the_rest(tmp_path):
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 def test_ctrl_c_leaves_only_complete_files_and_rerun_completes(tmp_path):
-    args = ["-m", "method=full,sliding_window", "budget=0.25,0.5", *TINY,
+    # two prefill-sharing groups (one per seed) of two jobs each: the interrupt lands after the
+    # first group has written its results
+    args = ["-m", "method=full,sliding_window", "seed=0,1", *TINY,
             "benchmark.n_samples=2", f"hydra.sweep.dir={tmp_path}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     log = (tmp_path / "sweep.log").open("w")

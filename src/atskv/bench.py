@@ -67,6 +67,7 @@ CUDA_LENS = [4096, 8192, 16384, 32768]
 CUDA_LONG_LENS = [65536, 131072]
 QUICK_LENS = [256, 512]
 QUICK_MODEL = "tiny_random"
+SECTIONS = ("main", "sweep")
 MIB = float(2**20)
 # (row field, what a larger value means for growth) - the metrics ratios and growth cover
 METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
@@ -100,6 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     p.add_argument("--new-tokens", type=int, default=None,
                    help="tokens generated per sample (default 32)")
+    p.add_argument("--sections", type=_csv, default=["main", "sweep"],
+                   help="main (every method vs full), sweep (a sweep with and without a shared "
+                        "prefill); default both")
+    p.add_argument("--sweep-methods", type=_csv, default=None,
+                   help="methods of the sweep section (default: "
+                        "full,sliding_window,snapkv,rocket_kv,dynamic_kv,atskv)")
+    p.add_argument("--sweep-budgets", type=lambda s: _csv(s, float), default=None,
+                   help="budgets of the sweep section (default 0.1,0.2)")
+    p.add_argument("--sweep-lens", type=lambda s: _csv(s, int), default=None,
+                   help="context lengths of the sweep section (default 2048,4096; --quick: 256)")
     p.add_argument("--out", default="outputs/bench", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke run: model={QUICK_MODEL}, context lengths {QUICK_LENS}, 1 rep, "
@@ -116,17 +127,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_config(args: argparse.Namespace, method: str = FULL) -> Any:
+def run_config(args: argparse.Namespace, method: str = FULL, extra: list[str] | None = None) -> Any:
     """The run config of one entrant: run.py's composition of ``--quick``'s and the default
-    presets, then the user's overrides, with ``method``."""
+    presets, then the user's overrides, with ``method`` (and ``extra`` overrides last)."""
     from atskv.compose import compose_run_config
 
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
+    extra = list(extra or [])
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in [*args.overrides, *extra]}
     base = [f"hardware={'cuda' if torch.cuda.is_available() else 'cpu'}", "budget=0.2"]
     if args.quick:
         base.append(f"model={QUICK_MODEL}")
     base = [o for o in base if o.split("=", 1)[0] not in keys]
-    return compose_run_config([*base, *args.overrides, f"method={method}"])
+    over = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in
+            {e.split("=", 1)[0] for e in extra}]
+    return compose_run_config([*base, *over, f"method={method}", *extra])
 
 
 @dataclass
@@ -373,6 +387,24 @@ def _x(x: float | None) -> str:
 
 
 def render_md(data: dict[str, Any]) -> str:
+    lines = render_main(data) if "rows" in data else ["# atskv performance benchmark"]
+    if "sweep" in data:
+        from atskv.bench_sweep import render
+
+        lines += render(data["sweep"])
+    mach = data["machine"]
+    lines += ["", f"Machine: {mach['cpu_model']}, {mach['cpu_count']} logical cores "
+                  f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
+                  f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end; "
+                  f"torch {mach['versions'].get('torch')}, transformers "
+                  f"{mach['versions'].get('transformers')}; git {mach['git_commit']}; "
+                  f"{mach['date']}; {data['duration_s']:.0f} s."]
+    if data["notes"]:
+        lines += [""] + [f"> **Note:** {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def render_main(data: dict[str, Any]) -> list[str]:
     p, mach = data["protocol"], data["machine"]
     budget = (f"kv_size {p['kv_size']}" if p.get("kv_size") else
               f"budget {p['budget']:g} of the prompt's KV" if p.get("budget") else "budget n/a")
@@ -411,16 +443,7 @@ def render_md(data: dict[str, Any]) -> str:
         for g in data["growth"]:
             cells = [f"{_x(g[f]['factor'])} ({_x(g[f]['loglog_slope'])})" for f, _ in METRICS]
             lines.append(f"| {g['method']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append(f"Machine: {mach['cpu_model']}, {mach['cpu_count']} logical cores "
-                 f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
-                 f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end; "
-                 f"torch {mach['versions'].get('torch')}, transformers "
-                 f"{mach['versions'].get('transformers')}; git {mach['git_commit']}; "
-                 f"{mach['date']}; {data['duration_s']:.0f} s.")
-    if data["notes"]:
-        lines += [""] + [f"> **Note:** {n}" for n in data["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -460,51 +483,82 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad or not args.sections:
+        raise ConfigError(f"--sections={','.join(args.sections)}: choose from {', '.join(SECTIONS)}")
     names, explicit, methods = validate(args)
+    sweep_jobs = sweep_methods(args) if "sweep" in args.sections else []
     setup = load(args)
     if setup.cfg.hardware.threads:
         torch.set_num_threads(setup.cfg.hardware.threads)
-    lens, notes = context_lens(args, explicit, setup)
     mach = machine(setup.device)
-    prompts = {c: prompt(setup.tokenizer, c, setup.cfg.seed) for c in lens}
-    entrants = [Entrant(m, setup, methods[m]) for m in names] + [Entrant(HF, setup)]
 
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    log(f"{setup.model_name} on {setup.device}; methods {', '.join(names)} + {HF}; "
-        f"context lengths {lens}; {args.reps} rep(s); warming up")
-    samples = measure(entrants, prompts, args.reps, args.new_tokens, log)
-    rows = aggregate(samples, names, lens)
+    data: dict[str, Any] = {"protocol": {
+        "sections": list(args.sections), "methods": names, "reference": HF,
+        "budget_of": "prompt", "reps": args.reps, "new_tokens": args.new_tokens,
+        "model": setup.model_name, "device": str(setup.device),
+        "hardware": setup.cfg.hardware.name, "dtype": setup.cfg.hardware.dtype,
+        "prefill_chunk": setup.cfg.hardware.prefill_chunk,
+        "cuda_graph": bool(setup.cfg.hardware.cuda_graph) and setup.device.type == "cuda",
+        "seed": setup.cfg.seed, "quick": args.quick, "overrides": list(args.overrides),
+        "prompt": "synthetic single_needle, exact length",
+        "order": "interleaved; rep r runs the entrant list rotated by r-1",
+        "warmup": "every entrant once (64-token prompt), and once per context length "
+                  "(2 new tokens), untimed",
+        "attn_implementation": hf_attn(setup.model),
+        "budget": methods[names[-1]].budget if len(names) > 1 else None,
+        "kv_size": methods[names[-1]].kv_size if len(names) > 1 else None,
+    }, "machine": mach, "notes": [], "samples": []}
+    if "main" in args.sections:
+        lens, notes = context_lens(args, explicit, setup)
+        prompts = {c: prompt(setup.tokenizer, c, setup.cfg.seed) for c in lens}
+        entrants = [Entrant(m, setup, methods[m]) for m in names] + [Entrant(HF, setup)]
+        log(f"{setup.model_name} on {setup.device}; methods {', '.join(names)} + {HF}; "
+            f"context lengths {lens}; {args.reps} rep(s); warming up")
+        samples = measure(entrants, prompts, args.reps, args.new_tokens, log)
+        rows = aggregate(samples, names, lens)
+        data["protocol"]["context_lens"] = lens
+        data.update(rows=rows, growth=growth(rows, names, lens), overhead=overhead(samples, lens),
+                    samples=samples, notes=notes,
+                    peak_memory_kind=", ".join(sorted({str(s.get("peak_memory_kind"))
+                                                       for s in samples
+                                                       if s.get("peak_memory_kind")})) or "n/a")
+    if sweep_jobs:
+        from atskv.bench_sweep import SWEEP_LENS, run_sweep
+        from atskv.engine import Engine
+
+        lens = args.sweep_lens or ([256] if args.quick else SWEEP_LENS)
+        hw = setup.cfg.hardware
+        engine = Engine(setup.model, setup.tokenizer, prefill_chunk=hw.prefill_chunk,
+                        cuda_graph=hw.cuda_graph and setup.device.type == "cuda")
+        log(f"sweep section: {len(sweep_jobs)} jobs at {lens}")
+        rows = run_sweep(engine, sweep_jobs, {c: prompt(setup.tokenizer, c, setup.cfg.seed)
+                                              for c in lens}, args.new_tokens, log)
+        data["sweep"] = {"methods": list(dict.fromkeys(n for n, _, _ in sweep_jobs)),
+                         "budgets": sorted({b for _, b, _ in sweep_jobs}),
+                         "new_tokens": args.new_tokens, "rows": rows}
     mach["loadavg_end"] = _loadavg()
-    notes += _notes(samples, setup.device, mach)
-    budget = methods[names[-1]].budget if len(names) > 1 else None
-    return {
-        "protocol": {
-            "methods": names, "reference": HF, "context_lens": lens, "budget": budget,
-            "kv_size": methods[names[-1]].kv_size if len(names) > 1 else None,
-            "budget_of": "prompt", "reps": args.reps, "new_tokens": args.new_tokens,
-            "model": setup.model_name, "device": str(setup.device),
-            "hardware": setup.cfg.hardware.name, "dtype": setup.cfg.hardware.dtype,
-            "prefill_chunk": setup.cfg.hardware.prefill_chunk,
-            "cuda_graph": bool(setup.cfg.hardware.cuda_graph) and setup.device.type == "cuda",
-            "seed": setup.cfg.seed, "quick": args.quick, "overrides": list(args.overrides),
-            "prompt": "synthetic single_needle, exact length",
-            "order": "interleaved; rep r runs the entrant list rotated by r-1",
-            "warmup": "every entrant once (64-token prompt), and once per context length "
-                      "(2 new tokens), untimed",
-            "attn_implementation": hf_attn(setup.model),
-        },
-        "machine": mach,
-        "peak_memory_kind": ", ".join(sorted({str(s.get("peak_memory_kind")) for s in samples
-                                              if s.get("peak_memory_kind")})) or "n/a",
-        "rows": rows,
-        "growth": growth(rows, names, lens),
-        "overhead": overhead(samples, lens),
-        "samples": samples,
-        "notes": notes,
-        "duration_s": time.perf_counter() - t_start,
-    }
+    data["notes"] += _notes(data["samples"], setup.device, mach)
+    data["duration_s"] = time.perf_counter() - t_start
+    return data
+
+
+def sweep_methods(args: argparse.Namespace) -> list[tuple[str, float, Any]]:
+    """The sweep section's jobs: (method, budget, the configured method), validated."""
+    from atskv.bench_sweep import SWEEP_BUDGETS, SWEEP_METHODS
+    from atskv.config import build_method
+    from atskv.config import validate as validate_config
+
+    jobs = []
+    for name in args.sweep_methods or SWEEP_METHODS:
+        for b in args.sweep_budgets or SWEEP_BUDGETS:
+            cfg = run_config(args, name, [f"budget={b}"])
+            validate_config(cfg)
+            jobs.append((name, float(b), build_method(cfg)))
+    return jobs
 
 
 def hf_attn(model: Any) -> str | None:
@@ -577,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     results.atomic_write_text(out / "bench.md", md)
     print(md)
     print(out)
-    return 1 if any(s.get("error") for s in data["samples"]) else 0
+    broken = any(s.get("error") for s in data["samples"]) or not all(
+        r["identical"] for r in data.get("sweep", {}).get("rows", []))
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

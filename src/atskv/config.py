@@ -85,6 +85,9 @@ class RunConfig:
     budget: float | None = None
     kv_size: int | None = None  # alternatively: prompt tokens kept per layer and KV head
     seed: int = 0
+    # sweeps: jobs differing only in method / budget share each sample's prefill
+    share_prefill: bool = True
+    atskv_group: str | None = None  # set by the sweeper: the members of a prefill-sharing group
     overwrite: bool = False
     warmup: bool = True
     sweep_id: str = "${now:%Y%m%d-%H%M%S}"
@@ -144,9 +147,21 @@ def register_configs() -> None:
         schema = method_schema(name, METHODS.get(name))
         cs.store(group="method", name=f"{name}_schema", node=schema)
         cs.store(group="method", name=name, node=schema)
+    register_sweeper()
     OmegaConf.register_new_resolver("atskv_budget", budget_tag, replace=True)
     OmegaConf.register_new_resolver("atskv_variant", method_variant, replace=True)
     OmegaConf.register_new_resolver("atskv_suffix", overrides_suffix, replace=True)
+
+
+def register_sweeper() -> None:
+    """Make the prefill-sharing sweeper (``hydra/sweeper=atskv``) known to Hydra's plugin
+    registry. Hydra finds plugins by walking the ``hydra_plugins`` namespace package, which does
+    not see packages installed in editable mode, so it is registered explicitly (idempotent)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.atskv_sweeper import GroupedSweeper
+
+    Plugins.instance().register(GroupedSweeper)
 
 
 def resolved_budget(cfg: Any) -> dict[str, Any]:

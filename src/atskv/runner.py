@@ -214,12 +214,16 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         pre = engine.prefill(sample.input_ids, max(m.method.queries_needed() for m in alive))
         for m in alive:
             try:
-                with PeakMemory(engine.device) as mem:
+                if per_member_peak:  # CUDA: this member's compression and decoding alone
+                    with PeakMemory(engine.device) as mem:
+                        out = engine.generate_from(pre, m.method, sample.max_new_tokens,
+                                                   stop=sample.stop)
+                    m.peak = max(m.peak or 0, mem.peak_bytes or 0)
+                else:
                     out = engine.generate_from(pre, m.method, sample.max_new_tokens,
                                                stop=sample.stop, consume=len(alive) == 1)
-                if per_member_peak and mem.peak_bytes is not None:
-                    m.peak = max(m.peak or 0, mem.peak_bytes)
                 m.rows.append(sample_row(sample, out, benchmark))
+                del out
             except Exception as e:  # noqa: BLE001 - this member fails, the others go on
                 m.error, m.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
                 log.error("%s failed on sample %s: %s", m.job.out_dir, sample.id, m.error)

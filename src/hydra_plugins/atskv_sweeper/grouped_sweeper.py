@@ -1,0 +1,115 @@
+"""A Hydra sweeper that groups the jobs of a sweep that can share one prefill per sample.
+
+It expands ``-m`` overrides exactly as Hydra's basic sweeper does (cartesian product, batches).
+Jobs of a batch that differ only in ``method``, ``method.<hyperparameter>``, ``budget`` and
+``kv_size`` (same model, benchmark, tasks, samples, context length, hardware, dtype, seed) form a
+group, and each group is handed to the configured launcher as **one** job: the first member's
+overrides plus ``atskv_group=<the members>``. ``run.py`` sees that key and runs the members
+together (:func:`atskv.runner.run_group`): one prefill per sample, each member compressing its
+own copy, each writing its own run folder exactly as if it had run alone. So every launcher
+(basic, joblib, submitit local, SLURM: one array element per group) works unchanged, resume and
+failure handling stay per member, and the command line does not change. ``share_prefill=false``
+launches every job on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins import basic_sweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+GROUP_KEY = "atskv_group"
+#: override keys that members of a group may differ in (plus any ``method.<field>``)
+MEMBER_KEYS = ("method", "budget", "kv_size")
+
+
+def member_key(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in MEMBER_KEYS or key.startswith("method.")
+
+
+def encode(members: list[list[str]]) -> str:
+    """The members' own overrides as one Hydra-safe token (URL-safe base64 of JSON)."""
+    return base64.urlsafe_b64encode(json.dumps(members).encode()).decode().rstrip("=")
+
+
+def decode(token: str) -> list[list[str]]:
+    return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+
+
+def group_jobs(batch: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Launchable override lists for ``batch``: jobs that differ only in member keys become one
+    job carrying ``atskv_group`` (groups of one stay plain jobs), in order of first appearance."""
+    groups: dict[tuple[str, ...], list[list[str]]] = {}
+    for job in batch:
+        shared = tuple(o for o in job if not member_key(o))
+        groups.setdefault(shared, []).append([o for o in job if member_key(o)])
+    out = []
+    for shared, members in groups.items():
+        if len(members) == 1:
+            out.append([*shared, *members[0]])
+        else:
+            out.append([*shared, *members[0], f"{GROUP_KEY}={encode(members)}"])
+    return out
+
+
+class GroupedSweeper(Sweeper):
+    """Hydra's basic sweeper with prefill-sharing groups (see the module docstring). Its
+    override expansion is the basic sweeper's own (called, not inherited: Hydra's plugin scan
+    re-executes its module, which breaks subclasses of its classes)."""
+
+    def __init__(self, max_batch_size: int | None = None,
+                 params: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        assert self.hydra_context is not None
+        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        batches = basic_sweeper.BasicSweeper.split_arguments(parser.parse_overrides(params),
+                                                             self.max_batch_size)
+        share = bool(OmegaConf.select(self.config, "share_prefill", default=False))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns: list[Sequence[JobReturn]] = []
+        initial_job_idx = 0
+        for batch in batches:
+            self.validate_batch_is_legal(batch)
+            launch = group_jobs(batch) if share else [list(job) for job in batch]
+            if len(launch) < len(batch):
+                log.info("%d jobs in %d prefill-sharing unit(s) of work (share_prefill=false: "
+                         "one prefill per job)", len(batch), len(launch))
+            results = self.launcher.launch(launch, initial_job_idx=initial_job_idx)
+            for r in results:
+                _ = r.return_value  # re-raises a job's failure
+            initial_job_idx += len(launch)
+            returns.append(results)
+        return returns

@@ -1,0 +1,128 @@
+"""Sweeps that prefill once: grouping, bit-identical results with and without sharing, failure
+isolation and resume per member (the launcher tests in test_sweeps.py run grouped sweeps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, group_jobs
+
+from atskv.compose import compose_run_config
+from atskv.methods import METHODS
+from atskv.runner import Job, run_group
+
+TINY = ["model=tiny_random", "warmup=false", "hardware.threads=1", "wandb.mode=disabled",
+        "context_len='512'"]
+COMPARED = ("prediction", "generated_tokens", "score", "score_parts", "stopped_by",
+            "kv_cache_bytes", "kv_cache_bytes_after_compression", "kv_cache_bytes_uncompressed",
+            "kv_cache_bytes_prefill", "decode_kv_read_bytes", "prompt_tokens_kept",
+            "needle_recall", "prompt_tokens")
+
+
+def test_jobs_that_differ_only_in_method_and_budget_form_one_group():
+    batch = [["context_len=512", f"method={m}", f"budget={b}"]
+             for m in ("full", "snapkv") for b in (0.1, 0.2)]
+    batch += [["context_len=1024", "method=snapkv", "budget=0.1"],
+              ["context_len=512", "method=snapkv", "method.window=16", "budget=0.1"]]
+    launched = group_jobs(batch)
+    assert len(launched) == 2  # the 1024 job is alone; method.window joins the 512 group
+    first, alone = launched
+    assert alone == ["context_len=1024", "method=snapkv", "budget=0.1"]
+    token = next(o for o in first if o.startswith(f"{GROUP_KEY}="))[len(GROUP_KEY) + 1:]
+    members = decode(token)
+    assert members == [o[1:] for o in batch if o[0] == "context_len=512"]
+    assert first[:3] == ["context_len=512", "method=full", "budget=0.1"]
+
+
+def _jobs(root: Path, budgets=(0.1, 0.4), methods=None, extra=()) -> list[Job]:
+    jobs = []
+    for name in methods or METHODS.names():
+        for b in budgets:
+            cfg = compose_run_config([*TINY, f"method={name}", f"budget={b}",
+                                      "benchmark.n_samples=2", *extra])
+            jobs.append(Job(cfg, root / f"{name}_{b}"))
+    return jobs
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shared_and_alone(tmp_path_factory, smollm2_path):
+    root = tmp_path_factory.mktemp("shared")
+    shared = run_group(_jobs(root / "shared"))
+    alone = [run_group([job])[0] for job in _jobs(root / "alone")]
+    return root, shared, alone
+
+
+def test_shared_prefill_gives_identical_results_for_every_method(shared_and_alone):
+    root, shared, alone = shared_and_alone
+    assert len(shared) == len(alone) == 2 * len(METHODS.names())
+    for s, a in zip(shared, alone):
+        assert s["status"] == a["status"] == "ok", (s.get("error"), a.get("error"))
+        assert s["prefill_shared"] is True and a["prefill_shared"] is False
+        name = f"{s['method']}_{s['budget']}"
+        rows_s, rows_a = _rows(root / "shared" / name), _rows(root / "alone" / name)
+        assert len(rows_s) == len(rows_a) == 2
+        for rs, ra in zip(rows_s, rows_a):
+            for key in COMPARED:
+                assert rs[key] == ra[key], (name, key)
+            # TTFT = the shared prefill's time + this job's own compression
+            assert rs["ttft_s"] == pytest.approx(rs["prefill_s"] + rs["compress_s"])
+        for key in ("accuracy", "kv_cache_bytes", "prompt_tokens_kept", "needle_recall"):
+            assert s[key] == a[key], (name, key)
+
+
+def test_a_failing_member_is_recorded_and_the_others_finish(tmp_path, monkeypatch, smollm2_path):
+    snap = METHODS.get("snapkv")
+
+    def broken(self, *a, **k):
+        raise RuntimeError("snapkv exploded")
+
+    monkeypatch.setattr(snap, "attend", broken)
+    jobs = _jobs(tmp_path, budgets=(0.2,), methods=["full", "snapkv", "sliding_window"])
+    res = run_group(jobs)
+    assert [r["status"] for r in res] == ["ok", "failed", "ok"]
+    assert "snapkv exploded" in res[1]["error"] and res[1]["n_samples"] == 0
+    assert res[0]["n_samples"] == res[2]["n_samples"] == 2
+    assert (tmp_path / "snapkv_0.2" / "samples.jsonl").read_text() == ""
+
+
+def test_resume_reruns_only_missing_or_failed_members(tmp_path, smollm2_path):
+    jobs = _jobs(tmp_path, budgets=(0.2,), methods=["full", "snapkv", "sliding_window"])
+    run_group(jobs)
+    (tmp_path / "snapkv_0.2" / "result.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
+    again = run_group(_jobs(tmp_path, budgets=(0.2,), methods=["full", "snapkv", "sliding_window"]))
+    assert again[0] is None and again[2] is None  # finished: skipped
+    assert again[1]["status"] == "ok"
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert run_group(_jobs(tmp_path, budgets=(0.2,), methods=["full", "snapkv"])) == [None, None]
+
+
+def test_jobs_that_cannot_share_are_refused(tmp_path, smollm2_path):
+    a = Job(compose_run_config([*TINY, "method=full"]), tmp_path / "a")
+    b = Job(compose_run_config([*TINY, "method=full", "seed=1"]), tmp_path / "b")
+    with pytest.raises(ValueError, match="differ in more than method"):
+        run_group([a, b])
+
+
+@pytest.mark.slow
+def test_shared_prefill_is_bit_identical_on_smollm2(tmp_path, smollm2_path):
+    over = ["model=smollm2_135m", "warmup=false", "wandb.mode=disabled", "context_len='512'",
+            "benchmark.n_samples=1"]
+
+    def jobs(sub):
+        return [Job(compose_run_config([*over, f"method={m}", f"budget={b}"]), tmp_path / sub / f"{m}_{b}")
+                for m in METHODS.names() for b in (0.1, 0.3)]
+
+    shared = run_group(jobs("shared"))
+    for job, s in zip(jobs("alone"), shared):
+        a = run_group([job])[0]
+        assert s["status"] == a["status"] == "ok"
+        rs, ra = _rows(Path(str(job.out_dir).replace("alone", "shared"))), _rows(job.out_dir)
+        for key in COMPARED:
+            assert rs[0][key] == ra[0][key], (job.out_dir.name, key)
