@@ -38,7 +38,8 @@ def test_files_and_one_row_per_method_and_length(quick, capsys):
     assert all(s["decode_tokens"] == 3 for s in data["samples"])  # 4 new tokens, no early stop
     md = (out / "bench.md").read_text()
     assert "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | KV MiB |" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    main = md.split("## Sweep")[0]
+    table = [ln for ln in main.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
     assert sum(ln.split(" | ")[1].isdigit() for ln in table) == len(METHODS) * 2
     m = data["machine"]
     assert m["git_commit"] and m["versions"]["torch"] and m["cpu_count"] >= 1
