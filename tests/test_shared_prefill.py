@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, group_jobs
 
 from atskv.compose import compose_run_config
 from atskv.methods import METHODS
 from atskv.runner import Job, run_group
+from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, group_jobs
 
 TINY = ["model=tiny_random", "warmup=false", "hardware.threads=1", "wandb.mode=disabled",
         "context_len='512'"]

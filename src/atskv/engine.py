@@ -92,6 +92,9 @@ class _DecodeSession:
         self.state = state
         self.position = position  # absolute position of the next token
         self.step_read_bytes = 0
+        #: count the bytes each step reads (off inside compiled or captured steps: a static
+        #: step reads the same bytes every time, counted on the eager first step)
+        self.count_reads = True
 
     def seen_tokens(self) -> int:
         return self.position
@@ -108,7 +111,8 @@ class _DecodeSession:
         h_kv = store.n_heads
         res = self.method.attend(self.state, layer, store, q[0, :, 0].view(h_kv, h_q // h_kv, d),
                                  scale)
-        self.step_read_bytes += res.read_bytes
+        if self.count_reads:
+            self.step_read_bytes += res.read_bytes
         return res.out.reshape(1, h_q, 1, d)
 
 

@@ -126,18 +126,36 @@ def use_engine_attention(model: Any) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+@contextlib.contextmanager
+def active(session: Session) -> Iterator[None]:
+    """Route the ``atskv`` attention of the forward passes inside to ``session``."""
+    _ACTIVE.append(session)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def make_cache(model: Any, session: Session) -> SessionCache:
+    return SessionCache(session, model_dims(model)["n_layers"])
+
+
+def step_logits(model: Any, cache: SessionCache, ids: Tensor, positions: Tensor) -> Tensor:
+    """The model on ``ids`` ``(1, t)`` at explicit ``positions`` ``(1, t)`` with ``cache``; the
+    logits of the last position ``(vocab,)``. This is the function a static decode step compiles
+    (no host sync and no data-dependent Python in it: transformers builds no mask for the
+    ``atskv`` attention, and positions are explicit)."""
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[0, -1]
+
+
 @torch.inference_mode()
 def forward(model: Any, session: Session, ids: Tensor, positions: Tensor) -> Tensor:
     """Run the model on ``ids`` ``(1, t)`` at explicit ``positions`` ``(1, t)`` with the
     session's cache; returns the logits of the last position ``(vocab,)``."""
-    cache = SessionCache(session, model_dims(model)["n_layers"])
-    _ACTIVE.append(session)
-    try:
-        out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)
-    finally:
-        _ACTIVE.pop()
-    return out.logits[0, -1]
+    with active(session):
+        return step_logits(model, make_cache(model, session), ids, positions)
 
 
 class _StepClock:

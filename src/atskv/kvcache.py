@@ -4,12 +4,17 @@ Two phases:
 
 * prefill: :class:`DenseKV` holds ``(H_kv, T, d)`` keys/values as they arrive (chunked prefill
   appends), uncompressed, so a method can score every prompt token;
-* decode: :class:`PackedKV` holds, per KV head, only the tokens the method kept, packed one head
-  after another in one flat ``(N, d)`` buffer: head ``h`` owns rows ``[offset[h], offset[h] +
-  capacity[h])`` and fills the first ``length[h]`` of them. Heads (and layers) may keep different
-  numbers of tokens; nothing is padded to a common length, so a smaller budget is a smaller
-  tensor, not a mask. Tokens of a head are kept in their original position order; their rotary
-  position was applied before caching, so eviction never shifts positions.
+* decode, one store per layer holding only the tokens the method kept (layers may keep different
+  numbers, so a smaller budget is a smaller tensor, not a mask; keys carry their rotary position,
+  so eviction never shifts positions):
+
+  - :class:`StaticKV`: ``(H_kv, capacity, d)`` buffers and a device-side fill level: a decode
+    step over it has fixed shapes and no host sync (compilable, capturable). Heads of a layer
+    that keep different numbers of tokens are padded to the longest (counted);
+  - :class:`StaticPagedKV`: the same for heads of any size (packed, page-aligned per head, no
+    padding beyond the page rounding), with per-page key summaries for sparse decoding;
+  - :class:`PackedKV`: packed per head with host-side lengths, for methods whose decode step
+    evicts or selects with data-dependent shapes (eager only).
 
 Pure torch: nothing here knows about transformers.
 """
@@ -61,7 +66,10 @@ class DenseKV:
 
 
 class PackedKV:
-    """Kept tokens of one layer, packed per KV head (see the module docstring)."""
+    """Kept tokens of one layer, packed per KV head (see the module docstring). Its lengths are
+    host-side, so a decode step over it is eager (not capturable)."""
+
+    static = False
 
     def __init__(self, keys: Tensor, values: Tensor, lengths: list[int], capacities: list[int]):
         assert keys.shape == values.shape and keys.dim() == 2
@@ -173,6 +181,85 @@ class PackedKV:
         return 2 * self.k.shape[1] * self.k.element_size()
 
 
+class StaticKV:
+    """Kept tokens of one layer in preallocated ``(H_kv, capacity, d)`` buffers, with the
+    decode-time state (tokens written per head) in a device tensor, so that a decode step over it
+    has fixed shapes and no host synchronisation: it can be compiled (``torch.compile``,
+    ``fullgraph=True``) or captured in a CUDA graph.
+
+    Every head owns ``capacity`` rows: its kept tokens, then ``headroom`` rows for generated
+    tokens (heads with fewer kept tokens are padded to the longest; the padding is allocated and
+    therefore counted). Attention reads every row and masks the ones not written yet.
+
+    ``sinks`` makes it a StreamingLLM ring: once a head is full, each new token overwrites the
+    oldest non-sink row (rows ``sinks ..`` in turn). Keys carry their rotary positions, and
+    attention does not depend on the order of rows, so this keeps exactly the tokens that
+    evicting the oldest non-sink token and appending would keep.
+    """
+
+    static = True
+
+    def __init__(self, keys: Tensor, values: Tensor, keep: list[Tensor], headroom: int,
+                 sinks: int | None = None):
+        n_heads, _, d = keys.shape
+        dev = keys.device
+        lengths = [int(i.numel()) for i in keep]
+        self.capacity = max(lengths) + headroom
+        self.k = keys.new_zeros(n_heads, self.capacity, d)
+        self.v = values.new_zeros(n_heads, self.capacity, d)
+        for h, idx in enumerate(keep):
+            idx = idx.to(dev)  # layers may sit on different GPUs
+            self.k[h, : lengths[h]] = keys[h].index_select(0, idx)
+            self.v[h, : lengths[h]] = values[h].index_select(0, idx)
+        self.count = torch.tensor(lengths, device=dev)  # tokens written per head
+        self.sinks = sinks
+        self.reserved = headroom * n_heads  # rows for generated tokens (spare until written)
+        self.initial = sum(lengths)
+
+    @property
+    def n_heads(self) -> int:
+        return self.k.shape[0]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write one token per head (``(H_kv, d)``) on the device, without a host sync."""
+        slot = self.count
+        cap = self.k.shape[1]  # (a tensor size, not a Python int: may be symbolic when compiled)
+        if self.sinks is not None:
+            slot = torch.where(self.count < cap, self.count,
+                               self.sinks + (self.count - cap) % (cap - self.sinks))
+        heads = torch.arange(self.n_heads, device=slot.device)
+        self.k.index_put_((heads, slot), k)
+        self.v.index_put_((heads, slot), v)
+        self.count += 1
+
+    def attend(self, q: Tensor, scale: float) -> Tensor:
+        """Attention of ``q`` ``(H_kv, g, d)`` over every written row of each head."""
+        rows = torch.arange(self.k.shape[1], device=self.count.device)
+        written = rows[None, :] < self.count[:, None]  # (H, capacity)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=written[:, None, :],
+                                              scale=scale)
+
+    def read_bytes(self) -> int:
+        """Bytes one :meth:`attend` reads: every row of every head (masked rows included)."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    def total_tokens(self) -> int:
+        return int(self.count.clamp(max=self.capacity).sum())  # a host sync: never in a step
+
+    def spare_bytes(self) -> int:
+        """Bytes of the headroom rows no generated token has been written to (yet)."""
+        if self.sinks is not None and self.reserved == 0:
+            return 0
+        written = int(self.count.sum()) - self.initial  # a host sync: never inside a decode step
+        return max(0, self.reserved - written) * self.token_bytes()
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.k, self.v, self.count
+
+    def token_bytes(self) -> int:
+        return 2 * self.k.shape[2] * self.k.element_size()
+
+
 class StaticPagedKV:
     """Kept tokens of one layer in preallocated, page-aligned per-head segments, with every piece
     of decode-time state on the device (lengths, offsets, per-page key min/max).
@@ -184,6 +271,8 @@ class StaticPagedKV:
     without host synchronisation or data-dependent shapes, so a decode step that uses it can be
     captured once in a CUDA graph and replayed.
     """
+
+    static = True
 
     def __init__(self, keys: Tensor, values: Tensor, keep: list[Tensor], headroom: list[int],
                  page: int, bounds: bool = True):
@@ -260,6 +349,21 @@ class StaticPagedKV:
                   + torch.arange(self.page, device=pages.device)).flatten(1)
         valid = in_seg < self.lens[:, None]
         return self.offsets[:, None] + in_seg.clamp_max(self.caps[:, None] - 1), valid
+
+    def attend(self, q: Tensor, scale: float, pages: Tensor | None = None,
+               chosen: Tensor | None = None) -> tuple[Tensor, int]:
+        """Attention of ``q`` ``(H, g, d)`` over the tokens of ``pages`` ``(H, K)`` (default:
+        every page slot) where ``chosen`` ``(H, K)`` (default: all), with fixed shapes: the
+        pages' rows are gathered and the rows past a head's length or of unchosen pages masked.
+        Returns the output and the bytes read (every gathered row)."""
+        if pages is None:
+            pages = torch.arange(self.n_pages, device=q.device).expand(self.n_heads, self.n_pages)
+        rows, valid = self.token_index(pages)
+        if chosen is not None:
+            valid = valid & chosen.repeat_interleave(self.page, dim=1)
+        out = F.scaled_dot_product_attention(q, self.k[rows], self.v[rows],
+                                             attn_mask=valid[:, None, :], scale=scale)
+        return out, rows.numel() * self.token_bytes()
 
     def total_tokens(self) -> int:
         return int(self.lens.sum())

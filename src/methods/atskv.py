@@ -193,20 +193,16 @@ class ATSKV(ScoredSelection):
 
     def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
                scale: float) -> AttendResult:
-        n_pages = store.n_pages
-        if not self.sparse_decode or n_pages <= max(self.min_pages, self.max_pages):
+        if not self.sparse_decode or store.n_pages <= max(self.min_pages, self.max_pages):
             # every page fits the cap: exact attention over all of them is cheaper than ranking
-            pages = torch.arange(n_pages, device=q.device).expand(store.n_heads, n_pages)
-            chosen = torch.ones_like(pages, dtype=torch.bool)
-            meta = 0
-        else:
-            pages, chosen = self.rank_pages(store, q, scale)
-            meta = 3 * store.kmin.numel() * store.kmin.element_size()
+            return AttendResult(*store.attend(q, scale))
+        pages, chosen = self.rank_pages(store, q, scale)
+        meta = 3 * store.kmin.numel() * store.kmin.element_size()
+        if self.static:
+            out, read = store.attend(q, scale, pages, chosen)
+            return AttendResult(out, read + meta)
         rows, valid = store.token_index(pages)
         valid = valid & chosen.repeat_interleave(store.page, dim=1)
-        if self.static:
-            out = masked_attention(q, store.k[rows], store.v[rows], valid, scale)
-            return AttendResult(out, rows.numel() * store.token_bytes() + meta)
         outs, read = [], 0
         for h in range(store.n_heads):  # exactly the chosen tokens: data-dependent shapes
             r = rows[h][valid[h]]
@@ -282,7 +278,3 @@ def allocate(scores: Tensor, total: int, min_share: float) -> Tensor:
         counts += torch.bincount(owner[winners], minlength=n * h).view(n, h)
     return counts
 
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:
-    """``q`` ``(H, g, d)`` over gathered ``k``/``v`` ``(H, m, d)`` where ``valid`` ``(H, m)``."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :], scale=scale)

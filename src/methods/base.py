@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV, tensor_bytes
+from atskv.kvcache import PackedKV, StaticKV, StaticPagedKV, tensor_bytes
 from atskv.registry import Registry
 from atskv.types import ConfigError
 
@@ -157,9 +157,11 @@ class Method:
         return 0
 
     def static_decode(self) -> bool:
-        """Whether the decode state lives in fixed-shape device tensors updated in place with no
-        host synchronisation, so that the decode step can be captured (CUDA graph)."""
-        return False
+        """Whether the decode step is static: fixed shapes, state in device tensors updated in
+        place, no host synchronisation, no data-dependent Python control flow, so that it can be
+        compiled (``torch.compile``, ``fullgraph=True``) or captured in a CUDA graph. True for
+        the default store (:class:`StaticKV`) and hooks."""
+        return True
 
     # -- per generation ---------------------------------------------------------------------
     def prompt_keep(self, prompt_len: int) -> int:
@@ -188,10 +190,14 @@ class Method:
     def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> Any:
         """The layer's decode storage from the prefill tensors ``(H_kv, L, d)`` (a copy of the
-        kept tokens; the prefill tensors are never modified). Default: every generated token is
-        appended, so each head gets a row for each generated token that is fed back (all but the
-        last)."""
-        return PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
+        kept tokens; the prefill tensors are never modified). Default: a static store where every
+        generated token is appended, so each head gets a row for each generated token that is fed
+        back (all but the last). Heads keeping different numbers of tokens are packed without
+        padding (:class:`StaticPagedKV` with pages of one token)."""
+        if len({int(k.numel()) for k in keep}) == 1:
+            return StaticKV(keys, values, keep, headroom(state))
+        return StaticPagedKV(keys, values, keep, [headroom(state)] * len(keep), page=1,
+                             bounds=False)
 
     # -- each decode step -------------------------------------------------------------------
     def before_append(self, state: State, layer: int, store: Any) -> None:
@@ -199,6 +205,10 @@ class Method:
 
     def attend(self, state: State, layer: int, store: Any, q: Tensor, scale: float) -> AttendResult:
         """Attention of one query step ``q`` ``(H_kv, g, d)`` over the stored tokens."""
+        if isinstance(store, StaticKV):
+            return AttendResult(store.attend(q, scale), store.read_bytes())
+        if isinstance(store, StaticPagedKV):
+            return AttendResult(*store.attend(q, scale))
         return AttendResult(dense_attention(store, q, scale),
                             store.total_tokens() * store.token_bytes())
 

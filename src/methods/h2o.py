@@ -63,6 +63,9 @@ class H2O(Method):
     def queries_needed(self) -> int:
         return self.prefill_window or ALL_QUERIES
 
+    def static_decode(self) -> bool:
+        return False  # evicts by the argmin of accumulated scores with host-side lengths
+
     def begin(self, prompt_len: int, max_new_tokens: int) -> H2OState:
         state = H2OState(prompt_len, max_new_tokens, self.prompt_keep(prompt_len))
         state.heavy = round(self.heavy_fraction * state.keep)

@@ -56,6 +56,9 @@ class Quest(Method):
         self.check("page_size", self.page_size, self.page_size >= 1, "must be >= 1")
         self.check("dense_layers", self.dense_layers, self.dense_layers >= 0, "must be >= 0")
 
+    def static_decode(self) -> bool:
+        return False  # page bounds synced and pages chosen with host-side lengths
+
     def begin(self, prompt_len: int, max_new_tokens: int) -> QuestState:
         state = QuestState(prompt_len, max_new_tokens, prompt_len)  # stores every prompt token
         state.tokens = self.token_budget or self.prompt_keep(prompt_len) + headroom(state)
@@ -65,7 +68,7 @@ class Quest(Method):
     def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> PackedKV:
         assert isinstance(state, QuestState)
-        store = super().make_store(state, layer, keys, values, keep)
+        store = PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
         longest = max(store.capacities)
         if layer >= self.dense_layers and longest > max(state.tokens, state.n_pages * self.page_size):
             state.bounds[layer] = PageBounds(store, self.page_size)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, AttendResult, State
+from atskv.methods.base import METHODS, AttendResult, State, headroom
 from atskv.methods.pages import PageBounds, attend_tokens, head_batches, sparq_page_scores
 from atskv.methods.scoring import ScoredSelection, topk_sorted
 
@@ -75,6 +75,9 @@ class RocketKV(ScoredSelection):
         self.check("token_budget", self.token_budget,
                    self.token_budget is None or self.token_budget >= 1, "must be >= 1 (or null)")
 
+    def static_decode(self) -> bool:
+        return False  # page bounds synced and pages chosen with host-side lengths
+
     def begin(self, prompt_len: int, max_new_tokens: int) -> RocketState:
         total = prompt_len + max_new_tokens
         if self.token_budget:  # the paper's own parameterisation
@@ -95,7 +98,7 @@ class RocketKV(ScoredSelection):
     def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> PackedKV:
         assert isinstance(state, RocketState)
-        store = super().make_store(state, layer, keys, values, keep)
+        store = PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
         if max(store.capacities) > state.t:  # stage 2 will run: page bounds are kept
             state.bounds[layer] = PageBounds(store, state.chunk)
         return store

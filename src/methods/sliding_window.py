@@ -3,7 +3,9 @@
 Keeps the first ``n_sink`` tokens and the most recent ``keep - n_sink`` of the prompt (``keep``:
 the prompt budget), and evicts the oldest non-sink token as each generated token arrives, so the
 cache stays at its compressed size while decoding, as in the paper. When the budget covers the
-whole prompt nothing is compressed and nothing is evicted (the full cache). Keys keep their
+whole prompt nothing is compressed and nothing is evicted (the full cache). The cache is a ring
+buffer (:class:`atskv.kvcache.StaticKV` with ``sinks``): a new token overwrites the oldest
+non-sink row in place, so the decode step is static (compilable, capturable). Keys keep their
 original positions (the common comparison setting; the paper re-rotates keys to in-cache
 positions instead).
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
+from atskv.kvcache import StaticKV
 from atskv.methods.base import METHODS, Method, PrefillContext, State
 
 
@@ -44,12 +46,8 @@ class SlidingWindow(Method):
         return [[keep] * ctx.n_kv_heads for _ in range(ctx.n_layers)]
 
     def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
-                   keep: list[Tensor]) -> PackedKV:
+                   keep: list[Tensor]) -> StaticKV:
         if state.keep >= state.prompt_len:  # not compressed: the full cache
             return super().make_store(state, layer, keys, values, keep)
-        return PackedKV.from_selection(keys, values, keep, [0] * len(keep))
-
-    def before_append(self, state: State, layer: int, store: PackedKV) -> None:
-        for h in range(store.n_heads):
-            if store.lengths[h] >= store.capacities[h]:
-                store.evict(h, min(self.n_sink, store.lengths[h] - 1))
+        # a ring: each generated token overwrites the oldest non-sink token (static, in place)
+        return StaticKV(keys, values, keep, headroom=0, sinks=min(self.n_sink, state.keep - 1))
