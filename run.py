@@ -71,8 +71,20 @@ def group_members(cfg: DictConfig) -> list:
     return jobs
 
 
+def objective(result: dict | None, out_dir: Path) -> float:
+    """What a sweeper optimises: the run's accuracy (a finished run that was skipped reports the
+    accuracy in its result.json; a failed run NaN)."""
+    from atskv import results
+
+    result = result or results.read_result(out_dir) or {}
+    acc = result.get("accuracy") if result.get("status") == "ok" else None
+    return float("nan") if acc is None else float(acc)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | list[float]:
+    """One job, or the members of a prefill-sharing group. Returns the objective (accuracy) of
+    each: a float for one job, a list (in member order) for a group."""
     from atskv.runner import Job, run_group
 
     if _interrupted:
@@ -105,6 +117,8 @@ def main(cfg: DictConfig) -> None:
         print(f"results: {job.out_dir / 'result.json'}")
     if failed and hc.mode == RunMode.RUN:
         sys.exit(1)
+    values = [objective(r, job.out_dir) for job, r in zip(jobs, results)]
+    return values if cfg.atskv_group else values[0]
 
 
 if __name__ == "__main__":

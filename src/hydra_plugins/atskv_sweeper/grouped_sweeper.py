@@ -15,6 +15,7 @@ launches every job on its own.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -53,17 +54,60 @@ def decode(token: str) -> list[list[str]]:
 def group_jobs(batch: Sequence[Sequence[str]]) -> list[list[str]]:
     """Launchable override lists for ``batch``: jobs that differ only in member keys become one
     job carrying ``atskv_group`` (groups of one stay plain jobs), in order of first appearance."""
-    groups: dict[tuple[str, ...], list[list[str]]] = {}
-    for job in batch:
-        shared = tuple(o for o in job if not member_key(o))
-        groups.setdefault(shared, []).append([o for o in job if member_key(o)])
-    out = []
-    for shared, members in groups.items():
-        if len(members) == 1:
-            out.append([*shared, *members[0]])
-        else:
-            out.append([*shared, *members[0], f"{GROUP_KEY}={encode(members)}"])
-    return out
+    return plan(batch)[0]
+
+
+def plan(batch: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[tuple[int, int | None]]]:
+    """:func:`group_jobs`, and for every job of ``batch`` where it went: (launched job, member
+    index; None for a job launched alone)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, job in enumerate(batch):
+        groups.setdefault(tuple(o for o in job if not member_key(o)), []).append(i)
+    launched: list[list[str]] = []
+    where: list[tuple[int, int | None]] = [(0, None)] * len(batch)
+    for shared, jobs in groups.items():
+        members = [[o for o in batch[i] if member_key(o)] for i in jobs]
+        if len(jobs) == 1:
+            where[jobs[0]] = (len(launched), None)
+            launched.append([*shared, *members[0]])
+            continue
+        for m, i in enumerate(jobs):
+            where[i] = (len(launched), m)
+        launched.append([*shared, *members[0], f"{GROUP_KEY}={encode(members)}"])
+    return launched, where
+
+
+class GroupingLauncher(Launcher):
+    """Wraps the configured launcher: each batch it is given is launched as prefill-sharing
+    groups (:func:`plan`), and one :class:`JobReturn` per original job comes back (a group job
+    returns its members' values as a list, which is split up here), so a sweeper, the basic one
+    or optuna's, sees the jobs it asked for."""
+
+    def __init__(self, inner: Launcher) -> None:
+        self.inner = inner
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.inner.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        launched, where = plan(job_overrides)
+        if len(launched) < len(job_overrides):
+            log.info("%d jobs in %d prefill-sharing unit(s) of work (share_prefill=false: "
+                     "one prefill per job)", len(job_overrides), len(launched))
+        rets = self.inner.launch(launched, initial_job_idx=initial_job_idx)
+        out = []
+        for overrides, (li, member) in zip(job_overrides, where):
+            ret = rets[li]
+            if member is None:
+                out.append(ret)
+                continue
+            one = dataclasses.replace(ret, overrides=list(overrides))
+            if ret.status == JobStatus.COMPLETED:
+                one.return_value = ret.return_value[member]
+            out.append(one)
+        return out
 
 
 class GroupedSweeper(Sweeper):
@@ -87,6 +131,8 @@ class GroupedSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+        if OmegaConf.select(config, "share_prefill", default=False):
+            self.launcher = GroupingLauncher(self.launcher)
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
@@ -95,7 +141,6 @@ class GroupedSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         batches = basic_sweeper.BasicSweeper.split_arguments(parser.parse_overrides(params),
                                                              self.max_batch_size)
-        share = bool(OmegaConf.select(self.config, "share_prefill", default=False))
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -103,13 +148,9 @@ class GroupedSweeper(Sweeper):
         initial_job_idx = 0
         for batch in batches:
             self.validate_batch_is_legal(batch)
-            launch = group_jobs(batch) if share else [list(job) for job in batch]
-            if len(launch) < len(batch):
-                log.info("%d jobs in %d prefill-sharing unit(s) of work (share_prefill=false: "
-                         "one prefill per job)", len(batch), len(launch))
-            results = self.launcher.launch(launch, initial_job_idx=initial_job_idx)
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             for r in results:
                 _ = r.return_value  # re-raises a job's failure
-            initial_job_idx += len(launch)
+            initial_job_idx += len(batch)
             returns.append(results)
         return returns
