@@ -42,7 +42,8 @@ def test_sweep_writes_one_result_per_job_and_skips_finished(tmp_path):
     by = {r["method"]: r for r in res}
     ratio = by["sliding_window"]["kv_cache_bytes"] / by["full"]["kv_cache_bytes"]
     assert ratio == pytest.approx(0.25, abs=0.01)
-    assert by["full"]["kv_cache_bytes"] == by["full"]["kv_cache_bytes_uncompressed"]
+    # full holds K/V for every token plus its per-head fill counters
+    assert by["full"]["kv_cache_bytes"] == pytest.approx(by["full"]["kv_cache_bytes_uncompressed"], rel=1e-3)
     for p in tmp_path.rglob("samples.jsonl"):
         rows = [json.loads(line) for line in p.read_text().splitlines()]
         assert len(rows) == 1 and {"prediction", "reference", "score", "ttft_s"} <= set(rows[0])
