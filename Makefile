@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-fast lint report bench clean
+.PHONY: help install run sweep test test-fast lint report bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ report: $(STAMP) ## tables and plots from every outputs/**/result.json
 
 bench: $(STAMP) ## the performance protocol (ratios to full in the same run)
 	$(PY) -m atskv.bench $(ARGS)
+
+gpu-check: $(STAMP) ## on a CUDA machine: gpu tests + bench with/without the CUDA graph -> outputs/gpu/
+	$(PY) -m atskv.gpu_check $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_random", "benchmark.n_samples=1", "warmup=false", "hardware.threads=1"]
+TINY = ["model=tiny_random", "benchmark.n_samples=1", "warmup=false", "hardware.threads=1",
+        "hardware.compile=false"]  # compiled decoding has its own tests (test_compiled_decode.py)
 
 
 def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -74,3 +75,31 @@ def test_bad_input_fails_fast_and_writes_nothing(tmp_path, override, message):
     assert message in proc.stderr + proc.stdout
     assert not list(tmp_path.rglob("result.json"))
     assert "Loading weights" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_newline_stop_string_ends_generation_through_run_py(tmp_path):
+    """LongBench's samsum stops at the first newline (its protocol's stop string): the real
+    model's summary ends there, fewer tokens than the 128 allowed are made."""
+    data = tmp_path / "lb"
+    data.mkdir()
+    dialogue = ("Anna: Are we still on for lunch tomorrow?\nBen: Yes! 12:30 at the Thai place?\n"
+                "Anna: Perfect, I'll book a table.\nBen: Great, see you there.\n")
+    with open(data / "samsum.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"input": dialogue, "context": "Dialogue: " + dialogue * 3,
+                                "answers": ["Anna and Ben will have lunch at the Thai place."],
+                                "length": 60, "dataset": "samsum", "language": "en",
+                                "all_classes": None, "_id": f"s{i}"}) + "\n")
+    out = tmp_path / "run"
+    proc = run_py("benchmark=longbench", f"benchmark.data_dir={data}", "benchmark.tasks=[samsum]",
+                  "benchmark.n_samples=2", "context_len='512'", "warmup=false",
+                  "wandb.mode=disabled", "hardware.compile=false", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows
+    for r in rows:
+        assert r["stopped_by"] in ("stop", "eos"), r
+        assert "\n" not in r["prediction"]
+        assert r["generated_tokens"] < 128
+    assert any(r["stopped_by"] == "stop" for r in rows)

@@ -223,3 +223,27 @@ def test_loglikelihood_not_supported(snap_lm):
         snap_lm.loglikelihood([req])
     with pytest.raises(NotImplementedError, match="generate_until"):
         snap_lm.loglikelihood_rolling([req])
+
+
+def test_until_stops_generation_in_the_engine(full_lm, tmp_path):
+    """lm-eval's ``until`` ends generation inside the engine (fewer tokens made, fewer KV bytes),
+    not only cuts the returned text; an exported task keeps its stop strings."""
+    context = f"{FILLER}Question 7: what color is the grass?"
+    free = full_lm.generate_until([gen_request(context, max_gen_toks=24)])[0]
+    free_out = full_lm.last_output
+    assert len(free_out.token_ids) == 24
+    stop = free[len(free) // 2:][:2]  # a string the unconstrained output contains mid-way
+    assert stop and stop in free
+    cut = full_lm.generate_until([gen_request(context, until=[stop], max_gen_toks=24)])[0]
+    out = full_lm.last_output
+    assert cut == free[: free.find(stop)]
+    assert out.stats["stopped_by"] == "stop"
+    assert len(out.token_ids) < 24 and out.token_ids == free_out.token_ids[: len(out.token_ids)]
+    assert out.kv_bytes_peak < free_out.kv_bytes_peak
+    # an exported benchmark task keeps its samples' stop strings in its YAML
+    from atskv.types import Sample
+
+    s = Sample(id="t/0", task="trec", input_ids=[1, 2, 3], references=["x"], max_new_tokens=8,
+               stop=["\n"])
+    (name,) = export_samples([s], full_lm.tokenizer, "longbench", tmp_path)
+    assert 'until: ["\\n"]' in (tmp_path / f"{name}.yaml").read_text()

@@ -246,8 +246,8 @@ def test_budget_one_equals_full(tiny_model, full_out, name, kw):
     full = full_out
     out = generate(tiny_model, _method(name, budget, **kw), PROMPT, 8, return_logits=True)
     assert out.token_ids == full.token_ids
-    atol = 1e-5 if METHODS.get(name)().static_decode() else 0.0  # masked/gathered attention
-    assert max_diff(out.stats["logits"], full.stats["logits"]) <= atol
+    # the same attention up to summation order (static stores mask rows, packed ones do not)
+    assert max_diff(out.stats["logits"], full.stats["logits"]) <= 1e-5
     assert out.stats["prompt_tokens_kept"]["min"] == len(PROMPT)
     if not METHODS.get(name).sparse_reads:
         assert out.kv_bytes_peak == full.kv_bytes_peak

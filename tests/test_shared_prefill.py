@@ -13,7 +13,8 @@ from atskv.methods import METHODS
 from atskv.runner import Job, run_group
 from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, group_jobs
 
-TINY = ["model=tiny_random", "warmup=false", "hardware.threads=1", "wandb.mode=disabled",
+TINY = ["model=tiny_random", "warmup=false", "hardware.threads=1", "hardware.compile=false",
+        "wandb.mode=disabled",
         "context_len='512'"]
 COMPARED = ("prediction", "generated_tokens", "score", "score_parts", "stopped_by",
             "kv_cache_bytes", "kv_cache_bytes_after_compression", "kv_cache_bytes_uncompressed",

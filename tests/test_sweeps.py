@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "context_len=512", "benchmark.n_samples=1", "warmup=false",
-        "hardware.threads=1", "wandb.mode=disabled"]
-SUFFIX = "benchmark.n_samples=1,hardware.threads=1"  # the overrides that name the folder
+        "hardware.threads=1", "hardware.compile=false", "wandb.mode=disabled"]
+# the overrides that name the folder
+SUFFIX = "benchmark.n_samples=1,hardware.compile=false,hardware.threads=1"
 
 
 def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -236,9 +236,7 @@ class Entrant:
         if name != HF:
             from atskv.engine import Engine
 
-            hw = setup.cfg.hardware
-            self.engine = Engine(setup.model, setup.tokenizer, prefill_chunk=hw.prefill_chunk,
-                                 cuda_graph=hw.cuda_graph and setup.device.type == "cuda")
+            self.engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
 
     def warmup(self) -> None:
         if self.engine is not None:
@@ -531,9 +529,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from atskv.engine import Engine
 
         lens = args.sweep_lens or ([256] if args.quick else SWEEP_LENS)
-        hw = setup.cfg.hardware
-        engine = Engine(setup.model, setup.tokenizer, prefill_chunk=hw.prefill_chunk,
-                        cuda_graph=hw.cuda_graph and setup.device.type == "cuda")
+        engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
         log(f"sweep section: {len(sweep_jobs)} jobs at {lens}")
         rows = run_sweep(engine, sweep_jobs, {c: prompt(setup.tokenizer, c, setup.cfg.seed)
                                               for c in lens}, args.new_tokens, log)

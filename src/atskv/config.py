@@ -63,6 +63,7 @@ class HardwareConfig:
     threads: int | None = None
     prefill_chunk: int = 0  # tokens per prefill chunk (0: one pass)
     cuda_graph: bool = False  # capture the static decode step (methods that have one)
+    compile: bool = False  # torch.compile the static decode step (methods that have one)
     device_map: str | None = None  # e.g. "auto" to spread a model over several GPUs
 
 

@@ -144,16 +144,26 @@ class Engine:
     """Greedy generation with a KV-cache method on a transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, prefill_chunk: int = 0,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = cuda_graph
+        self.compile = compile
         self.dims = hf_seam.model_dims(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.scale = self.dims["head_dim"] ** -0.5
         self.eos_ids = hf_seam.eos_token_ids(model, tokenizer)
+
+    @classmethod
+    def for_hardware(cls, model: Any, tokenizer: Any, hw: Any) -> Engine:
+        """An engine with a ``hardware`` config's prefill chunk, CUDA-graph and compile settings
+        (the graph only on a CUDA device)."""
+        device = next(model.parameters()).device
+        return cls(model, tokenizer, prefill_chunk=hw.prefill_chunk,
+                   cuda_graph=bool(hw.cuda_graph) and device.type == "cuda",
+                   compile=bool(hw.compile))
 
     def full_kv_bytes(self, n_tokens: int) -> int:
         """Bytes a full cache holds for ``n_tokens`` tokens (all layers, K and V)."""
@@ -242,6 +252,9 @@ class Engine:
         tokens, read_bytes, decode_s, step = self.decode(
             method, state, pre.prompt_len, token, max_new_tokens, stopper, stop_at_eos,
             logits_seen if return_logits else None)
+        # steps that compiled the decode step are timed apart (compile_s), not as decoding
+        decode_tokens = len(tokens) - 1 - step.compile_steps
+        decode_s -= step.compile_s
         kv_end = state.nbytes()
         text_tokens = [t for t in tokens if not (stop_at_eos and t in self.eos_ids)]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True) if self.tokenizer else ""
@@ -249,6 +262,8 @@ class Engine:
         flat = [n for layer in kept for n in layer]
         stats: dict[str, Any] = {
             "cuda_graph": isinstance(step, _GraphStep) and step.graph is not None,
+            "compiled": isinstance(step, _CompiledStep) and step.compiled_calls > 0,
+            "compile_s": step.compile_s,
             "kept_tokens": kept,
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
             "kv_bytes_prefill": pre.kv_bytes,
@@ -267,7 +282,7 @@ class Engine:
             prompt_tokens=pre.prompt_len,
             ttft_s=pre.seconds + compress_s,
             decode_s=decode_s,
-            decode_tokens=len(tokens) - 1,
+            decode_tokens=decode_tokens,
             kv_bytes_after_compression=kv_after,
             kv_bytes_peak=max(kv_after, kv_end),
             kv_bytes_uncompressed=self.full_kv_bytes(pre.prompt_len + len(tokens) - 1),
@@ -300,18 +315,26 @@ class Engine:
         return tokens, read_bytes, decode_s, step
 
     def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
-        if self.cuda_graph and self.device.type == "cuda" and method.static_decode():
+        static = method.static_decode() and all(s.static for s in session.state.stores)
+        if static and self.cuda_graph and self.device.type == "cuda":
             return _GraphStep(self.model, session, self.device)
+        if static and self.compile:
+            return _CompiledStep(self.model, session, self.device)
         return _EagerStep(self.model, session, self.device)
 
     def warmup(self, method: Method) -> None:
-        """One short generation so that one-time costs stay out of the timed samples."""
-        n = min(64, self.dims["max_positions"] - 4)
-        self.generate(list(range(1, n + 1)), method, max_new_tokens=3, stop_at_eos=False)
+        """Short generations so that one-time costs (first calls, compiling the decode step for
+        one set of shapes and then for varying ones) stay out of the timed samples."""
+        for n in (64, 80):
+            n = min(n, self.dims["max_positions"] - 6)
+            self.generate(list(range(1, n + 1)), method, max_new_tokens=4, stop_at_eos=False)
 
 
 class _EagerStep:
     """One decode step: the token at the session's next position through the model."""
+
+    compile_s = 0.0  # time spent compiling (compiled steps only)
+    compile_steps = 0  # steps whose time was compile time
 
     def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
         self.model, self.session, self.device = model, session, device
@@ -323,6 +346,71 @@ class _EagerStep:
         logits = hf_seam.forward(self.model, s, torch.tensor([[token]], device=self.device), pos)
         s.position += 1
         return logits, s.step_read_bytes
+
+
+_COMPILED: Any = None
+
+
+def compiled_step() -> Any:
+    """The decode step compiled once per process: :func:`atskv.hf_seam.step_logits` under
+    ``torch.compile(fullgraph=True)`` (a graph break, a host sync or a data-dependent shape is an
+    error, the same things that break CUDA-graph capture). Guards re-specialise it per method and
+    model; tensor sizes that vary between generations (cache capacities) become dynamic after
+    their first change."""
+    global _COMPILED
+    if _COMPILED is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED = torch.compile(hf_seam.step_logits, fullgraph=True)
+    return _COMPILED
+
+
+def _compilations() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class _CompiledStep(_EagerStep):
+    """Decode steps through the compiled static step (:func:`compiled_step`).
+
+    The first step runs eagerly and counts the KV bytes a step reads (a static step reads the
+    same bytes every time); the later ones call the compiled function with the token and the
+    position in device tensors, reads uncounted. A call that had to compile (a new method, model
+    or shape) is timed as ``compile_s`` and left out of the decode rate.
+    """
+
+    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
+        super().__init__(model, session, device)
+        self.fn = compiled_step()
+        self.cache = hf_seam.make_cache(model, session)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.read_bytes = 0
+        self.calls = self.compiled_calls = self.compile_steps = 0
+        self.compile_s = 0.0
+
+    def __call__(self, token: int) -> tuple[Tensor, int]:
+        self.calls += 1
+        if self.calls == 1:
+            logits, self.read_bytes = super().__call__(token)
+            return logits, self.read_bytes
+        s = self.session
+        s.count_reads = False
+        self.ids.fill_(token)
+        self.pos.fill_(s.position)
+        before = _compilations()
+        t0 = time.perf_counter()
+        with hf_seam.active(s):
+            logits = self.fn(self.model, self.cache, self.ids, self.pos)
+        if _compilations() != before:
+            synchronize(self.device)
+            self.compile_s += time.perf_counter() - t0
+            self.compile_steps += 1
+        self.compiled_calls += 1
+        s.position += 1
+        return logits, self.read_bytes
 
 
 class _GraphStep(_EagerStep):

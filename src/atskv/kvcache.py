@@ -236,8 +236,9 @@ class StaticKV:
         """Attention of ``q`` ``(H_kv, g, d)`` over every written row of each head."""
         rows = torch.arange(self.k.shape[1], device=self.count.device)
         written = rows[None, :] < self.count[:, None]  # (H, capacity)
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=written[:, None, :],
-                                              scale=scale)
+        # as one batch of H heads (the layout CPU's fused SDPA kernel takes a mask fastest in)
+        return F.scaled_dot_product_attention(q[None], self.k[None], self.v[None],
+                                              attn_mask=written[None, :, None, :], scale=scale)[0]
 
     def read_bytes(self) -> int:
         """Bytes one :meth:`attend` reads: every row of every head (masked rows included)."""
@@ -282,7 +283,7 @@ class StaticPagedKV:
         self.page = page
         lengths = [int(i.numel()) for i in keep]
         caps = [-(-(n + r) // page) * page for n, r in zip(lengths, headroom)]
-        self.n_pages = max(caps) // page  # page slots per head (bounds are padded to this)
+        n_pages = max(caps) // page  # page slots per head (bounds are padded to this)
         self.k = keys.new_zeros(sum(caps), d)
         self.v = values.new_zeros(sum(caps), d)
         starts = [0]
@@ -299,14 +300,16 @@ class StaticPagedKV:
         self.caps = torch.tensor(caps, device=dev)
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
-        self.kmin = self.kmax = self.ksum = self.pinned = None
+        #: pages a method wants attended at every step (set after construction); its shape is
+        #: also where the number of page slots is read from (a tensor size, so that a compiled
+        #: step treats it as a dimension, not as a constant)
+        self.pinned = torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev)
+        self.kmin = self.kmax = self.ksum = None
         if not bounds:
             return
-        self.kmin = keys.new_full((n_heads, self.n_pages, d), float("inf"))
-        self.kmax = keys.new_full((n_heads, self.n_pages, d), float("-inf"))
-        self.ksum = keys.new_zeros((n_heads, self.n_pages, d))
-        #: pages a method wants attended at every step (set after construction)
-        self.pinned = torch.zeros(n_heads, self.n_pages, dtype=torch.bool, device=dev)
+        self.kmin = keys.new_full((n_heads, n_pages, d), float("inf"))
+        self.kmax = keys.new_full((n_heads, n_pages, d), float("-inf"))
+        self.ksum = keys.new_zeros((n_heads, n_pages, d))
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
             n_used = -(-lengths[h] // page)
@@ -317,6 +320,11 @@ class StaticPagedKV:
     @property
     def n_heads(self) -> int:
         return self.lens.shape[0]
+
+    @property
+    def n_pages(self) -> int:
+        """Page slots per head (the longest head's pages)."""
+        return self.pinned.shape[1]
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Append one token per head (``(H_kv, d)``), on the device, without a host sync.

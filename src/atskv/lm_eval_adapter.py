@@ -224,8 +224,7 @@ class AtsKVLM(LM):
         self.model = models.load_model(cfg.model, path, device, cfg.hardware.dtype,
                                        cfg.hardware.device_map)
         self.method = build_method(cfg)
-        self.engine = Engine(self.model, self.tokenizer, prefill_chunk=cfg.hardware.prefill_chunk,
-                             cuda_graph=cfg.hardware.cuda_graph)
+        self.engine = Engine.for_hardware(self.model, self.tokenizer, cfg.hardware)
         self._device = torch.device(device)
         self.last_output: GenerationOutput | None = None
         self.records: list[dict[str, Any]] = []

@@ -175,8 +175,7 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
         torch.manual_seed(cfg.seed)
         model = models.load_model(cfg.model, path, cfg.hardware.device, cfg.hardware.dtype,
                                   cfg.hardware.device_map)
-        engine = Engine(model, tokenizer, prefill_chunk=cfg.hardware.prefill_chunk,
-                        cuda_graph=cfg.hardware.cuda_graph)
+        engine = Engine.for_hardware(model, tokenizer, cfg.hardware)
         if cfg.warmup:
             for m in members:
                 engine.warmup(m.method)
