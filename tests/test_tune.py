@@ -94,7 +94,7 @@ def test_command_runs_the_dev_protocol_with_one_trial_budget_for_every_method(tm
                      f"hydra.sweeper.n_trials={tune.DEFAULT_TRIALS}", f"method={plan.method}",
                      f"hydra/sweeper={tune.SWEEPER}", "hydra.sweeper.direction=maximize",
                      f"hydra.sweeper.sampler.seed={tune.SAMPLER_SEED}",
-                     f"hydra.sweep.dir={plan.sweep_dir}"):
+                     f"hydra.sweep.dir={plan.sweep_dir}", f"hydra.sweep.subdir={tune.SUBDIR}"):
             assert item in cmd, item
         assert plan.sweep_dir.parent == tmp_path / plan.method
         # the sweeper overrides compose, and the params are the class's search space
@@ -180,8 +180,10 @@ def test_two_trial_sweep_on_the_tiny_model_writes_a_tuned_preset(tmp_path):
     assert set(prov["best_params"]) == set(space)
     for field, value in prov["best_params"].items():
         assert value in space_values(space[field])
-    results = [json.loads(p.read_text()) for p in Path(prov["sweep_dir"]).rglob("result.json")]
-    assert results and all(r["config"]["benchmark"]["split"] == "dev" for r in results)
+    folders = {p.parent.name: json.loads(p.read_text())
+               for p in Path(prov["sweep_dir"]).glob("*/result.json")}  # snapkv_<knobs>
+    assert folders and all(r["config"]["benchmark"]["split"] == "dev" for r in folders.values())
+    assert all(name.startswith("snapkv") for name in folders)
     text = (out / "snapkv.yaml").read_text()
     assert "# objective: accuracy" in text and "defaults:\n  - snapkv_schema\n" in text
     method = build_method(compose_tuned(tmp_path / "conf", "snapkv"))
