@@ -4,9 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+METHOD ?=
+TRIALS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-fast lint report bench gpu-check clean
+.PHONY: help install run sweep tune tune-all test test-fast lint report bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +28,13 @@ run: $(STAMP) ## the default job: full cache, synthetic benchmark, SmolLM2 (ARGS
 
 sweep: $(STAMP) ## the methods compared at 2048 tokens (ARGS='...' adds overrides)
 	$(PY) run.py -m method=full,sliding_window context_len=2048 budget=0.25 $(ARGS)
+
+tune: $(STAMP) ## tune METHOD=<name> on the dev split -> conf/method/tuned/ (TRIALS=n, ARGS='...')
+	$(PY) -m atskv.tune --method "$(METHOD)" $(if $(TRIALS),--trials $(TRIALS)) $(ARGS)
+
+tune-all: $(STAMP) ## tune every registered method, the same trial budget each (TRIALS=, ARGS=)
+	set -e; for m in $$($(PY) -m atskv.tune --list); do \
+	  $(PY) -m atskv.tune --method $$m $(if $(TRIALS),--trials $(TRIALS)) $(ARGS); done
 
 test: $(STAMP) ## the whole test suite (offline, CPU; real-model tests included)
 	$(PY) -m pytest -q $(ARGS)

@@ -87,6 +87,17 @@ class ATSKV(ScoredSelection):
     static: bool = True
 
     paper = "this project (see src/methods/atskv.py)"
+    # the prefill switches its ablations vary: relevance (window, signal, consensus, span) and
+    # budgets (chunk, adaptive, min_share); the sparse-decode knobs keep their defaults
+    search_space = {
+        "window": "choice(16, 32, 48, 64)",
+        "chunk": "choice(4, 8, 16, 32)",
+        "span": "choice(0, 8, 16, 32)",
+        "consensus": "interval(0.0, 1.0)",
+        "signal": "choice(attn, attn_vnorm)",
+        "min_share": "interval(0.0, 0.5)",
+        "adaptive": "choice(true, false)",
+    }
     sparse_reads = True
     state_type = ATSKVState
 

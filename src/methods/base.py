@@ -133,6 +133,9 @@ class Method:
     sparse_reads: ClassVar[bool] = False
     #: the per-generation state class :meth:`begin` creates
     state_type: ClassVar[type[State]] = State
+    #: hyperparameter field -> hydra-optuna-sweeper distribution (``"choice(8, 16)"``,
+    #: ``"interval(0.1, 0.9)"``) that ``python -m atskv.tune`` searches on the dev split
+    search_space: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.kv_size is not None:

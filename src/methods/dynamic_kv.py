@@ -38,6 +38,13 @@ class DynamicKV(ScoredSelection):
     interval: int = 4
 
     paper = "https://arxiv.org/abs/2412.14838"
+    # DynamicKV varies r_max and the redistribution interval; + window, kernel (pooling stays max)
+    search_space = {
+        "window": "choice(8, 16, 32, 64)",
+        "kernel": "choice(1, 7, 15, 31)",
+        "r_max": "choice(2, 5, 10, 20)",
+        "interval": "choice(1, 2, 4, 8)",
+    }
     state_type = DynamicKVState
 
     def __post_init__(self) -> None:

@@ -11,3 +11,5 @@ from atskv.methods.base import METHODS, Method
 @dataclass(frozen=True)
 class Full(Method):
     compresses = False
+    # no hyperparameters: nothing to tune
+    search_space = {}

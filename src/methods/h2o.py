@@ -51,6 +51,11 @@ class H2O(Method):
     prefill_window: int = 0
 
     paper = "https://arxiv.org/abs/2306.14048"
+    # H2O varies the heavy-hitter / recent split; prefill_window > 0 only (0: all queries, O(L^2))
+    search_space = {
+        "heavy_fraction": "interval(0.1, 0.9)",
+        "prefill_window": "choice(32, 64, 128, 256)",
+    }
     evicts_while_decoding = True
     state_type = H2OState
 

@@ -28,6 +28,13 @@ class PyramidKV(ScoredSelection):
     pooling: str = "max"
 
     paper = "https://arxiv.org/abs/2406.02069"
+    # SnapKV's knobs plus beta, the steepness of the pyramid PyramidKV varies
+    search_space = {
+        "window": "choice(8, 16, 32, 64)",
+        "kernel": "choice(1, 7, 15, 31)",
+        "pooling": "choice(max, avg)",
+        "beta": "choice(5, 10, 20, 40)",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

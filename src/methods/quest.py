@@ -45,6 +45,11 @@ class Quest(Method):
     dense_layers: int = 2
 
     paper = "https://arxiv.org/abs/2406.10774"
+    # Quest varies the page size and keeps the first layers dense (its paper: 16, 2)
+    search_space = {
+        "page_size": "choice(8, 16, 32)",
+        "dense_layers": "choice(0, 1, 2, 4)",
+    }
     compresses = False
     sparse_reads = True
     state_type = QuestState

@@ -67,6 +67,12 @@ class RocketKV(ScoredSelection):
     pooling: str = "max"
 
     paper = "https://arxiv.org/abs/2502.14051"
+    # RocketKV's SnapKV++ stage: observation window and its large pooling kernel (default 63)
+    search_space = {
+        "window": "choice(8, 16, 32, 64)",
+        "kernel": "choice(15, 31, 63, 127)",
+        "pooling": "choice(max, avg)",
+    }
     sparse_reads = True
     state_type = RocketState
 

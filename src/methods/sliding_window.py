@@ -27,6 +27,8 @@ class SlidingWindow(Method):
     n_sink: int = 4
 
     paper = "https://arxiv.org/abs/2309.17453"
+    # StreamingLLM ablates the number of attention sinks (0 to 8+); the window is the budget
+    search_space = {"n_sink": "choice(0, 1, 4, 8, 16)"}
     evicts_while_decoding = True
 
     def __post_init__(self) -> None:

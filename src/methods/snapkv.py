@@ -22,3 +22,9 @@ class SnapKV(ScoredSelection):
     pooling: str = "max"
 
     paper = "https://arxiv.org/abs/2404.14469"
+    # SnapKV varies the observation window and the pooling (kernel 1: none; max vs avg)
+    search_space = {
+        "window": "choice(8, 16, 32, 64)",
+        "kernel": "choice(1, 7, 15, 31)",
+        "pooling": "choice(max, avg)",
+    }
