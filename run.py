@@ -64,10 +64,11 @@ def group_members(cfg: DictConfig) -> list:
     for own in decode(cfg[GROUP_KEY]):
         member = compose_run_config([*hc.overrides.hydra, *task, *own], return_hydra_config=True)
         out_dir = Path(member.hydra.sweep.dir) / str(member.hydra.sweep.subdir)
+        preset = member.hydra.runtime.choices.get("method")
         with open_dict(member):
             del member["hydra"]
         member.sweep_id = cfg.sweep_id
-        jobs.append(Job(member, out_dir))
+        jobs.append(Job(member, out_dir, preset))
     return jobs
 
 
@@ -91,7 +92,8 @@ def main(cfg: DictConfig) -> float | list[float]:
         raise KeyboardInterrupt
     hc = HydraConfig.get()
     try:
-        jobs = group_members(cfg) if cfg.atskv_group else [Job(cfg, Path(hc.runtime.output_dir))]
+        jobs = group_members(cfg) if cfg.atskv_group else [
+            Job(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("method"))]
         results = run_group(jobs)
     except ConfigError as e:
         if hc.mode == RunMode.MULTIRUN:

@@ -43,12 +43,13 @@ def test_sparse_decode_over_every_page_is_exact_attention(static):
     q = torch.randn(2, 3, 8)
     m = ATSKV(max_pages=1000, mass=1.0, min_pages=1, static=static)
     state = m.begin(90, 1)
+    state.dense = False  # rank pages even though they all fit
     got = m.attend(state, 0, store, q, 0.3).out
     for h in range(2):
         k, v = keys[h, keep[h]], values[h, keep[h]]
         ref = torch.softmax(q[h] @ k.T * 0.3, dim=-1) @ v
         torch.testing.assert_close(got[h], ref, atol=1e-5, rtol=1e-5)
-    few = ATSKV(max_pages=2, mass=1.0, min_pages=1, static=static).attend(state, 0, store, q, 0.3)
+    few = ATSKV(max_pages=2, mass=0.5, min_pages=1, static=static).attend(state, 0, store, q, 0.3)
     assert few.read_bytes < m.attend(state, 0, store, q, 0.3).read_bytes
     # with room for every page and mass 1 the ranking itself chooses every live page
     order, chosen = ATSKV(max_pages=store.n_pages, mass=1.0).rank_pages(store, q, 0.3)

@@ -155,7 +155,7 @@ def register_configs() -> None:
 
 
 def register_sweeper() -> None:
-    """Make the prefill-sharing sweeper (``hydra/sweeper=atskv``) known to Hydra's plugin
+    """Make the prefill-sharing sweepers (``hydra/sweeper=atskv``, ``optuna_tune``) known to Hydra's plugin
     registry. Hydra finds plugins by walking the ``hydra_plugins`` namespace package, which does
     not see packages installed in editable mode, so it is registered explicitly (idempotent)."""
     from hydra.core.plugins import Plugins
@@ -163,6 +163,11 @@ def register_sweeper() -> None:
     from hydra_plugins.atskv_sweeper import GroupedSweeper
 
     Plugins.instance().register(GroupedSweeper)
+    try:
+        from hydra_plugins.atskv_sweeper.grouped_optuna import GroupedOptunaSweeper
+    except ImportError:  # hydra-optuna-sweeper is not installed: only `make tune` needs it
+        return
+    Plugins.instance().register(GroupedOptunaSweeper)
 
 
 def resolved_budget(cfg: Any) -> dict[str, Any]:

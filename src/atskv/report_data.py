@@ -88,6 +88,8 @@ def hparams(rec: dict) -> str:
     never merge."""
     from atskv.methods import METHODS
 
+    if str(rec.get("method_preset") or "").startswith("tuned/"):
+        return "tuned"  # the dev-tuned preset (its values are in the run's config)
     cfg = _cfg(rec, "method")
     if not isinstance(cfg, dict):
         return ""

@@ -50,6 +50,8 @@ def group_key(cfg: DictConfig) -> str:
 class Job:
     cfg: DictConfig
     out_dir: Path
+    #: the ``method`` config option chosen (e.g. ``snapkv`` or ``tuned/snapkv``)
+    preset: str | None = None
 
 
 @dataclass
@@ -123,7 +125,7 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 shared = prepare(jobs[i].cfg)
             else:
                 validate(jobs[i].cfg)
-            members[i] = _Member(jobs[i], _base_record(jobs[i].cfg, len(todo)))
+            members[i] = _Member(jobs[i], _base_record(jobs[i], len(todo)))
             members[i].method = build_method(jobs[i].cfg)
         except ConfigError as e:
             if len(jobs) == 1:
@@ -145,10 +147,14 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     return out
 
 
-def _base_record(cfg: DictConfig, group_size: int) -> dict[str, Any]:
+def _base_record(job: Job, group_size: int) -> dict[str, Any]:
+    cfg = job.cfg
     budget = resolved_budget(cfg)
+    preset = job.preset or cfg.method.name
     return {
-        "method": cfg.method.name, "benchmark": cfg.benchmark.name, "model": cfg.model.name,
+        "method": cfg.method.name, "method_preset": preset,
+        "tuned": preset.startswith("tuned/"),
+        "benchmark": cfg.benchmark.name, "model": cfg.model.name,
         "context_len": cfg.context_len, "budget": budget["budget"], "kv_size": budget["kv_size"],
         "budget_of": "prompt", "seed": cfg.seed, "hardware": cfg.hardware.name,
         "dtype": cfg.hardware.dtype, "split": cfg.benchmark.get("split"),

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: the ``hydra/sweeper`` option: hydra-optuna-sweeper's ``optuna`` with ``params: {}``
 #: (conf/hydra/sweeper/optuna_tune.yaml); every sweeper key is set in :func:`sweeper_overrides`
 SWEEPER = "optuna_tune"
-DEFAULT_TRIALS = 32  # the trial budget of every method (equal effort)
-DEFAULT_SAMPLES_PER_TASK = 8
+DEFAULT_TRIALS = 12  # the trial budget of every method (equal effort)
+DEFAULT_SAMPLES_PER_TASK = 3
 SAMPLER_SEED = 0
 BATCH_SIZE = 4  # trials asked of the sampler at a time (hydra.sweeper.n_jobs)
 SWEEP_ROOT = Path("outputs/tune")
@@ -45,6 +45,8 @@ PROTOCOL: dict[str, str] = {
     "context_len": "2048",
     "model": "smollm2_135m",
     "wandb.mode": "disabled",
+    # trials decode 16-48 tokens: compiling each trial's decode step would cost more than it saves
+    "hardware.compile": "false",
 }
 #: keys an extra override may not set (nor any hydra.sweeper.*), and what to use instead
 RESERVED = {"method": "--method", "benchmark.n_samples": "--samples-per-task",

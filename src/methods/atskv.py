@@ -59,6 +59,9 @@ SIGNALS = ("attn", "attn_vnorm", "vnorm")
 class ATSKVState(State):
     #: per layer and head, the rows of the most relevant chunks (consumed by make_store)
     pins: list[list[Tensor] | None] = field(default_factory=list)
+    #: every layer's pages fit ``max_pages``: decode attends densely everywhere (one decision
+    #: per generation, so that a compiled step does not branch differently per layer)
+    dense: bool = True
 
     def own_tensors(self) -> Iterator[Tensor]:
         for layer in self.pins:
@@ -87,16 +90,13 @@ class ATSKV(ScoredSelection):
     static: bool = True
 
     paper = "this project (see src/methods/atskv.py)"
-    # the prefill switches its ablations vary: relevance (window, signal, consensus, span) and
-    # budgets (chunk, adaptive, min_share); the sparse-decode knobs keep their defaults
+    # four knobs, like the baselines: relevance (window, consensus) and budgets (chunk,
+    # min_share); the other switches are ablations, the sparse-decode knobs keep their defaults
     search_space = {
         "window": "choice(16, 32, 48, 64)",
         "chunk": "choice(4, 8, 16, 32)",
-        "span": "choice(0, 8, 16, 32)",
         "consensus": "interval(0.0, 1.0)",
-        "signal": "choice(attn, attn_vnorm)",
         "min_share": "interval(0.0, 0.5)",
-        "adaptive": "choice(true, false)",
     }
     sparse_reads = True
     state_type = ATSKVState
@@ -196,6 +196,7 @@ class ATSKV(ScoredSelection):
         if not self.sparse_decode:
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
         store = StaticPagedKV(keys, values, keep, rows, self.page_size)
+        state.dense = state.dense and store.n_pages <= max(self.min_pages, self.max_pages)
         if layer < len(state.pins) and state.pins[layer] is not None:
             for h, rows in enumerate(state.pins[layer]):
                 store.pinned[h, rows.to(keys.device) // self.page_size] = True
@@ -204,8 +205,10 @@ class ATSKV(ScoredSelection):
 
     def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
                scale: float) -> AttendResult:
-        if not self.sparse_decode or store.n_pages <= max(self.min_pages, self.max_pages):
-            # every page fits the cap: exact attention over all of them is cheaper than ranking
+        assert isinstance(state, ATSKVState)
+        if not self.sparse_decode or state.dense:
+            # every page of every layer fits the cap: exact attention over all of them is
+            # cheaper than ranking
             return AttendResult(*store.attend(q, scale))
         pages, chosen = self.rank_pages(store, q, scale)
         meta = 3 * store.kmin.numel() * store.kmin.element_size()
@@ -243,12 +246,14 @@ class ATSKV(ScoredSelection):
         slot = torch.arange(store.n_pages, device=q.device)[None]
         used = live.sum(dim=1, keepdim=True)
         forced = (slot == 0) | (slot == used - 1) | store.pinned  # sinks, newest, most relevant
-        k = min(self.max_pages, store.n_pages)
+        forced = forced | (used <= self.max_pages)  # a head whose pages all fit: all of them
+        k = torch.sym_min(self.max_pages, store.n_pages)  # no guard on the page count
         order = torch.topk(est + forced * 2.0, k, dim=-1).indices  # forced pages rank first
         est = est.gather(1, order)
         before = est.cumsum(dim=-1) - est  # estimated mass of the better-ranked pages
         rank = torch.arange(k, device=q.device)[None]
-        chosen = ((before < self.mass) | (rank < self.min_pages)) & live.gather(1, order)
+        chosen = ((before < self.mass) | (rank < self.min_pages) | forced.gather(1, order))
+        chosen = chosen & live.gather(1, order)
         return order, chosen
 
 
