@@ -8,7 +8,7 @@ METHOD ?=
 TRIALS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep tune tune-all test test-fast lint report bench gpu-check clean
+.PHONY: help install run sweep tune tune-all results test test-fast lint report bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ test-fast: $(STAMP) ## the tests that need no real model
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check src tests run.py
+
+results: $(STAMP) ## the reference matrix on the test split (paper + tuned) -> results/<date>/, docs/results.md
+	$(PY) -m atskv.results_matrix $(ARGS)
 
 report: $(STAMP) ## tables and plots from every outputs/**/result.json
 	$(PY) -m atskv.report --results outputs $(ARGS)
