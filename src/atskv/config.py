@@ -234,14 +234,8 @@ def build_method(cfg: DictConfig) -> Any:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks Hydra's schemas cannot express; each error names the value and the choices."""
-    if cfg.budget is not None and cfg.kv_size is not None:
-        raise ConfigError(f"budget={cfg.budget} and kv_size={cfg.kv_size} are both set; give one: "
-                          f"budget (fraction of the prompt's KV cache kept, e.g. budget=0.2) or "
-                          f"kv_size (prompt tokens kept per layer and KV head, e.g. kv_size=512)")
-    if cfg.budget is not None and not 0.0 < float(cfg.budget) <= 1.0:
-        raise ConfigError(f"budget={cfg.budget} is outside (0, 1]: the fraction of the prompt's KV "
-                          f"cache a method keeps, e.g. budget=0.2")
+    """Checks Hydra's schemas cannot express; each error names the value and the choices.
+    (``budget`` and ``kv_size`` themselves are checked by the method, built last.)"""
     if cfg.kv_size is not None and not 1 <= cfg.kv_size <= cfg.context_len:
         raise ConfigError(f"kv_size={cfg.kv_size} must be between 1 and the prompt length "
                           f"context_len={cfg.context_len} (prompt tokens kept per layer and KV head)")
@@ -251,9 +245,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose one of {', '.join(WANDB_MODES)}")
     if cfg.benchmark.n_samples is not None and cfg.benchmark.n_samples <= 0:
         raise ConfigError(f"benchmark.n_samples={cfg.benchmark.n_samples} must be positive")
+    build_method(cfg)  # budget / kv_size and the method's own checks
     validate_hardware(cfg.hardware)
     validate_model(cfg.model)
-    build_method(cfg)  # the method's own checks
 
 
 def validate_hardware(hw: Any) -> None:
