@@ -60,9 +60,14 @@ def group_members(cfg: DictConfig) -> list:
     hc = HydraConfig.get()
     task = [o for o in hc.overrides.task
             if not o.lstrip("+~").startswith(f"{GROUP_KEY}=") and not member_key(o)]
+    # The launcher pins this job's own folder as a resolved `hydra.sweep.subdir` override; each
+    # member's folder comes from the config's template instead (a custom template given on the
+    # command line is not kept: members always get run.py's default folder names).
+    hydra = [o for o in hc.overrides.hydra
+             if not o.lstrip("+~").startswith(("hydra.sweep.subdir=", "hydra.run.dir="))]
     jobs = []
     for own in decode(cfg[GROUP_KEY]):
-        member = compose_run_config([*hc.overrides.hydra, *task, *own], return_hydra_config=True)
+        member = compose_run_config([*hydra, *task, *own], return_hydra_config=True)
         out_dir = Path(member.hydra.sweep.dir) / str(member.hydra.sweep.subdir)
         preset = member.hydra.runtime.choices.get("method")
         with open_dict(member):

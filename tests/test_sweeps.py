@@ -111,6 +111,19 @@ def test_each_launcher_writes_every_job_into_its_folder(tmp_path, launcher):
         assert list((tmp_path / ".submitit").rglob("*_result.pkl"))
 
 
+def test_grouped_members_differing_in_hyperparameters_write_their_own_folders(tmp_path):
+    """Members of a group that differ only in a method hyperparameter: each one's result is in
+    the folder its own configuration names (the launcher pins the group job's folder; members
+    must not inherit it)."""
+    proc = run_py("-m", "method=snapkv", "method.window=8,16", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results(tmp_path)
+    assert len(res) == 2
+    for folder, r in res.items():
+        assert folder.endswith(f"_window={r['config']['method']['window']}_{SUFFIX}")
+        assert r["prefill_shared"] is True
+
+
 def test_share_prefill_false_launches_every_job_alone(tmp_path):
     proc = run_py("-m", "method=full,sliding_window", "share_prefill=false", *TINY,
                   f"hydra.sweep.dir={tmp_path}")

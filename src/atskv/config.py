@@ -214,6 +214,8 @@ def overrides_suffix(overrides: Any) -> str:
         key = key.lstrip("+~")
         if key in SUFFIX_EXCLUDED or key.startswith(("method.", "wandb.", "hydra.", "hydra/")):
             continue
+        if value in ("True", "False"):  # Hydra's sweeper re-renders booleans capitalised
+            value = value.lower()
         items.append(f"{key}={value}")
     return ("_" + ",".join(sorted(items))).replace("/", "-") if items else ""
 

@@ -33,9 +33,6 @@ DEFAULT_SAMPLES_PER_TASK = 3
 SAMPLER_SEED = 0
 BATCH_SIZE = 4  # trials asked of the sampler at a time (hydra.sweeper.n_jobs)
 SWEEP_ROOT = Path("outputs/tune")
-#: a trial's run folder in the sweep dir: the method and its non-default hyperparameters (the
-#: rest is fixed per sweep; run.py's default subdir can pass 255 bytes with atskv's seven knobs)
-SUBDIR = "'${method.name}${atskv_variant:${method}}'"
 #: the protocol every method is tuned under; an extra override may replace one (not the split)
 PROTOCOL: dict[str, str] = {
     "benchmark": "synthetic",
@@ -50,7 +47,7 @@ PROTOCOL: dict[str, str] = {
 }
 #: keys an extra override may not set (nor any hydra.sweeper.*), and what to use instead
 RESERVED = {"method": "--method", "benchmark.n_samples": "--samples-per-task",
-            "hydra.sweep.dir": "--sweep-root", "hydra.sweep.subdir": "the tuner's own",
+            "hydra.sweep.dir": "--sweep-root", "hydra.sweep.subdir": "run.py's default",
             "hydra/sweeper": "the tuner's own"}
 GROUP_NUMBERS = ("context_len",)  # config groups whose options are numbers (quoted for Hydra)
 VERSIONS = ("optuna", "hydra-optuna-sweeper", "hydra-core")
@@ -158,7 +155,7 @@ def build_plan(method: str | None, trials: int = DEFAULT_TRIALS,
     sweep_dir = Path(sweep_root) / cls.name / datetime.now().strftime("%Y%m%d-%H%M%S")
     command = [sys.executable, str(script), "-m",
                *sweeper_overrides(cls.name, cls.search_space, trials),
-               f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir={SUBDIR}",
+               f"hydra.sweep.dir={sweep_dir}",
                f"method={cls.name}", *jobs.values()]
     invocation = shlex.join(["python", "-m", "atskv.tune", "--method", cls.name, "--trials",
                              str(trials), "--samples-per-task", str(samples), *extra])
