@@ -180,10 +180,16 @@ def test_two_trial_sweep_on_the_tiny_model_writes_a_tuned_preset(tmp_path):
     assert set(prov["best_params"]) == set(space)
     for field, value in prov["best_params"].items():
         assert value in space_values(space[field])
-    folders = {p.parent.name: json.loads(p.read_text())
-               for p in Path(prov["sweep_dir"]).glob("*/result.json")}  # snapkv_<knobs>
+    folders = {p.parent: json.loads(p.read_text())
+               for p in Path(prov["sweep_dir"]).rglob("result.json")}
     assert folders and all(r["config"]["benchmark"]["split"] == "dev" for r in folders.values())
-    assert all(name.startswith("snapkv") for name in folders)
+    # every trial's result sits in the folder its own hyperparameters name
+    for folder, r in folders.items():
+        assert folder.parent.name == "snapkv"
+        for field, value in r["config"]["method"].items():
+            default = getattr(METHODS.get("snapkv")(), field, None)
+            if field != "name" and value != default:
+                assert f"{field}={value}" in folder.name
     text = (out / "snapkv.yaml").read_text()
     assert "# objective: accuracy" in text and "defaults:\n  - snapkv_schema\n" in text
     method = build_method(compose_tuned(tmp_path / "conf", "snapkv"))
