@@ -32,8 +32,29 @@ def space_values(sweep) -> list:
 
 
 def compose_tuned(conf: Path, name: str):
-    """``method=tuned/<name>`` from a preset under ``conf/method/tuned`` (an extra search path)."""
-    return compose_run_config([f"hydra.searchpath=[file://{conf}]", f"method=tuned/{name}"])
+    """``method=tuned/<name>`` from the preset under ``conf/method/tuned``: composed from a copy
+    of the repository's conf/ with that preset in it (so a committed preset of the same name
+    cannot shadow it)."""
+    import os
+    import shutil
+
+    from atskv.compose import conf_dir
+
+    import tempfile
+
+    merged = Path(tempfile.mkdtemp(prefix="conf_merged_")) / "conf"
+    shutil.copytree(conf_dir(), merged)
+    (merged / "method" / "tuned").mkdir(parents=True, exist_ok=True)
+    shutil.copy(conf / "method" / "tuned" / f"{name}.yaml", merged / "method" / "tuned")
+    old = os.environ.get("ATSKV_CONF_DIR")
+    os.environ["ATSKV_CONF_DIR"] = str(merged)
+    try:
+        return compose_run_config([f"method=tuned/{name}"])
+    finally:
+        if old is None:
+            os.environ.pop("ATSKV_CONF_DIR")
+        else:
+            os.environ["ATSKV_CONF_DIR"] = old
 
 
 @pytest.fixture
