@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"atskv.results_matrix: error: {e}", file=sys.stderr)
         return 2
-    log_path = out / f"matrix_log_{'_'.join(variants)}.json"  # one per process: parts can run apart
+    # one log per process, so that parts can run in parallel processes
+    log_path = out / f"matrix_log_{'_'.join(variants)}_{'_'.join(parts)}.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else []
     for name, cmd in cmds:
         print("[results]", name, " ".join(cmd[2:]), flush=True)

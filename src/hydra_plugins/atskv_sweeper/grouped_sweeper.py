@@ -94,8 +94,8 @@ class GroupingLauncher(Launcher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         launched, where = plan(job_overrides)
         if len(launched) < len(job_overrides):
-            log.info("%d jobs in %d prefill-sharing unit(s) of work (share_prefill=false: "
-                     "one prefill per job)", len(job_overrides), len(launched))
+            log.info("%d jobs in %d prefill-sharing unit(s) of work (share_prefill=false "
+                     "gives one prefill per job)", len(job_overrides), len(launched))
         rets = self.inner.launch(launched, initial_job_idx=initial_job_idx)
         out = []
         for overrides, (li, member) in zip(job_overrides, where):
