@@ -37,10 +37,9 @@ def compose_tuned(conf: Path, name: str):
     cannot shadow it)."""
     import os
     import shutil
+    import tempfile
 
     from atskv.compose import conf_dir
-
-    import tempfile
 
     merged = Path(tempfile.mkdtemp(prefix="conf_merged_")) / "conf"
     shutil.copytree(conf_dir(), merged)

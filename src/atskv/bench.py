@@ -270,7 +270,8 @@ class Entrant:
                 "kv_bytes_uncompressed": out.kv_bytes_uncompressed,
                 "kv_read_bytes_per_step": out.decode_kv_read_bytes,
                 "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
-                "cuda_graph": out.stats.get("cuda_graph")}
+                "cuda_graph": out.stats.get("cuda_graph"),
+                "compile_steps": out.stats["compile_steps"]}  # steps not in decode_tokens
 
     def _generate(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
         from atskv import hf_seam

@@ -264,6 +264,7 @@ class Engine:
             "cuda_graph": isinstance(step, _GraphStep) and step.graph is not None,
             "compiled": isinstance(step, _CompiledStep) and step.compiled_calls > 0,
             "compile_s": step.compile_s,
+            "compile_steps": step.compile_steps,
             "kept_tokens": kept,
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
             "kv_bytes_prefill": pre.kv_bytes,

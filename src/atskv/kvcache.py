@@ -377,10 +377,17 @@ class StaticPagedKV:
         return int(self.lens.sum())
 
     def spare_bytes(self) -> int:
-        """Bytes of the headroom rows reserved for generated tokens not appended (yet); page
-        rounding is not spare (it is paid for)."""
-        appended = int(self.lens.sum()) - self.initial  # a host sync: never inside a decode step
-        return max(0, self.reserved - appended) * self.token_bytes()
+        """Bytes of the headroom rows reserved for generated tokens not appended (yet), and of
+        the page summaries of headroom pages that hold no token yet; page rounding, and the
+        summary slots that pad a head to the longest head's pages, are not spare (they are paid
+        for)."""
+        lens = self.lens.tolist()  # a host sync: never inside a decode step
+        appended = sum(lens) - self.initial
+        spare = max(0, self.reserved - appended) * self.token_bytes()
+        if self.kmin is not None:
+            empty = sum(c // self.page - -(-n // self.page) for c, n in zip(self.capacities, lens))
+            spare += empty * 3 * self.kmin.shape[-1] * self.kmin.element_size()
+        return spare
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the store holds: keys, values, page summaries, pinned pages and the index
