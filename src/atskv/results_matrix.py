@@ -87,15 +87,19 @@ def write_docs(out: Path, log: list[dict], docs: Path) -> None:
     shutil.rmtree(figures, ignore_errors=True)
     shutil.copytree(out / "report" / "figures", figures / "figures")
     body = (out / "report" / "report.md").read_text().replace("](figures/", "](results/figures/")
-    mach = results.provenance("cpu")
-    runs = list((out / "runs").rglob("result.json"))
-    n = sum(json.loads(p.read_text()).get("n_samples") or 0 for p in runs)
+    mach = results.provenance("cpu")  # this machine; the runs' own provenance below
+    runs = [json.loads(p.read_text()) for p in (out / "runs").rglob("result.json")]
+    n = sum(r.get("n_samples") or 0 for r in runs)
+    prov = [r.get("provenance") or {} for r in runs]
+    threads = sorted({str(p["torch_threads"]) for p in prov if p.get("torch_threads")})
+    commits = sorted({p["git_commit"][:7] for p in prov if p.get("git_commit")})
     head = [
         "# Results: every method, paper defaults and dev-tuned, on the test split", "",
         f"Made by `make results` (`python -m atskv.results_matrix`) into `{out.relative_to(ROOT)}`"
-        f" on {mach['date'][:10]}, git {mach['git_commit']}: {len(runs)} runs, {n} samples in "
+        f" on {mach['date'][:10]} (rendered at git {mach['git_commit'][:7]}; the runs were made "
+        f"at git {', '.join(commits) or 'unknown'}): {len(runs)} runs, {n} samples in "
         f"all; wall time {sum(p['seconds'] for p in log) / 3600:.2f} h. Machine: "
-        f"{mach['device_name']} CPU, {mach['torch_threads']} torch thread(s) per run "
+        f"{mach['device_name']} CPU, {'/'.join(threads) or '?'} torch thread(s) per run "
         f"process, {mach['platform']}; torch {mach['versions']['torch']}, transformers "
         f"{mach['versions']['transformers']}; SmolLM2-135M-Instruct in float32. Every number "
         f"re-renders with `make report ARGS=\"--results {out.relative_to(ROOT)}/runs\"`.", "",
