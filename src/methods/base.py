@@ -109,10 +109,17 @@ class State:
         """Bytes of every tensor the state holds: K/V, page summaries, scores, index tensors."""
         return tensor_bytes(*self.tensors())
 
+    def spare_bytes(self) -> int:
+        """Bytes of the method's own tensors reserved for generated tokens that were never made
+        (e.g. page bounds of headroom pages; override in subclasses, like :meth:`own_tensors`)."""
+        return 0
+
     def nbytes(self) -> int:
-        """The stored KV footprint: :meth:`allocated_bytes` less the rows reserved for generated
-        tokens that were never made (decoding stopped early, or not there yet)."""
-        return self.allocated_bytes() - sum(s.spare_bytes() for s in self.stores)
+        """The stored KV footprint: :meth:`allocated_bytes` less the rows (and their page
+        metadata) reserved for generated tokens that were never made (decoding stopped early, or
+        not there yet)."""
+        return (self.allocated_bytes() - sum(s.spare_bytes() for s in self.stores)
+                - self.spare_bytes())
 
 
 @dataclass(frozen=True)

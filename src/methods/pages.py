@@ -8,11 +8,15 @@ scores aggregated over its GQA group; the chosen tokens get exact softmax attent
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.kvcache import PackedKV, page_minmax  # noqa: F401 - part of this module's API
+from atskv.methods.base import State
 
 
 def page_upper_bound(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
@@ -66,6 +70,28 @@ class PageBounds:
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         return self.kmin, self.kmax
+
+    def spare_bytes(self, store: PackedKV) -> int:
+        """Bytes of the bounds of headroom pages that hold no token yet (the slots that pad a
+        head to the longest head's pages are paid for, not spare)."""
+        p = self.page
+        empty = sum(-(-c // p) - -(-n // p) for c, n in zip(store.capacities, store.lengths))
+        return empty * 2 * self.kmin.shape[-1] * self.kmin.element_size()
+
+
+@dataclass
+class BoundsState(State):
+    """The state of a method that keeps :class:`PageBounds` per layer beside its stores (quest,
+    rocket_kv): the bounds are counted, and those of headroom pages not reached are spare."""
+
+    bounds: dict[int, PageBounds] = field(default_factory=dict)
+
+    def own_tensors(self) -> Iterator[Tensor]:
+        for b in self.bounds.values():
+            yield from b.tensors()
+
+    def spare_bytes(self) -> int:
+        return sum(b.spare_bytes(self.stores[layer]) for layer, b in self.bounds.items())
 
 
 def head_batches(store: PackedKV) -> list[tuple[slice, Tensor, Tensor]]:

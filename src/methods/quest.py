@@ -13,8 +13,7 @@ prompt budget (``budget`` x prompt, or ``kv_size``) plus the generated tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +21,20 @@ from torch import Tensor
 
 from atskv.kvcache import PackedKV
 from atskv.methods.base import METHODS, AttendResult, Method, State, headroom
-from atskv.methods.pages import PageBounds, attend_tokens, head_batches, page_upper_bound
+from atskv.methods.pages import (
+    BoundsState,
+    PageBounds,
+    attend_tokens,
+    head_batches,
+    page_upper_bound,
+)
 from atskv.methods.scoring import topk_sorted
 
 
 @dataclass
-class QuestState(State):
+class QuestState(BoundsState):
     tokens: int = 0  # tokens read per step and head
     n_pages: int = 0
-    bounds: dict[int, PageBounds] = field(default_factory=dict)
-
-    def own_tensors(self) -> Iterator[Tensor]:
-        for b in self.bounds.values():
-            yield from b.tensors()
 
 
 @METHODS.register("quest")

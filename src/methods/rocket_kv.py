@@ -26,15 +26,20 @@ tokens' K/V plus the ``r`` dims of every page's min and max.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from atskv.kvcache import PackedKV
 from atskv.methods.base import METHODS, AttendResult, State, headroom
-from atskv.methods.pages import PageBounds, attend_tokens, head_batches, sparq_page_scores
+from atskv.methods.pages import (
+    BoundsState,
+    PageBounds,
+    attend_tokens,
+    head_batches,
+    sparq_page_scores,
+)
 from atskv.methods.scoring import ScoredSelection, topk_sorted
 
 
@@ -46,16 +51,11 @@ def token_budget_for(fraction: float, total: int) -> float:
 
 
 @dataclass
-class RocketState(State):
+class RocketState(BoundsState):
     t: float = 0.0  # per-step token budget
     chunk: int = 1  # stage-2 page size
     r_frac: float = 1.0  # r = clamp(d * r_frac, 1, d)
     top_k: int = 1
-    bounds: dict[int, PageBounds] = field(default_factory=dict)
-
-    def own_tensors(self) -> Iterator[Tensor]:
-        for b in self.bounds.values():
-            yield from b.tensors()
 
 
 @METHODS.register("rocket_kv")
