@@ -16,7 +16,8 @@ The LongBench and ZeroSCROLLS parts need their data (``../shared/data`` beside t
 default; ``--data ROOT`` points elsewhere) and are skipped with a note when it is missing.
 Results go to ``results/<date>/runs`` (result.json and samples.jsonl per run; finished runs are
 skipped, so the matrix can be completed in parts), the report to ``results/<date>/report``, and
-``docs/results.md`` (the report's tables and figures, with n, wall time and machine).
+``docs/results.md`` (the report's tables and figures, with n, wall time and machine; a
+``results/<date>/NOTES.md``, when present, is quoted under its header).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def write_docs(out: Path, log: list[dict], docs: Path) -> None:
         "Timings were taken on a shared 2-core machine (see the load marks below); compare "
         "methods by the ratios inside one table, not across tables.", "",
     ]
+    notes = out / "NOTES.md"  # what the person who made the matrix has to say about it
+    if notes.is_file():
+        head += [notes.read_text().strip(), ""]
     (docs / "results.md").write_text("\n".join(head) + body)
     print(f"[results] {len(rep.summary)} summary rows; wrote {docs / 'results.md'}")
 
