@@ -37,23 +37,16 @@ def compose_tuned(conf: Path, name: str):
     cannot shadow it)."""
     import os
     import shutil
-    import tempfile
+    from unittest import mock
 
     from atskv.compose import conf_dir
 
-    merged = Path(tempfile.mkdtemp(prefix="conf_merged_")) / "conf"
-    shutil.copytree(conf_dir(), merged)
+    merged = conf.parent / "conf_merged"
+    shutil.copytree(conf_dir(), merged, dirs_exist_ok=True)
     (merged / "method" / "tuned").mkdir(parents=True, exist_ok=True)
     shutil.copy(conf / "method" / "tuned" / f"{name}.yaml", merged / "method" / "tuned")
-    old = os.environ.get("ATSKV_CONF_DIR")
-    os.environ["ATSKV_CONF_DIR"] = str(merged)
-    try:
+    with mock.patch.dict(os.environ, {"ATSKV_CONF_DIR": str(merged)}):
         return compose_run_config([f"method=tuned/{name}"])
-    finally:
-        if old is None:
-            os.environ.pop("ATSKV_CONF_DIR")
-        else:
-            os.environ["ATSKV_CONF_DIR"] = old
 
 
 @pytest.fixture

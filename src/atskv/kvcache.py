@@ -30,6 +30,12 @@ def tensor_bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def unreached_pages(capacities: list[int], lengths: list[int], page: int) -> int:
+    """Pages, over all heads, that a head's capacity spans but none of its tokens occupy yet:
+    the headroom pages whose page metadata is reserved but unwritten."""
+    return sum(-(-c // page) - -(-n // page) for c, n in zip(capacities, lengths))
+
+
 def page_minmax(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
     """Elementwise min and max of each page of ``page`` consecutive keys: ``(..., n, d)`` ->
     two ``(..., ceil(n / page), d)``; the last page may be partial."""
@@ -385,7 +391,7 @@ class StaticPagedKV:
         appended = sum(lens) - self.initial
         spare = max(0, self.reserved - appended) * self.token_bytes()
         if self.kmin is not None:
-            empty = sum(c // self.page - -(-n // self.page) for c, n in zip(self.capacities, lens))
+            empty = unreached_pages(self.capacities, lens, self.page)
             spare += empty * 3 * self.kmin.shape[-1] * self.kmin.element_size()
         return spare
 

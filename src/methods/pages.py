@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV, page_minmax  # noqa: F401 - part of this module's API
+from atskv.kvcache import PackedKV, page_minmax, unreached_pages  # noqa: F401 - part of this module's API
 from atskv.methods.base import State
 
 
@@ -74,8 +74,7 @@ class PageBounds:
     def spare_bytes(self, store: PackedKV) -> int:
         """Bytes of the bounds of headroom pages that hold no token yet (the slots that pad a
         head to the longest head's pages are paid for, not spare)."""
-        p = self.page
-        empty = sum(-(-c // p) - -(-n // p) for c, n in zip(store.capacities, store.lengths))
+        empty = unreached_pages(store.capacities, store.lengths, self.page)
         return empty * 2 * self.kmin.shape[-1] * self.kmin.element_size()
 
 
