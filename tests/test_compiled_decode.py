@@ -62,3 +62,18 @@ def test_non_static_methods_decode_eagerly_when_compile_is_asked(tiny_model):
     out = Engine(tiny_model, None, compile=True).generate(PROMPT, METHODS.get("h2o")(budget=0.3),
                                                           4, stop_at_eos=False)
     assert out.stats["compiled"] is False
+
+
+def test_one_row_products_are_compiled_as_fused_multiply_and_sum(tiny_model):
+    """The compiled step decomposes every projection of the decode step (one row times a weight)
+    into a fused multiply-and-sum instead of a GEMV call: each layer's q, k, v, o, gate, up and
+    down projections (the head is written as one in the seam)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = Engine(tiny_model, None, compile=True).generate(PROMPT, METHODS.get("full")(), 4,
+                                                          stop_at_eos=False)
+    assert out.stats["compiled"] is True
+    layers = tiny_model.config.num_hidden_layers
+    assert counters["inductor"]["decompose_mm"] + counters["inductor"]["decompose_addmm"] == 7 * layers

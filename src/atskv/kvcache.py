@@ -375,8 +375,10 @@ class StaticPagedKV:
         rows, valid = self.token_index(pages)
         if chosen is not None:
             valid = valid & chosen.repeat_interleave(self.page, dim=1)
-        out = F.scaled_dot_product_attention(q, self.k[rows], self.v[rows],
-                                             attn_mask=valid[:, None, :], scale=scale)
+        # as one batch of H heads, like StaticKV.attend: the layout in which a compiled step
+        # keeps the fused SDPA kernel (3-D inputs are decomposed into a slow transposed gather)
+        out = F.scaled_dot_product_attention(q[None], self.k[rows][None], self.v[rows][None],
+                                             attn_mask=valid[None, :, None, :], scale=scale)[0]
         return out, rows.numel() * self.token_bytes()
 
     def total_tokens(self) -> int:

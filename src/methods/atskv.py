@@ -242,7 +242,7 @@ class ATSKV(ScoredSelection):
         live = counts > 0
         upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)
         mean_key = store.ksum / counts.clamp_min(1)[..., None].to(store.ksum.dtype)
-        lower = torch.einsum("hgd,hpd->hgp", q.float(), mean_key.float())
+        lower = (q.float()[:, :, None] * mean_key.float()[:, None]).sum(-1)  # (H, g, P), fused
         logit = (upper + lower) * (scale / 2) + counts.clamp_min(1).log()[:, None]
         logit = logit.masked_fill(~live[:, None], float("-inf"))
         est = torch.softmax(logit, dim=-1).mean(dim=1)  # (H, P)
@@ -253,8 +253,10 @@ class ATSKV(ScoredSelection):
         k = torch.sym_min(self.max_pages, store.n_pages)  # no guard on the page count
         order = torch.topk(est + forced * 2.0, k, dim=-1).indices  # forced pages rank first
         est = est.gather(1, order)
-        before = est.cumsum(dim=-1) - est  # estimated mass of the better-ranked pages
         rank = torch.arange(k, device=q.device)[None]
+        # estimated mass of the better-ranked pages (a masked sum rather than cumsum, which a
+        # compiled step would leave as a library call)
+        before = (est[:, None, :] * (rank[:, None, :] < rank[0, :, None])).sum(-1)
         chosen = ((before < self.mass) | (rank < self.min_pages) | forced.gather(1, order))
         chosen = chosen & live.gather(1, order)
         return order, chosen
