@@ -646,8 +646,9 @@ def test_old_budget_meaning_is_left_out(tmp_path, capsys):
 
 def test_geomean_tasks_interval_from_score_parts(tmp_path):
     root = tmp_path / "r"
-    parts = [{"rouge1": 0.8, "rouge2": 0.2, "rougeL": 0.4}, {"rouge1": 0.4, "rouge2": 0.1, "rougeL": 0.2}]
-    gm = 100 * (0.6 * 0.15 * 0.3) ** (1 / 3)  # geometric mean of the part means
+    parts = [{"rouge1": 80.0, "rouge2": 20.0, "rougeL": 40.0},  # 0-100, as the benchmark writes
+             {"rouge1": 40.0, "rouge2": 10.0, "rougeL": 20.0}]
+    gm = (60 * 15 * 30) ** (1 / 3)  # geometric mean of the part means
     rows = [{"id": f"gov/{i}", "task": "gov_report", "score": 0.0, "score_parts": p}
             for i, p in enumerate(parts)]
     _write(root, "full", benchmark="zeroscrolls", accuracy=gm, task_scores={"gov_report": gm},

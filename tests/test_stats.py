@@ -124,19 +124,23 @@ def test_accuracy_is_mean_over_tasks():
 
 
 def test_geomean_of_part_means():
-    p1 = {"rouge1": 0.8, "rouge2": 0.2, "rougeL": 0.4}
-    p2 = {"rouge1": 0.4, "rouge2": 0.0, "rougeL": 0.2}
-    p3 = {"rouge1": 0.6, "rouge2": 0.4, "rougeL": 0.5}
+    p1 = {"rouge1": 80.0, "rouge2": 20.0, "rougeL": 40.0}  # 0-100, as the benchmark writes them
+    p2 = {"rouge1": 40.0, "rouge2": 0.0, "rougeL": 20.0}
+    p3 = {"rouge1": 60.0, "rouge2": 40.0, "rougeL": 50.0}
     agg = {"gov_report": stats.GEOMEAN}
 
     def gm(*ps):
         means = [sum(p[k] for p in ps) / len(ps) for k in ("rouge1", "rouge2", "rougeL")]
-        return 100 * math.prod(means) ** (1 / 3)
+        return math.prod(means) ** (1 / 3)
 
     # per-sample scores that a plain mean would use (the per-sample geometric means)
     s = _s("gov_report", [gm(p1), gm(p2)], parts=[p1, p2])
-    assert stats.accuracy(s, agg) == pytest.approx(gm(p1, p2))  # 100 * (.6*.1*.3)^(1/3)
-    assert gm(p1, p2) == pytest.approx(100 * 0.018 ** (1 / 3))
+    assert stats.accuracy(s, agg) == pytest.approx(gm(p1, p2))  # (60*10*30)^(1/3)
+    assert gm(p1, p2) == pytest.approx(18000 ** (1 / 3))
+    # the same number as the benchmark's own aggregate of those rows (result.json's score)
+    from atskv.benchmarks.base import aggregate_rows
+
+    assert stats.accuracy(s, agg) == pytest.approx(aggregate_rows(stats.GEOMEAN, s))
     assert stats.accuracy(s) == pytest.approx((gm(p1) + gm(p2)) / 2)  # "mean" differs
     assert stats.accuracy(s, agg) != pytest.approx(stats.accuracy(s))
     # exact distribution over two samples: {p1,p1}, {p2,p2} with 1/4 each, mixed with 1/2

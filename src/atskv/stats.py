@@ -3,8 +3,9 @@
 A run's accuracy is the mean over its tasks of each task's aggregate of its samples:
 
 * ``"mean"``: the mean of the per-sample ``score`` (0-100);
-* ``"geomean_of_part_means"``: 100 x the geometric mean of the means of the sample's
-  ``score_parts`` (each in 0-1; ZeroSCROLLS' ROUGE-1/2/L aggregate).
+* ``"geomean_of_part_means"``: the geometric mean of the means of the samples'
+  ``score_parts`` (each in 0-100, as the benchmarks write them: ZeroSCROLLS' ROUGE-1/2/L
+  aggregate), the same computation as :func:`atskv.benchmarks.base.aggregate_rows`.
 
 The bootstrap resamples samples with replacement **within each task** (stratified: every
 resample keeps each task's size) and recomputes each task's aggregate and then the mean over
@@ -113,7 +114,7 @@ def _agg(t: _Task, counts: np.ndarray) -> np.ndarray:
         if t.how == MEAN:
             return counts @ t.scores / total
         means = counts @ t.parts / total[:, None]
-        return 100.0 * np.prod(means, axis=1) ** (1.0 / t.parts.shape[1])
+        return np.prod(means, axis=1) ** (1.0 / t.parts.shape[1])
 
 
 def task_aggregate(samples: Sequence[Mapping], how: str = MEAN) -> float:
