@@ -18,16 +18,31 @@ def test_timer_measures_the_region():
     assert 0.05 <= t.seconds < 5
 
 
+PEAK_RSS_PROBE = """
+import torch
+from atskv.metrics import PeakMemory
+with PeakMemory("cpu") as base:
+    pass
+with PeakMemory("cpu") as m:
+    x = torch.ones(64 * 1024 * 1024 // 4 * 4)  # 256 MiB, touched
+    del x
+print(m.kind, int(bool(m.since_reset)), m.peak_bytes - base.peak_bytes)
+"""
+
+
 def test_peak_rss_sees_an_allocation_inside_the_region():
-    with PeakMemory("cpu") as base:
-        pass
-    with PeakMemory("cpu") as m:
-        x = torch.ones(64 * 1024 * 1024 // 4 * 4)  # 256 MiB, touched
-        del x
-    assert m.kind == "process_peak_rss"
-    if not m.since_reset:
+    """In a fresh process: after a long test session the allocator may serve the allocation from
+    memory the process already holds, which no RSS measure can see."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_PROBE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    kind, since_reset, grown = out[0], out[1] == "1", int(out[2])
+    assert kind == "process_peak_rss"
+    if not since_reset:
         pytest.skip("peak RSS cannot be reset on this OS")
-    assert m.peak_bytes - base.peak_bytes >= 200 * 1024 * 1024
+    assert grown >= 200 * 1024 * 1024
 
 
 @pytest.mark.gpu
