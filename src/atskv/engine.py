@@ -91,10 +91,9 @@ class _DecodeSession:
         self.method = method
         self.state = state
         self.position = position  # absolute position of the next token
+        #: the KV bytes the current step reads (sizes of what it reads: also inside a compiled
+        #: step, where the compiled function sets it, and a captured one, counted at capture)
         self.step_read_bytes = 0
-        #: count the bytes each step reads (off inside compiled or captured steps: a static
-        #: step reads the same bytes every time, counted on the eager first step)
-        self.count_reads = True
 
     def seen_tokens(self) -> int:
         return self.position
@@ -111,8 +110,7 @@ class _DecodeSession:
         h_kv = store.n_heads
         res = self.method.attend(self.state, layer, store, q[0, :, 0].view(h_kv, h_q // h_kv, d),
                                  scale)
-        if self.count_reads:
-            self.step_read_bytes += res.read_bytes
+        self.step_read_bytes += res.read_bytes
         return res.out.reshape(1, h_q, 1, d)
 
 
@@ -380,12 +378,11 @@ def _compilations() -> int:
 
 
 class _CompiledStep(_EagerStep):
-    """Decode steps through the compiled static step (:func:`compiled_step`).
-
-    The first step runs eagerly and counts the KV bytes a step reads (a static step reads the
-    same bytes every time); the later ones call the compiled function with the token and the
-    position in device tensors, reads uncounted. A call that had to compile (a new method, model
-    or shape) is timed as ``compile_s`` and left out of the decode rate.
+    """Decode steps through the compiled static step (:func:`compiled_step`), every one of them:
+    the token and the position go in through device tensors. The KV bytes a step reads are
+    counted inside the compiled step (from the sizes of the tensors it reads, as in an eager
+    step). A call that had to compile (a new method, model or shape) is timed as ``compile_s``
+    and left out of the decode rate.
     """
 
     def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
@@ -394,17 +391,12 @@ class _CompiledStep(_EagerStep):
         self.cache = hf_seam.make_cache(model, session)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.read_bytes = 0
-        self.calls = self.compiled_calls = self.compile_steps = 0
+        self.compiled_calls = self.compile_steps = 0
         self.compile_s = 0.0
 
     def __call__(self, token: int) -> tuple[Tensor, int]:
-        self.calls += 1
-        if self.calls == 1:
-            logits, self.read_bytes = super().__call__(token)
-            return logits, self.read_bytes
         s = self.session
-        s.count_reads = False
+        s.step_read_bytes = 0
         self.ids.fill_(token)
         self.pos.fill_(s.position)
         before = _compilations()
@@ -417,7 +409,7 @@ class _CompiledStep(_EagerStep):
             self.compile_steps += 1
         self.compiled_calls += 1
         s.position += 1
-        return logits, self.read_bytes
+        return logits, s.step_read_bytes
 
 
 class _GraphStep(_EagerStep):
