@@ -351,10 +351,9 @@ class StaticPagedKV:
         self.kmax[self._heads, page] = torch.where(fresh, k, torch.maximum(hi, k))
         self.ksum[self._heads, page] = torch.where(fresh, k, self.ksum[self._heads, page] + k)
 
-    def page_counts(self, extra: int = 0) -> Tensor:
-        """Tokens held by each page slot ``(H, n_pages + extra)`` (0 for unused slots, and for
-        the ``extra`` slots past the last)."""
-        start = torch.arange(self.n_pages + extra, device=self.lens.device) * self.page
+    def page_counts(self) -> Tensor:
+        """Tokens held by each page slot ``(H, n_pages)`` (0 for unused slots)."""
+        start = torch.arange(self.n_pages, device=self.lens.device) * self.page
         return (self.lens[:, None] - start).clamp(0, self.page)
 
     def token_index(self, pages: Tensor) -> tuple[Tensor, Tensor]:

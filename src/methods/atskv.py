@@ -238,26 +238,20 @@ class ATSKV(ScoredSelection):
         averaged over the query heads of the GQA group. Pages are taken best first until the
         estimated mass reaches ``mass``.
         """
-        k = self.max_pages
-        n = store.n_pages
-        # ``k`` empty slots after the store's ``n`` page slots: the ranking always returns ``k``
-        # pages, a size a compiled step knows (not min(k, n), which depends on the store)
-        counts = store.page_counts(extra=k)  # (H, n + k)
+        counts = store.page_counts()  # (H, P)
         live = counts > 0
-        upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, n)
-        mean_key = store.ksum / counts[:, :n].clamp_min(1)[..., None].to(store.ksum.dtype)
-        lower = (q.float()[:, :, None] * mean_key.float()[:, None]).sum(-1)  # (H, g, n), fused
-        logit = (upper + lower) * (scale / 2) + counts[:, :n].clamp_min(1).log()[:, None]
-        logit = F.pad(logit, (0, k), value=float("-inf")).masked_fill(~live[:, None], float("-inf"))
-        est = torch.softmax(logit, dim=-1).mean(dim=1)  # (H, n + k)
-        slot = torch.arange(n + k, device=q.device)[None]
+        upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)
+        mean_key = store.ksum / counts.clamp_min(1)[..., None].to(store.ksum.dtype)
+        lower = (q.float()[:, :, None] * mean_key.float()[:, None]).sum(-1)  # (H, g, P), fused
+        logit = (upper + lower) * (scale / 2) + counts.clamp_min(1).log()[:, None]
+        logit = logit.masked_fill(~live[:, None], float("-inf"))
+        est = torch.softmax(logit, dim=-1).mean(dim=1)  # (H, P)
+        slot = torch.arange(store.n_pages, device=q.device)[None]
         used = live.sum(dim=1, keepdim=True)
-        pinned = F.pad(store.pinned, (0, k))
-        forced = (slot == 0) | (slot == used - 1) | pinned  # sinks, newest, most relevant
-        forced = forced | (used <= k)  # a head whose pages all fit: all of them
-        # forced pages first, then by estimated mass; slots holding no token last (an estimate
-        # that underflowed to 0 must not tie a live page with an empty slot)
-        order = torch.topk(est + forced * 2.0 + live * 4.0, k, dim=-1).indices
+        forced = (slot == 0) | (slot == used - 1) | store.pinned  # sinks, newest, most relevant
+        forced = forced | (used <= self.max_pages)  # a head whose pages all fit: all of them
+        k = torch.sym_min(self.max_pages, store.n_pages)  # no guard on the page count
+        order = torch.topk(est + forced * 2.0, k, dim=-1).indices  # forced pages rank first
         est = est.gather(1, order)
         rank = torch.arange(k, device=q.device)[None]
         # estimated mass of the better-ranked pages (a masked sum rather than cumsum, which a
