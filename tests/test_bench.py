@@ -9,7 +9,7 @@ import pytest
 
 from atskv import bench
 
-METHODS = ["full", "sliding_window", "snapkv", "quest", "atskv"]
+METHODS = ["full", "sliding_window", "snapkv", "quest", "atskv", "atskv:max_pages=1:min_pages=1"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,10 @@ def test_compressing_kv_ratio_is_bytes_over_full(quick):
             assert r["kv_read_x_full"] == r["kv_read_bytes_per_step"] / full["kv_read_bytes_per_step"]
             assert r["ttft_x_full"] == r["ttft_s"] / full["ttft_s"]
             assert r["decode_x_full"] == r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        # a variant is its own entrant: the same stored selection, its decode reads one page
+        variant = rows[("atskv:max_pages=1:min_pages=1", ctx)]
+        assert variant["kv_bytes"] == rows[("atskv", ctx)]["kv_bytes"]
+        assert variant["kv_read_bytes_per_step"] < rows[("atskv", ctx)]["kv_read_bytes_per_step"]
         # quest keeps every token (plus its page min/max) but reads fewer of them
         assert rows[("quest", ctx)]["kv_x_full"] > 1.0
         assert rows[("quest", ctx)]["kv_read_x_full"] < 1.0
@@ -101,6 +105,12 @@ def test_bad_input_fails_before_loading(tmp_path, capsys):
     assert "tiny_random" in capsys.readouterr().err
     assert bench.main(["--quick", "--out", str(tmp_path), "hardware.threads=-1"]) == 2
     assert "hardware.threads=-1" in capsys.readouterr().err
+    assert bench.main(["--quick", "--out", str(tmp_path), "--methods", "atskv:max_pages"]) == 2
+    assert "'max_pages' is not KEY=VALUE" in capsys.readouterr().err
+    assert bench.main(["--quick", "--out", str(tmp_path), "--methods", "atskv:max_page=2"]) == 2
+    assert "max_page" in capsys.readouterr().err
+    assert bench.main(["--quick", "--out", str(tmp_path), "--methods", "atskvv:max_pages=2"]) == 2
+    assert "did you mean 'atskv'" in capsys.readouterr().err.lower()
     assert not (tmp_path / "bench.json").exists()
 
 

@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="The performance protocol: ratios to full, one run. Run settings (model, "
                     "hardware, budget, seed, ...) are Hydra overrides, as for run.py.")
     p.add_argument("--methods", type=_csv, default=None,
-                   help="comma-separated (default: every registered method); full is always run")
+                   help="comma-separated (default: every registered method); full is always "
+                        "run. A variant of a method: NAME:KEY=VALUE[:KEY=VALUE...], e.g. "
+                        "atskv:max_pages=16 (method.KEY overrides; its own row)")
     p.add_argument("--context-lens", type=lambda s: _csv(s, int), default=None,
                    help=f"comma-separated prompt lengths (default: {CPU_LENS} on CPU, "
                         f"{CUDA_LENS} on CUDA)")
@@ -156,6 +158,18 @@ class Setup:
         return self.cfg.model.name
 
 
+def method_variant(spec: str) -> tuple[str, list[str]]:
+    """``atskv:max_pages=16:mass=0.99`` -> ``("atskv", ["method.max_pages=16",
+    "method.mass=0.99"])``: a registered method and overrides of its fields (a bench entrant of
+    its own, labelled by ``spec``)."""
+    name, *parts = spec.split(":")
+    bad = [x for x in parts if "=" not in x or not x.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"--methods entry {spec!r}: {bad[0]!r} is not KEY=VALUE; write a "
+                          "variant as NAME:KEY=VALUE[:KEY=VALUE...], e.g. atskv:max_pages=16")
+    return name, [f"method.{x.strip()}" for x in parts]
+
+
 def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, dict[str, Any]]:
     """Checks that need no model; returns (methods, explicit context lengths, the methods by
     name)."""
@@ -165,11 +179,15 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, dic
 
     names = list(args.methods or METHODS.names())
     for m in names:
-        METHODS.get(m)  # "did you mean" error on a typo
+        METHODS.get(method_variant(m)[0])  # "did you mean" error on a typo
     names = [FULL] + [m for m in dict.fromkeys(names) if m != FULL]
     methods = {}
     for m in names:
-        cfg = run_config(args, m)
+        base, extra = method_variant(m)
+        try:
+            cfg = run_config(args, base, extra)
+        except ConfigError as e:
+            raise ConfigError(f"--methods entry {m!r}: {e}") from e
         validate_config(cfg)
         methods[m] = build_method(cfg)
     if args.reps < 1:
@@ -551,8 +569,9 @@ def sweep_methods(args: argparse.Namespace) -> list[tuple[str, float, Any]]:
 
     jobs = []
     for name in args.sweep_methods or SWEEP_METHODS:
+        base, extra = method_variant(name)
         for b in args.sweep_budgets or SWEEP_BUDGETS:
-            cfg = run_config(args, name, [f"budget={b}"])
+            cfg = run_config(args, base, [*extra, f"budget={b}"])
             validate_config(cfg)
             jobs.append((name, float(b), build_method(cfg)))
     return jobs
