@@ -39,7 +39,8 @@ def test_files_and_one_row_per_method_and_length(quick, capsys):
     assert all(s["decode_tokens"] + s.get("compile_steps", 0) == 3 for s in data["samples"])
     assert all(s["decode_tokens"] >= 1 for s in data["samples"])
     md = (out / "bench.md").read_text()
-    assert "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | KV MiB |" in md
+    assert ("| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | step tok/s "
+            "| step ×full | KV MiB |") in md
     main = md.split("## Sweep")[0]
     table = [ln for ln in main.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
     assert sum(ln.split(" | ")[1].isdigit() for ln in table) == len(METHODS) * 2
@@ -52,8 +53,8 @@ def test_full_ratios_are_exactly_one(quick):
     _, _, data = quick
     for r in data["rows"]:
         if r["method"] == "full":
-            for ratio in ("ttft_x_full", "decode_x_full", "kv_x_full", "kv_read_x_full",
-                          "peak_memory_x_full"):
+            for ratio in ("ttft_x_full", "decode_x_full", "decode_step_x_full", "kv_x_full",
+                          "kv_read_x_full", "peak_memory_x_full"):
                 assert r[ratio] == 1.0, (ratio, r)
 
 
@@ -77,6 +78,21 @@ def test_compressing_kv_ratio_is_bytes_over_full(quick):
         # quest keeps every token (plus its page min/max) but reads fewer of them
         assert rows[("quest", ctx)]["kv_x_full"] > 1.0
         assert rows[("quest", ctx)]["kv_read_x_full"] < 1.0
+
+
+def test_step_rate_is_one_over_the_pooled_median_step(quick):
+    _, _, data = quick
+    for s in data["samples"]:  # one time per timed step (a step that compiled is not one)
+        assert len(s["decode_step_s"]) == s["decode_tokens"] and min(s["decode_step_s"]) > 0
+    rows = {(r["method"], r["context_len"]): r for r in data["rows"]}
+    for (m, ctx), r in rows.items():
+        steps = sorted(x for s in data["samples"] if (s["method"], s["context_len"]) == (m, ctx)
+                       for x in s["decode_step_s"])
+        n = len(steps)
+        median = (steps[n // 2] + steps[(n - 1) // 2]) / 2
+        assert r["decode_step_tokens_per_s"] == pytest.approx(1 / median, rel=1e-12)
+        full = rows[("full", ctx)]["decode_step_tokens_per_s"]
+        assert r["decode_step_x_full"] == pytest.approx(r["decode_step_tokens_per_s"] / full)
 
 
 def test_growth_and_overhead(quick):

@@ -73,6 +73,7 @@ MIB = float(2**20)
 METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
            ("kv_read_bytes_per_step", "KV read/step"), ("peak_memory_bytes", "peak mem")]
 RATIO_NAMES = {"ttft_s": "ttft_x_full", "decode_tokens_per_s": "decode_x_full",
+               "decode_step_tokens_per_s": "decode_step_x_full",
                "kv_bytes": "kv_x_full", "kv_read_bytes_per_step": "kv_read_x_full",
                "peak_memory_bytes": "peak_memory_x_full",
                "peak_memory_delta_bytes": "peak_memory_delta_x_full"}
@@ -289,6 +290,7 @@ class Entrant:
                 "kv_read_bytes_per_step": out.decode_kv_read_bytes,
                 "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
                 "cuda_graph": out.stats.get("cuda_graph"),
+                "decode_step_s": out.stats["decode_step_s"],
                 "compile_steps": out.stats["compile_steps"]}  # steps not in decode_tokens
 
     def _generate(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
@@ -307,6 +309,7 @@ class Entrant:
         decode_s = stamps[-1] - stamps[0]
         return {"ttft_s": stamps[0] - t0, "decode_s": decode_s, "decode_tokens": n - 1,
                 "decode_tokens_per_s": (n - 1) / decode_s if decode_s > 0 else None,
+                "decode_step_s": [b - a for a, b in zip(stamps, stamps[1:])],
                 "total_s": total}
 
 
@@ -343,6 +346,10 @@ def aggregate(samples: list[dict], methods: list[str], lens: list[int]) -> list[
                    and not s.get("error")]
             med[m] = {f: _median([s.get(f) for s in got]) for f in fields}
             med[m]["n_reps"] = len(got)
+            # every timed step of every rep pooled: a burst of machine noise moves a few steps,
+            # not the median
+            step = _median([x for s in got for x in s.get("decode_step_s") or []])
+            med[m]["decode_step_tokens_per_s"] = 1.0 / step if step else None
         for m in methods:
             row = {"method": m, "context_len": ctx, **med[m]}
             for f, r in RATIO_NAMES.items():
@@ -432,18 +439,21 @@ def render_main(data: dict[str, Any]) -> list[str]:
         f"{mach['cpu_model'] if p['device'] == 'cpu' else mach['device_name']} ({p['device']}); "
         f"{budget}; {p['new_tokens']} new tokens per sample (no early stop); "
         f"median of {p['reps']} interleaved rep(s); ratios (×full) are median(method) / "
-        f"median(full) at the same context length, in this run. KV = bytes the cache held "
+        f"median(full) at the same context length, in this run. step tok/s = 1 / the median "
+        f"of every timed decode step of every rep (robust to bursts of machine noise). KV = "
+        f"bytes the cache held "
         f"(peak over decoding); KV read/step = bytes one decode step reads (mean); peak mem = "
         f"{data['peak_memory_kind']}.",
         "",
-        "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | KV MiB | KV ×full "
-        "| KV read/step MiB | peak mem ×full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | step tok/s "
+        "| step ×full | KV MiB | KV ×full | KV read/step MiB | peak mem ×full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['method']} | {r['context_len']} | {_f(r['ttft_s'], 3)} | {_x(r['ttft_x_full'])} "
             f"| {_f(r['decode_tokens_per_s'], 2)} | {_x(r['decode_x_full'])} "
+            f"| {_f(r['decode_step_tokens_per_s'], 2)} | {_x(r['decode_step_x_full'])} "
             f"| {_f(_mib(r['kv_bytes']), 2)} | {_x(r['kv_x_full'])} "
             f"| {_f(_mib(r['kv_read_bytes_per_step']), 3)} | {_x(r['peak_memory_x_full'])} |")
     ov = data["overhead"]

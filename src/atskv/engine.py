@@ -263,6 +263,7 @@ class Engine:
             "compiled": isinstance(step, _CompiledStep) and step.compiled_calls > 0,
             "compile_s": step.compile_s,
             "compile_steps": step.compile_steps,
+            "decode_step_s": step.step_s,  # each timed decode step (token to token)
             "kept_tokens": kept,
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
             "kv_bytes_prefill": pre.kv_bytes,
@@ -303,9 +304,13 @@ class Engine:
             t1 = time.perf_counter()
             while (len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids)
                    and not stopper.hit(tokens)):
+                t = time.perf_counter()
+                compiled = step.compile_steps
                 logits, step_bytes = step(token)
                 read_bytes.append(step_bytes)
-                token = int(torch.argmax(logits))
+                token = int(torch.argmax(logits))  # a host sync: the step has finished
+                if step.compile_steps == compiled:  # a step that compiled is timed apart
+                    step.step_s.append(time.perf_counter() - t)
                 tokens.append(token)
                 if logits_seen is not None:
                     logits_seen.append(logits.float().cpu())
@@ -337,6 +342,7 @@ class _EagerStep:
 
     def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
         self.model, self.session, self.device = model, session, device
+        self.step_s: list[float] = []  # seconds of each timed step (set by Engine.decode)
 
     def __call__(self, token: int) -> tuple[Tensor, int]:
         s = self.session
