@@ -247,7 +247,7 @@ class Engine:
         compress_s = time.perf_counter() - t0
         kv_after = state.nbytes()
         logits_seen = [pre.logits.float().cpu()] if return_logits else []
-        tokens, read_bytes, decode_s, step = self.decode(
+        tokens, read_bytes, step_s, decode_s, step = self.decode(
             method, state, pre.prompt_len, token, max_new_tokens, stopper, stop_at_eos,
             logits_seen if return_logits else None)
         # steps that compiled the decode step are timed apart (compile_s), not as decoding
@@ -263,7 +263,7 @@ class Engine:
             "compiled": isinstance(step, _CompiledStep) and step.compiled_calls > 0,
             "compile_s": step.compile_s,
             "compile_steps": step.compile_steps,
-            "decode_step_s": step.step_s,  # each timed decode step (token to token)
+            "decode_step_s": step_s,  # each timed decode step (token to token)
             "kept_tokens": kept,
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
             "kv_bytes_prefill": pre.kv_bytes,
@@ -292,12 +292,15 @@ class Engine:
 
     def decode(self, method: Method, state: State, prompt_len: int, token: int,
                max_new_tokens: int, stopper: StopStrings, stop_at_eos: bool,
-               logits_seen: list[Tensor] | None) -> tuple[list[int], list[int], float, _EagerStep]:
+               logits_seen: list[Tensor] | None
+               ) -> tuple[list[int], list[int], list[float], float, _EagerStep]:
         """Greedy decoding from the first ``token``: the tokens, the KV bytes each step read,
-        the decode time (after the first token) and the stepper used."""
+        the seconds of each step that did not compile, the decode time (after the first token)
+        and the stepper used."""
         session = _DecodeSession(method, state, prompt_len)
         tokens = [token]
         read_bytes: list[int] = []
+        step_s: list[float] = []
         with hf_seam.use_engine_attention(self.model):
             step = self._stepper(method, session)
             synchronize(self.device)
@@ -310,13 +313,13 @@ class Engine:
                 read_bytes.append(step_bytes)
                 token = int(torch.argmax(logits))  # a host sync: the step has finished
                 if step.compile_steps == compiled:  # a step that compiled is timed apart
-                    step.step_s.append(time.perf_counter() - t)
+                    step_s.append(time.perf_counter() - t)
                 tokens.append(token)
                 if logits_seen is not None:
                     logits_seen.append(logits.float().cpu())
             synchronize(self.device)
             decode_s = time.perf_counter() - t1
-        return tokens, read_bytes, decode_s, step
+        return tokens, read_bytes, step_s, decode_s, step
 
     def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
         static = method.static_decode() and all(s.static for s in session.state.stores)
@@ -342,7 +345,6 @@ class _EagerStep:
 
     def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
         self.model, self.session, self.device = model, session, device
-        self.step_s: list[float] = []  # seconds of each timed step (set by Engine.decode)
 
     def __call__(self, token: int) -> tuple[Tensor, int]:
         s = self.session
