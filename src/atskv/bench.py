@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from atskv import models, results
+from atskv import kernels, models, results
 from atskv.types import ConfigError
 
 FULL = "full"
@@ -421,7 +421,8 @@ def render_md(data: dict[str, Any]) -> str:
                   f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
                   f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end; "
                   f"torch {mach['versions'].get('torch')}, transformers "
-                  f"{mach['versions'].get('transformers')}; git {mach['git_commit']}; "
+                  f"{mach['versions'].get('transformers')}; CPU decode attention: "
+                  f"{mach.get('decode_attention', 'n/a')}; git {mach['git_commit']}; "
                   f"{mach['date']}; {data['duration_s']:.0f} s."]
     if data["notes"]:
         lines += [""] + [f"> **Note:** {n}" for n in data["notes"]]
@@ -568,6 +569,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     mach["loadavg_end"] = _loadavg()
     data["notes"] += _notes(data["samples"], setup.device, mach)
     data["duration_s"] = time.perf_counter() - t_start
+    mach["decode_attention"] = kernels.status()
     return data
 
 

@@ -16,7 +16,8 @@ Two phases:
   - :class:`PackedKV`: packed per head with host-side lengths, for methods whose decode step
     evicts or selects with data-dependent shapes (eager only).
 
-Pure torch: nothing here knows about transformers.
+Decode attention over the static stores runs :mod:`atskv.kernels`' native kernel on the CPU
+(in fp32) and PyTorch's SDPA elsewhere. Nothing here knows about transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from atskv import kernels
+
+#: rows per block when the kernel reads every row of a head (any size gives the same result)
+DENSE_BLOCK = 128
 
 
 def tensor_bytes(*tensors: Tensor | None) -> int:
@@ -221,6 +227,7 @@ class StaticKV:
         self.sinks = sinks
         self.reserved = headroom * n_heads  # rows for generated tokens (spare until written)
         self.initial = sum(lengths)
+        self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
 
     @property
     def n_heads(self) -> int:
@@ -240,6 +247,9 @@ class StaticKV:
 
     def attend(self, q: Tensor, scale: float) -> Tensor:
         """Attention of ``q`` ``(H_kv, g, d)`` over every written row of each head."""
+        if self.kernel:  # reads the written rows only (the kernel caps a ring's count)
+            return kernels.paged_attention(q, self.k, self.v, None, self.count, None, None,
+                                           DENSE_BLOCK, scale)
         rows = torch.arange(self.k.shape[1], device=self.count.device)
         written = rows[None, :] < self.count[:, None]  # (H, capacity)
         # as one batch of H heads (the layout CPU's fused SDPA kernel takes a mask fastest in)
@@ -247,7 +257,8 @@ class StaticKV:
                                               attn_mask=written[None, :, None, :], scale=scale)[0]
 
     def read_bytes(self) -> int:
-        """Bytes one :meth:`attend` reads: every row of every head (masked rows included)."""
+        """Bytes one :meth:`attend` reads: every row of every head (masked rows included; the
+        kernel skips the rows not written yet, so there it is an upper bound)."""
         return self.k.numel() * self.k.element_size() * 2
 
     def total_tokens(self) -> int:
@@ -306,6 +317,7 @@ class StaticPagedKV:
         self.caps = torch.tensor(caps, device=dev)
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
+        self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
         #: pages a method wants attended at every step (set after construction); its shape is
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
@@ -369,7 +381,14 @@ class StaticPagedKV:
         """Attention of ``q`` ``(H, g, d)`` over the tokens of ``pages`` ``(H, K)`` (default:
         every page slot) where ``chosen`` ``(H, K)`` (default: all), with fixed shapes: the
         pages' rows are gathered and the rows past a head's length or of unchosen pages masked.
-        Returns the output and the bytes read (every gathered row)."""
+        Returns the output and the bytes read (every row of ``pages``; the kernel skips the
+        unchosen pages and rows past a head's length, so there it is an upper bound)."""
+        if self.kernel:  # the rows are read where they lie: no gather copy, no mask
+            page = self.page if pages is not None else DENSE_BLOCK
+            out = kernels.paged_attention(q, self.k, self.v, self.offsets, self.lens, pages, chosen,
+                                          page, scale)
+            slots = self.n_heads * self.n_pages if pages is None else pages.numel()
+            return out, slots * self.page * self.token_bytes()
         if pages is None:
             pages = torch.arange(self.n_pages, device=q.device).expand(self.n_heads, self.n_pages)
         rows, valid = self.token_index(pages)

@@ -90,6 +90,8 @@ def git_commit() -> str | None:
 def provenance(device: str) -> dict[str, Any]:
     import torch
 
+    from atskv import kernels
+
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -107,6 +109,8 @@ def provenance(device: str) -> dict[str, Any]:
         "device": str(dev),
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
+        # the CPU decode attention that ran (atskv.kernels): the native kernel, or why SDPA did
+        "decode_attention": kernels.status(),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
     }

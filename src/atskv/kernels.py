@@ -1,0 +1,118 @@
+"""The native decode-attention kernel, ``atskv::paged_attention`` (``csrc/paged_attention.cpp``).
+
+One decode query step's exact attention over a static ragged KV store (:class:`StaticKV`,
+:class:`StaticPagedKV`), reading the chosen pages' rows where they lie. PyTorch's CPU path has no
+such kernel: a selection method had to gather its pages into a fresh buffer and run SDPA over it,
+which at 4096 tokens cost more than reading every page (the gather copy, then the mask). On the CPU
+every static store of every method attends through this one kernel (the full cache and
+sliding_window included: it is also faster than SDPA over a dense, masked store), so that methods
+differ in what they read, not in how; elsewhere (CUDA, other dtypes) the stores keep their
+PyTorch code, which is also the reference the tests compare the kernel with.
+
+The kernel is compiled on first use (about 15 s with g++ and ninja, cached under
+``$ATSKV_CACHE/kernels``; ``-march=native``, so the cache is keyed by this CPU's flags).
+``ATSKV_CPU_KERNEL=0`` turns it off, for an A/B or a machine without a compiler; if it cannot be
+built, a warning says why and the PyTorch path runs. :func:`status` says which ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_loaded: bool | None = None  # None: not tried yet
+_reason = "not tried"
+
+
+def enabled() -> bool:
+    """Whether ``ATSKV_CPU_KERNEL`` allows the kernel (default: yes)."""
+    value = os.environ.get("ATSKV_CPU_KERNEL", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
+        raise ValueError(f"ATSKV_CPU_KERNEL={value!r}: use 1 (the default) or 0")
+    return value not in ("0", "false", "no", "off")
+
+
+def _build_dir() -> Path:
+    from atskv.models import cache_root
+
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    key = f"{torch.__version__}|{platform.machine()}|{flags}|{SOURCE.read_bytes()!r}"
+    return cache_root() / "kernels" / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH: add the PyPI wheel's, if installed."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def load() -> bool:
+    """Build (once per machine) and load the kernel; ``False``, with a warning, if it cannot be."""
+    global _loaded, _reason
+    if _loaded is not None:
+        return _loaded
+    if not enabled():
+        _loaded, _reason = False, "off (ATSKV_CPU_KERNEL=0)"
+        return False
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        _ninja_on_path()
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        load_extension("atskv_kernels", [str(SOURCE)], build_directory=str(build),
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        torch.library.register_fake("atskv::paged_attention")(_shape)
+    except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
+        _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
+        warnings.warn(f"atskv: the CPU attention kernel could not be built, decode attention "
+                      f"uses PyTorch's SDPA instead: {exc}", stacklevel=2)
+        return False
+    _loaded, _reason = True, "atskv::paged_attention"
+    log.info("CPU decode attention: atskv::paged_attention (built in %s)", build)
+    return True
+
+
+def _shape(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor,
+           pages: Tensor | None,
+           chosen: Tensor | None, page: int, scale: float) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def usable(t: Tensor) -> bool:
+    """Whether attention over a store of ``t``'s device and dtype runs the kernel (builds it on
+    first call: call it when a store is made, never inside a compiled step)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and load()
+
+
+def status() -> str:
+    """The CPU decode attention in use: the kernel's name, or why PyTorch's SDPA runs."""
+    return _reason if _loaded is not None else "not used yet"
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor,
+                    pages: Tensor | None, chosen: Tensor | None, page: int,
+                    scale: float) -> Tensor:
+    """Attention of ``q`` ``(H, g, d)`` over head ``h``'s rows ``offsets[h] ..
+    offsets[h] + lens[h]`` of ``k``, ``v`` ``(N, d)`` (or, without offsets, rows ``0 ..
+    min(lens[h], C)`` of ``k[h]``, ``v[h]`` ``(H, C, d)``): the ``page``-row pages
+    ``pages[h, i]`` where ``chosen[h, i]`` (every page when ``pages`` is None); ``(H, g, d)``."""
+    return torch.ops.atskv.paged_attention(q, k, v, offsets, lens, pages, chosen, page, scale)
