@@ -116,6 +116,12 @@ def test_run_folder_names_say_what_the_budget_means(compose):
         "_benchmark.n_samples=4,hardware.threads=1")
 
 
+def test_a_bad_cpu_kernel_switch_fails_before_loading(compose, monkeypatch):
+    monkeypatch.setenv("ATSKV_CPU_KERNEL", "maybe")
+    with pytest.raises(ConfigError, match="ATSKV_CPU_KERNEL='maybe': use 1 .the default. or 0"):
+        prepare(compose())
+
+
 def test_bad_wandb_mode(compose):
     with pytest.raises(ConfigError, match="wandb.mode='sometimes'.*online, offline, disabled"):
         validate(compose("wandb.mode=sometimes"))

@@ -12,6 +12,7 @@ from atskv import kernels
 from atskv.engine import Engine
 from atskv.kvcache import StaticKV, StaticPagedKV
 from atskv.methods import METHODS
+from atskv.types import ConfigError
 
 D = 16
 
@@ -152,7 +153,7 @@ def test_the_switch_turns_it_off_and_a_bad_value_is_named(monkeypatch):
     assert not kernels.usable(torch.zeros(1))
     forget(monkeypatch)
     monkeypatch.setenv("ATSKV_CPU_KERNEL", "maybe")
-    with pytest.raises(ValueError, match="ATSKV_CPU_KERNEL='maybe'"):
+    with pytest.raises(ConfigError, match="ATSKV_CPU_KERNEL='maybe'"):
         kernels.load()
 
 

@@ -267,6 +267,10 @@ def validate_hardware(hw: Any) -> None:
     if hw.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
         raise ConfigError(f"hardware.device_map={hw.device_map!r}; choose auto, balanced, "
                           f"balanced_low_0, sequential or null")
+    if dev == "cpu":
+        from atskv import kernels
+
+        kernels.enabled()  # a bad ATSKV_CPU_KERNEL fails here, not at the first decode
     if dev.startswith("cuda"):
         import torch
 

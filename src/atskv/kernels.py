@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atskv.types import ConfigError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
@@ -38,7 +40,7 @@ def enabled() -> bool:
     """Whether ``ATSKV_CPU_KERNEL`` allows the kernel (default: yes)."""
     value = os.environ.get("ATSKV_CPU_KERNEL", "1").strip().lower()
     if value not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
-        raise ValueError(f"ATSKV_CPU_KERNEL={value!r}: use 1 (the default) or 0")
+        raise ConfigError(f"ATSKV_CPU_KERNEL={value!r}: use 1 (the default) or 0")
     return value not in ("0", "false", "no", "off")
 
 
