@@ -94,8 +94,7 @@ def load() -> bool:
 
 
 def _shape(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor,
-           pages: Tensor | None,
-           chosen: Tensor | None, page: int, scale: float) -> Tensor:
+           pages: Tensor | None, chosen: Tensor | None, page: int, scale: float) -> Tensor:
     return q.new_empty(q.shape)
 
 

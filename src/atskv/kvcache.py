@@ -383,12 +383,12 @@ class StaticPagedKV:
         pages' rows are gathered and the rows past a head's length or of unchosen pages masked.
         Returns the output and the bytes read (every row of ``pages``; the kernel skips the
         unchosen pages and rows past a head's length, so there it is an upper bound)."""
+        slots = self.n_heads * self.n_pages if pages is None else pages.numel()
+        read = slots * self.page * self.token_bytes()  # the same count on either path
         if self.kernel:  # the rows are read where they lie: no gather copy, no mask
             page = self.page if pages is not None else DENSE_BLOCK
-            out = kernels.paged_attention(q, self.k, self.v, self.offsets, self.lens, pages, chosen,
-                                          page, scale)
-            slots = self.n_heads * self.n_pages if pages is None else pages.numel()
-            return out, slots * self.page * self.token_bytes()
+            return kernels.paged_attention(q, self.k, self.v, self.offsets, self.lens, pages,
+                                           chosen, page, scale), read
         if pages is None:
             pages = torch.arange(self.n_pages, device=q.device).expand(self.n_heads, self.n_pages)
         rows, valid = self.token_index(pages)
@@ -398,7 +398,7 @@ class StaticPagedKV:
         # keeps the fused SDPA kernel (3-D inputs are decomposed into a slow transposed gather)
         out = F.scaled_dot_product_attention(q[None], self.k[rows][None], self.v[rows][None],
                                              attn_mask=valid[None, :, None, :], scale=scale)[0]
-        return out, rows.numel() * self.token_bytes()
+        return out, read
 
     def total_tokens(self) -> int:
         return int(self.lens.sum())
