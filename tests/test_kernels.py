@@ -1,7 +1,8 @@
-"""The native CPU decode-attention kernel (atskv::paged_attention): it equals the PyTorch path of
-every static store (SDPA over the store, or over the gathered pages), reads only the rows it is
-asked for, compiles as one opaque call under ``fullgraph=True``, and decoding with it gives the
-tokens and logits decoding without it gives."""
+"""The native CPU decode kernels. atskv::paged_attention equals the PyTorch path of every static
+store (SDPA over the store, or over the gathered pages) and reads only the rows it is asked for;
+atskv::rank_pages chooses the pages atskv's reference ranking chooses. Both compile as one opaque
+call under ``fullgraph=True``, and decoding with them gives the tokens and logits decoding without
+them gives."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from atskv import kernels
 from atskv.engine import Engine
 from atskv.kvcache import StaticKV, StaticPagedKV
 from atskv.methods import METHODS
+from atskv.methods.atskv import ATSKV
 from atskv.types import ConfigError
 
 D = 16
@@ -19,7 +21,7 @@ D = 16
 
 def test_the_kernel_builds_on_this_machine():
     assert kernels.load() is True, kernels.status()
-    assert kernels.status() == "atskv::paged_attention"
+    assert kernels.status() == "atskv::paged_attention, atskv::rank_pages"
     x = torch.zeros(2, 3)
     assert kernels.usable(x)
     assert not kernels.usable(x.double())  # fp32 only: other dtypes keep PyTorch's path
@@ -120,6 +122,80 @@ def test_the_kernel_compiles_fullgraph_as_one_call():
 
     compiled = torch.compile(step, fullgraph=True)
     assert (compiled(q, pages, chosen) - step(q, pages, chosen)).abs().max() < 1e-5
+
+
+def chosen_sets(order, chosen):
+    return [sorted(o[c].tolist()) for o, c in zip(order, chosen)]
+
+
+def both_rankings(method, store, q, scale):
+    """The pages chosen by the kernel, then by the reference ranking; the kernel's order."""
+    assert store.kernel
+    order, chosen = method.rank_pages(store, q, scale)
+    ref_order, ref_chosen = method.rank_pages_reference(store, q, scale)
+    assert order.shape == ref_order.shape and chosen.dtype == torch.bool
+    return chosen_sets(order, chosen), chosen_sets(ref_order, ref_chosen), order
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("page", [1, 4, 16])
+def test_the_ranking_kernel_chooses_the_pages_the_reference_chooses(seed, page):
+    """Random ragged stores (heads whose pages all fit the cap and heads whose pages do not,
+    pinned pages, headroom slots holding no token yet) and random knobs."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300 // page + 40, (3,), generator=g).tolist()
+    store = ragged_store(lengths, page, headroom=page + 2, seed=seed)
+    store.pinned[:] = torch.rand(store.pinned.shape, generator=g) < 0.05
+    for q_scale, max_pages, min_pages, mass in ((0.5, 12, 2, 0.9), (3.0, 20, 4, 0.999),
+                                                (1.0, 3, 1, 0.3), (2.0, 200, 1, 0.99)):
+        method = ATSKV(max_pages=max_pages, min_pages=min_pages, mass=mass)
+        q = torch.randn(3, 2, D, generator=g) * q_scale
+        got, want, order = both_rankings(method, store, q, 0.25)
+        assert got == want, (q_scale, max_pages)
+        assert order.shape[1] == min(max_pages, store.n_pages)
+        for row in order:  # distinct slots
+            assert row.unique().numel() == row.numel()
+
+
+def test_a_head_whose_pages_all_fit_keeps_every_page_even_with_a_negligible_share():
+    """Head 0's 6 pages fit the cap, so all are forced; 5 of them have an estimated share that
+    underflows to 0, which ``2 + share`` rounds to the key of the empty slots that pad head 0 to
+    head 1's page count. Neither ranking may choose an empty slot over them."""
+    q = torch.zeros(2, 1, D)
+    q[:, 0, 0] = 40.0
+    keys = torch.zeros(2, 60, D)
+    keys[0, :, 0] = -5.0
+    keys[0, 2, 0] = 5.0  # the one page of head 0 the query attends to
+    keys[1] = torch.randn(60, D)
+    store = StaticPagedKV(keys, torch.randn(2, 60, D), [torch.arange(6), torch.arange(60)], [0, 0],
+                          page=1)
+    method = ATSKV(max_pages=10, min_pages=1, mass=0.5)
+    got, want, _ = both_rankings(method, store, q, 1.0)
+    assert got[0] == want[0] == list(range(6))
+
+
+def test_the_ranking_kernel_compiles_fullgraph_as_one_call():
+    store = ragged_store([45, 17, 60], page=4, headroom=2)
+    method = ATSKV(max_pages=5, min_pages=2, mass=0.8)
+    q = torch.randn(3, 2, D)
+
+    def step(q):
+        pages, chosen = method.rank_pages(store, q, 0.3)
+        return store.attend(q, 0.3, pages, chosen)[0]
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert (compiled(q) - step(q)).abs().max() < 1e-5
+
+
+def test_the_ranking_kernel_names_bad_inputs():
+    store = ragged_store([20], page=4)
+    q = torch.randn(1, 2, D)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        kernels.rank_pages(q.double(), store.kmin, store.kmax, store.ksum, store.lens,
+                           store.pinned, 4, 3, 1, 0.9, 0.3)
+    with pytest.raises(RuntimeError, match="do not match q"):
+        kernels.rank_pages(torch.randn(1, 2, D + 1), store.kmin, store.kmax, store.ksum,
+                           store.lens, store.pinned, 4, 3, 1, 0.9, 0.3)
 
 
 @pytest.mark.parametrize("name,kw", [("full", {}), ("sliding_window", {}),

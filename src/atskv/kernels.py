@@ -1,4 +1,5 @@
-"""The native decode-attention kernel, ``atskv::paged_attention`` (``csrc/paged_attention.cpp``).
+"""The native CPU decode kernels: ``atskv::paged_attention`` (``csrc/paged_attention.cpp``) and
+``atskv::rank_pages`` (``csrc/rank_pages.cpp``).
 
 One decode query step's exact attention over a static ragged KV store (:class:`StaticKV`,
 :class:`StaticPagedKV`), reading the chosen pages' rows where they lie. PyTorch's CPU path has no
@@ -9,7 +10,11 @@ sliding_window included: it is also faster than SDPA over a dense, masked store)
 differ in what they read, not in how; elsewhere (CUDA, other dtypes) the stores keep their
 PyTorch code, which is also the reference the tests compare the kernel with.
 
-The kernel is compiled on first use (about 15 s with g++ and ninja, cached under
+``atskv::rank_pages`` is atskv's decode-time page ranking (:meth:`ATSKV.rank_pages`, its
+reference) in one pass per head: compiled PyTorch runs it as a chain of small kernels, which cost
+atskv more per step than its attention saved over sliding_window's.
+
+The kernels are compiled on first use (about 15 s with g++ and ninja, cached under
 ``$ATSKV_CACHE/kernels``; ``-march=native``, so the cache is keyed by this CPU's flags).
 ``ATSKV_CPU_KERNEL=0`` turns it off, for an A/B or a machine without a compiler; if it cannot be
 built, a warning says why and the PyTorch path runs. :func:`status` says which ran.
@@ -31,7 +36,8 @@ from atskv.types import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "rank_pages.cpp")]
+NAME = "atskv::paged_attention, atskv::rank_pages"
 _loaded: bool | None = None  # None: not tried yet
 _reason = "not tried"
 
@@ -52,7 +58,8 @@ def _build_dir() -> Path:
                      if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
-    key = f"{torch.__version__}|{platform.machine()}|{flags}|{SOURCE.read_bytes()!r}"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = f"{torch.__version__}|{platform.machine()}|{flags}|{sources!r}"
     return cache_root() / "kernels" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -79,23 +86,32 @@ def load() -> bool:
         _ninja_on_path()
         build = _build_dir()
         build.mkdir(parents=True, exist_ok=True)
-        load_extension("atskv_kernels", [str(SOURCE)], build_directory=str(build),
+        load_extension("atskv_kernels", [str(s) for s in SOURCES], build_directory=str(build),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("atskv::paged_attention")(_shape)
+        torch.library.register_fake("atskv::rank_pages")(_rank_shape)
     except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
         _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
         warnings.warn(f"atskv: the CPU attention kernel could not be built, decode attention "
                       f"uses PyTorch's SDPA instead: {exc}", stacklevel=2)
         return False
-    _loaded, _reason = True, "atskv::paged_attention"
-    log.info("CPU decode attention: atskv::paged_attention (built in %s)", build)
+    _loaded, _reason = True, NAME
+    log.info("CPU decode kernels: %s (built in %s)", NAME, build)
     return True
 
 
 def _shape(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor,
            pages: Tensor | None, chosen: Tensor | None, page: int, scale: float) -> Tensor:
     return q.new_empty(q.shape)
+
+
+def _rank_shape(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor,
+                pinned: Tensor, page: int, max_pages: int, min_pages: int, mass: float,
+                scale: float) -> tuple[Tensor, Tensor]:
+    k = torch.sym_min(max_pages, pinned.shape[1])
+    return (q.new_empty((q.shape[0], k), dtype=torch.long),
+            q.new_empty((q.shape[0], k), dtype=torch.bool))
 
 
 def usable(t: Tensor) -> bool:
@@ -117,3 +133,13 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, len
     min(lens[h], C)`` of ``k[h]``, ``v[h]`` ``(H, C, d)``): the ``page``-row pages
     ``pages[h, i]`` where ``chosen[h, i]`` (every page when ``pages`` is None); ``(H, g, d)``."""
     return torch.ops.atskv.paged_attention(q, k, v, offsets, lens, pages, chosen, page, scale)
+
+
+def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor, pinned: Tensor,
+               page: int, max_pages: int, min_pages: int, mass: float,
+               scale: float) -> tuple[Tensor, Tensor]:
+    """atskv's page ranking (:meth:`ATSKV.rank_pages`, which documents it) for ``q`` ``(H, g, d)``
+    over page summaries ``(H, P, d)``: the ``min(max_pages, P)`` best page slots per head, in slot
+    order (so that attention reads the store front to back), and which of them to attend."""
+    return torch.ops.atskv.rank_pages(q, kmin, kmax, ksum, lens, pinned, page, max_pages,
+                                      min_pages, mass, scale)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atskv import kernels
 from atskv.kvcache import StaticPagedKV
 from atskv.methods.base import METHODS, AttendResult, PrefillContext, State, headroom
 from atskv.methods.pages import page_upper_bound
@@ -229,15 +230,29 @@ class ATSKV(ScoredSelection):
         return AttendResult(torch.cat(outs), read * store.token_bytes() + meta)
 
     def rank_pages(self, store: StaticPagedKV, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """The ``max_pages`` best pages per head ``(H, K)``, and which of them the adaptive rule
-        attends ``(H, K)`` (fixed shapes, no host sync).
+        """The ``max_pages`` best pages per head ``(H, K)`` (best first; in slot order from the
+        kernel), and which of them the adaptive rule attends ``(H, K)`` (fixed shapes, no host
+        sync).
 
         A page's share of the attention is estimated from its log-sum-exp, approximated as the
         mean of an upper bound (Quest's ``q . kmax/kmin``, which overestimates) and a lower bound
         (the logit of the mean key, Jensen), plus ``log`` of its token count; estimates are
         averaged over the query heads of the GQA group. Pages are taken best first until the
         estimated mass reaches ``mass``.
+
+        On the CPU in float32 the native kernel ``atskv::rank_pages`` computes this in one pass
+        per head (compiled PyTorch runs it as a chain of small kernels); elsewhere
+        :meth:`rank_pages_reference` does, which is also what the kernel is tested against.
         """
+        if store.kernel:
+            return kernels.rank_pages(q, store.kmin, store.kmax, store.ksum, store.lens,
+                                      store.pinned, store.page, int(self.max_pages),
+                                      int(self.min_pages), float(self.mass), scale)
+        return self.rank_pages_reference(store, q, scale)
+
+    def rank_pages_reference(self, store: StaticPagedKV, q: Tensor,
+                             scale: float) -> tuple[Tensor, Tensor]:
+        """:meth:`rank_pages` in PyTorch operations."""
         counts = store.page_counts()  # (H, P)
         live = counts > 0
         upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)
@@ -251,7 +266,10 @@ class ATSKV(ScoredSelection):
         forced = (slot == 0) | (slot == used - 1) | store.pinned  # sinks, newest, most relevant
         forced = forced | (used <= self.max_pages)  # a head whose pages all fit: all of them
         k = torch.sym_min(self.max_pages, store.n_pages)  # no guard on the page count
-        order = torch.topk(est + forced * 2.0, k, dim=-1).indices  # forced pages rank first
+        # forced pages rank first, slots holding no token last (a forced live page whose share
+        # rounds away in ``2 + est`` must not tie with them)
+        key = (est + forced * 2.0).masked_fill(~live, -1.0)
+        order = torch.topk(key, k, dim=-1).indices
         est = est.gather(1, order)
         rank = torch.arange(k, device=q.device)[None]
         # estimated mass of the better-ranked pages (a masked sum rather than cumsum, which a
