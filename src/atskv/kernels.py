@@ -16,8 +16,8 @@ atskv more per step than its attention saved over sliding_window's.
 
 The kernels are compiled on first use (about 15 s with g++ and ninja, cached under
 ``$ATSKV_CACHE/kernels``; ``-march=native``, so the cache is keyed by this CPU's flags).
-``ATSKV_CPU_KERNEL=0`` turns it off, for an A/B or a machine without a compiler; if it cannot be
-built, a warning says why and the PyTorch path runs. :func:`status` says which ran.
+``ATSKV_CPU_KERNEL=0`` turns both off, for an A/B or a machine without a compiler; if they cannot
+be built, a warning says why and the PyTorch paths run. :func:`status` says which ran.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def load() -> bool:
         torch.library.register_fake("atskv::rank_pages")(_rank_shape)
     except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
         _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
-        warnings.warn(f"atskv: the CPU attention kernel could not be built, decode attention "
-                      f"uses PyTorch's SDPA instead: {exc}", stacklevel=2)
+        warnings.warn(f"atskv: the CPU decode kernels could not be built, decoding uses PyTorch "
+                      f"(SDPA, atskv's reference ranking) instead: {exc}", stacklevel=2)
         return False
     _loaded, _reason = True, NAME
     log.info("CPU decode kernels: %s (built in %s)", NAME, build)
