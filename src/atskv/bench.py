@@ -421,7 +421,7 @@ def render_md(data: dict[str, Any]) -> str:
                   f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
                   f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end; "
                   f"torch {mach['versions'].get('torch')}, transformers "
-                  f"{mach['versions'].get('transformers')}; CPU decode attention: "
+                  f"{mach['versions'].get('transformers')}; CPU decode kernels: "
                   f"{mach.get('decode_attention', 'n/a')}; git {mach['git_commit']}; "
                   f"{mach['date']}; {data['duration_s']:.0f} s."]
     if data["notes"]:

@@ -121,7 +121,8 @@ def usable(t: Tensor) -> bool:
 
 
 def status() -> str:
-    """The CPU decode attention in use: the kernel's name, or why PyTorch's SDPA runs."""
+    """The CPU decode kernels in use: their names, or why PyTorch's code (SDPA, atskv's reference
+    ranking) runs."""
     return _reason if _loaded is not None else "not used yet"
 
 

@@ -109,7 +109,7 @@ def provenance(device: str) -> dict[str, Any]:
         "device": str(dev),
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
-        # the CPU decode attention that ran (atskv.kernels): the native kernel, or why SDPA did
+        # the CPU decode kernels that ran (atskv.kernels), or why PyTorch's code did
         "decode_attention": kernels.status(),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
