@@ -1,10 +1,13 @@
 """The native CPU decode kernels. atskv::paged_attention equals the PyTorch path of every static
 store (SDPA over the store, or over the gathered pages) and reads only the rows it is asked for;
-atskv::rank_pages chooses the pages atskv's reference ranking chooses. Both compile as one opaque
-call under ``fullgraph=True``, and decoding with them gives the tokens and logits decoding without
-them gives."""
+atskv::rank_pages chooses the pages atskv's PyTorch ranking chooses; atskv::paged_decode (append,
+ranking, attention) leaves the store as the PyTorch append does and attends as the PyTorch path.
+They compile as one opaque call each under ``fullgraph=True``, and decoding with them gives the
+tokens and logits decoding without them gives."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ D = 16
 
 def test_the_kernel_builds_on_this_machine():
     assert kernels.load() is True, kernels.status()
-    assert kernels.status() == "atskv::paged_attention, atskv::rank_pages"
+    assert kernels.status() == "atskv::paged_attention, atskv::paged_decode"
     x = torch.zeros(2, 3)
     assert kernels.usable(x)
     assert not kernels.usable(x.double())  # fp32 only: other dtypes keep PyTorch's path
@@ -129,10 +132,12 @@ def chosen_sets(order, chosen):
 
 
 def both_rankings(method, store, q, scale):
-    """The pages chosen by the kernel, then by the reference ranking; the kernel's order."""
+    """The pages chosen by the kernel, then by the PyTorch ranking; the kernel's order."""
     assert store.kernel
-    order, chosen = method.rank_pages(store, q, scale)
-    ref_order, ref_chosen = method.rank_pages_reference(store, q, scale)
+    order, chosen = kernels.rank_pages(q, store.kmin, store.kmax, store.ksum, store.lens,
+                                       store.pinned, store.page, method.max_pages,
+                                       method.min_pages, method.mass, scale)
+    ref_order, ref_chosen = method.rank_pages(store, q, scale)
     assert order.shape == ref_order.shape and chosen.dtype == torch.bool
     return chosen_sets(order, chosen), chosen_sets(ref_order, ref_chosen), order
 
@@ -174,17 +179,71 @@ def test_a_head_whose_pages_all_fit_keeps_every_page_even_with_a_negligible_shar
     assert got[0] == want[0] == list(range(6))
 
 
-def test_the_ranking_kernel_compiles_fullgraph_as_one_call():
-    store = ragged_store([45, 17, 60], page=4, headroom=2)
-    method = ATSKV(max_pages=5, min_pages=2, mass=0.8)
-    q = torch.randn(3, 2, D)
+def copy_store(store):
+    twin = copy.copy(store)
+    for name in ("k", "v", "kmin", "kmax", "ksum", "lens", "pinned"):
+        setattr(twin, name, getattr(store, name).clone())
+    return twin
 
-    def step(q):
-        pages, chosen = method.rank_pages(store, q, 0.3)
-        return store.attend(q, 0.3, pages, chosen)[0]
+
+def assert_same_state(a, b):
+    for name in ("k", "v", "kmin", "kmax", "ksum", "lens"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("page,lengths", [(16, [150, 30, 230]), (4, [61, 9, 33]), (1, [40, 7, 25])])
+def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page, lengths):
+    """Steps of ``decode_ranked`` (the kernel: append, rank, attend) against the store's PyTorch
+    append, atskv's PyTorch ranking and attention over the pages it chose, on twin stores: the
+    same outputs and bytes, the same store afterwards (rows, page summaries, lengths), with heads
+    over the cap and heads under it, and pages filling and starting during the steps."""
+    g = torch.Generator().manual_seed(page)
+    store = ragged_store(lengths, page, headroom=2 * page + 3, seed=page)
+    store.pinned[:] = torch.rand(store.pinned.shape, generator=g) < 0.1
+    ref = copy_store(store)
+    ref.kernel = False
+    method = ATSKV(max_pages=6, min_pages=2, mass=0.95)
+    for step in range(2 * page + 3):
+        q = torch.randn(3, 2, D, generator=g) * 2
+        k, v = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+        out, read = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.min_pages,
+                                        method.mass)
+        ref.append(k, v)
+        pages, chosen = method.rank_pages(ref, q, 0.3)
+        want, want_read = ref.attend(q, 0.3, pages, chosen)
+        assert (out - want).abs().max() < 1e-5, step
+        assert read == want_read
+        assert_same_state(store, ref)
+
+
+def test_the_decode_kernel_compiles_fullgraph_as_one_call_and_updates_the_store_in_place():
+    store = ragged_store([45, 17, 60], page=4, headroom=8)
+    twin = copy_store(store)
+    tensors = {name: getattr(store, name) for name in ("k", "kmin", "lens")}
+
+    def step(s, q, k, v):
+        return s.decode_ranked(q, k, v, 0.3, 5, 2, 0.8)[0] * 2
 
     compiled = torch.compile(step, fullgraph=True)
-    assert (compiled(q) - step(q)).abs().max() < 1e-5
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        q, k, v = (torch.randn(*shape, generator=g) for shape in ((3, 2, D), (3, D), (3, D)))
+        assert (compiled(store, q, k, v) - step(twin, q, k, v)).abs().max() < 1e-5
+    assert_same_state(store, twin)
+    assert all(getattr(store, name) is t for name, t in tensors.items())  # written in place
+
+
+@pytest.mark.parametrize("lengths,full", [([8, 3], 0), ([4, 8], 0), ([5, 4], 1)])
+def test_the_decode_kernel_names_a_full_head(lengths, full):
+    """A head at its capacity, followed by a longer head or a shorter one, or the last head: an
+    error that names it, and nothing written (not the next head's rows, not the other heads)."""
+    store = ragged_store(lengths, page=4)
+    before = copy_store(store)
+    q, k = torch.randn(2, 1, D), torch.randn(2, D)
+    with pytest.raises(RuntimeError, match=f"head {full} is full"):
+        store.decode_ranked(q, k, k, 0.3, 1, 1, 0.9)
+    for name in ("k", "v", "kmin", "kmax", "ksum", "lens"):  # no head was written
+        assert torch.equal(getattr(store, name), getattr(before, name)), name
 
 
 def test_the_ranking_kernel_names_bad_inputs():

@@ -99,17 +99,17 @@ class _DecodeSession:
         return self.position
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        store = self.state.stores[layer]
-        self.method.before_append(self.state, layer, store)
-        store.append(k[0, :, 0], v[0, :, 0])
-        return k, v
+        return k, v  # stored by the method in :meth:`attention`, which receives them next
 
     def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """The layer's new key and value ``(1, H_kv, 1, d)`` into its store, then attention (one
+        method call, so that a method may do both in one kernel)."""
         _, h_q, _, d = q.shape
         store = self.state.stores[layer]
         h_kv = store.n_heads
-        res = self.method.attend(self.state, layer, store, q[0, :, 0].view(h_kv, h_q // h_kv, d),
-                                 scale)
+        res = self.method.decode_layer(self.state, layer, store,
+                                       q[0, :, 0].view(h_kv, h_q // h_kv, d), k[0, :, 0],
+                                       v[0, :, 0], scale)
         self.step_read_bytes += res.read_bytes
         return res.out.reshape(1, h_q, 1, d)
 

@@ -36,8 +36,9 @@ from atskv.types import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "rank_pages.cpp")]
-NAME = "atskv::paged_attention, atskv::rank_pages"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rank_pages.cpp")]
+NAME = "atskv::paged_attention, atskv::paged_decode"
 _loaded: bool | None = None  # None: not tried yet
 _reason = "not tried"
 
@@ -58,7 +59,7 @@ def _build_dir() -> Path:
                      if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()))  # headers too
     key = f"{torch.__version__}|{platform.machine()}|{flags}|{sources!r}"
     return cache_root() / "kernels" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
@@ -91,6 +92,7 @@ def load() -> bool:
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("atskv::paged_attention")(_shape)
         torch.library.register_fake("atskv::rank_pages")(_rank_shape)
+        torch.library.register_fake("atskv::paged_decode")(_decode_shape)
     except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
         _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
         warnings.warn(f"atskv: the CPU decode kernels could not be built, decoding uses PyTorch "
@@ -112,6 +114,13 @@ def _rank_shape(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tenso
     k = torch.sym_min(max_pages, pinned.shape[1])
     return (q.new_empty((q.shape[0], k), dtype=torch.long),
             q.new_empty((q.shape[0], k), dtype=torch.bool))
+
+
+def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, kmin: Tensor,
+                  kmax: Tensor, ksum: Tensor, lens: Tensor, offsets: Tensor, pinned: Tensor,
+                  page: int, max_pages: int, min_pages: int, mass: float,
+                  scale: float) -> Tensor:
+    return q.new_empty(q.shape)
 
 
 def usable(t: Tensor) -> bool:
@@ -144,3 +153,14 @@ def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor
     order (so that attention reads the store front to back), and which of them to attend."""
     return torch.ops.atskv.rank_pages(q, kmin, kmax, ksum, lens, pinned, page, max_pages,
                                       min_pages, mass, scale)
+
+
+def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, kmin: Tensor,
+                 kmax: Tensor, ksum: Tensor, lens: Tensor, offsets: Tensor, pinned: Tensor,
+                 page: int, max_pages: int, min_pages: int, mass: float, scale: float) -> Tensor:
+    """One layer's decode step over atskv's store (:meth:`StaticPagedKV.decode_ranked`), in
+    place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``offsets[h] + lens[h]`` of
+    ``k``, ``v``, into that page's key min, max and sum, and ``lens`` grows by one; then
+    :func:`rank_pages` and :func:`paged_attention` over the pages it chose. ``(H, g, d)``."""
+    return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, kmin, kmax, ksum, lens, offsets,
+                                        pinned, page, max_pages, min_pages, mass, scale)

@@ -400,6 +400,19 @@ class StaticPagedKV:
                                              attn_mask=valid[None, :, None, :], scale=scale)[0]
         return out, read
 
+    def decode_ranked(self, q: Tensor, k: Tensor, v: Tensor, scale: float, max_pages: int,
+                      min_pages: int, mass: float) -> tuple[Tensor, int]:
+        """:meth:`append` of ``k``, ``v`` ``(H, d)``, then the attention of ``q`` over the pages
+        atskv's ranking chooses (at most ``max_pages`` per head; ``ATSKV.rank_pages`` documents
+        it), in one call of the native kernel ``atskv::paged_decode``. Returns what
+        :meth:`attend` returns for the ranking's ``(H, min(max_pages, n_pages))`` pages."""
+        assert self.kernel and self.kmin is not None, "the native kernel's path only"
+        out = kernels.paged_decode(q, k, v, self.k, self.v, self.kmin, self.kmax, self.ksum,
+                                   self.lens, self.offsets, self.pinned, self.page, max_pages,
+                                   min_pages, mass, scale)
+        slots = self.n_heads * torch.sym_min(max_pages, self.n_pages)
+        return out, slots * self.page * self.token_bytes()
+
     def total_tokens(self) -> int:
         return int(self.lens.sum())
 

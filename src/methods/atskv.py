@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv import kernels
 from atskv.kvcache import StaticPagedKV
 from atskv.methods.base import METHODS, AttendResult, PrefillContext, State, headroom
 from atskv.methods.pages import page_upper_bound
@@ -207,6 +206,16 @@ class ATSKV(ScoredSelection):
             state.pins[layer] = None  # consumed: the store's pinned pages hold it now
         return store
 
+    def decode_layer(self, state: State, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
+                     v: Tensor, scale: float) -> AttendResult:
+        assert isinstance(state, ATSKVState)
+        if self.sparse_decode and self.static and store.kernel and not state.dense:
+            # the append, the ranking and the attention in one native call
+            out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages),
+                                            int(self.min_pages), float(self.mass))
+            return AttendResult(out, read + 3 * store.kmin.numel() * store.kmin.element_size())
+        return super().decode_layer(state, layer, store, q, k, v, scale)
+
     def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
                scale: float) -> AttendResult:
         assert isinstance(state, ATSKVState)
@@ -214,8 +223,8 @@ class ATSKV(ScoredSelection):
             # every page of every layer fits the cap: exact attention over all of them is
             # cheaper than ranking
             return AttendResult(*store.attend(q, scale))
-        pages, chosen = self.rank_pages(store, q, scale)
         meta = 3 * store.kmin.numel() * store.kmin.element_size()
+        pages, chosen = self.rank_pages(store, q, scale)
         if self.static:
             out, read = store.attend(q, scale, pages, chosen)
             return AttendResult(out, read + meta)
@@ -230,9 +239,8 @@ class ATSKV(ScoredSelection):
         return AttendResult(torch.cat(outs), read * store.token_bytes() + meta)
 
     def rank_pages(self, store: StaticPagedKV, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """The ``max_pages`` best pages per head ``(H, K)`` (best first; in slot order from the
-        kernel), and which of them the adaptive rule attends ``(H, K)`` (fixed shapes, no host
-        sync).
+        """The ``max_pages`` best pages per head ``(H, K)``, best first, and which of them the
+        adaptive rule attends ``(H, K)`` (fixed shapes, no host sync).
 
         A page's share of the attention is estimated from its log-sum-exp, approximated as the
         mean of an upper bound (Quest's ``q . kmax/kmin``, which overestimates) and a lower bound
@@ -240,19 +248,12 @@ class ATSKV(ScoredSelection):
         averaged over the query heads of the GQA group. Pages are taken best first until the
         estimated mass reaches ``mass``.
 
-        On the CPU in float32 the native kernel ``atskv::rank_pages`` computes this in one pass
-        per head (compiled PyTorch runs it as a chain of small kernels); elsewhere
-        :meth:`rank_pages_reference` does, which is also what the kernel is tested against.
+        On the CPU in float32 a static decode step runs this in the native kernel instead
+        (``atskv::paged_decode``: the append, ``atskv::rank_pages`` and the attention in one
+        call per layer, see :meth:`decode_layer`; compiled PyTorch runs the ranking as a chain of
+        small kernels); this is the path on CUDA and for other dtypes, the dynamic path's, and
+        what the kernel is tested against.
         """
-        if store.kernel:
-            return kernels.rank_pages(q, store.kmin, store.kmax, store.ksum, store.lens,
-                                      store.pinned, store.page, int(self.max_pages),
-                                      int(self.min_pages), float(self.mass), scale)
-        return self.rank_pages_reference(store, q, scale)
-
-    def rank_pages_reference(self, store: StaticPagedKV, q: Tensor,
-                             scale: float) -> tuple[Tensor, Tensor]:
-        """:meth:`rank_pages` in PyTorch operations."""
         counts = store.page_counts()  # (H, P)
         live = counts > 0
         upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)

@@ -18,9 +18,10 @@ The engine calls, per generation:
 1. :meth:`Method.begin` with the prompt length and generation length -> a :class:`State`;
 2. :meth:`Method.select` once after prefill: which prompt tokens each layer/KV head keeps;
 3. :meth:`Method.make_store` per layer: the decode storage (headroom for generated tokens);
-4. per decode step and layer, :meth:`Method.before_append` (evict to make room) and
-   :meth:`Method.attend` (attention of the new query over the kept tokens; sparse methods choose a
-   subset here and report the bytes they read).
+4. per decode step and layer, :meth:`Method.decode_layer`: :meth:`Method.before_append` (evict
+   to make room), the store's ``append`` of the new token, then :meth:`Method.attend` (attention
+   of the new query over the kept tokens; sparse methods choose a subset here and report the
+   bytes they read). A method may do all three in one kernel (atskv on the CPU).
 
 Capabilities the runner or the tests need are declared once on the class (``compresses``,
 ``evicts_while_decoding``, ``sparse_reads``) or answered by a method of the settings
@@ -212,6 +213,14 @@ class Method:
     # -- each decode step -------------------------------------------------------------------
     def before_append(self, state: State, layer: int, store: Any) -> None:
         """Evict tokens so that one more fits in every head (default: nothing)."""
+
+    def decode_layer(self, state: State, layer: int, store: Any, q: Tensor, k: Tensor, v: Tensor,
+                     scale: float) -> AttendResult:
+        """One layer of a decode step: the new token's key and value ``(H_kv, d)`` into the store
+        (after :meth:`before_append`), then :meth:`attend` of the query ``q`` ``(H_kv, g, d)``."""
+        self.before_append(state, layer, store)
+        store.append(k, v)
+        return self.attend(state, layer, store, q, scale)
 
     def attend(self, state: State, layer: int, store: Any, q: Tensor, scale: float) -> AttendResult:
         """Attention of one query step ``q`` ``(H_kv, g, d)`` over the stored tokens."""

@@ -16,13 +16,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decode.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <vector>
 
-namespace {
+namespace atskv {
 
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& offsets, const at::Tensor& lens,
@@ -161,7 +163,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
-}  // namespace
+}  // namespace atskv
 
 TORCH_LIBRARY(atskv, m) {
   m.def(
@@ -169,4 +171,4 @@ TORCH_LIBRARY(atskv, m) {
       "Tensor? chosen, int page, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(atskv, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(atskv, CPU, m) { m.impl("paged_attention", &atskv::paged_attention_cpu); }

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decode.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,7 +27,7 @@
 #include <tuple>
 #include <vector>
 
-namespace {
+namespace atskv {
 
 std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at::Tensor& kmin,
                                                   const at::Tensor& kmax, const at::Tensor& ksum,
@@ -64,53 +66,72 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  // heads in parallel only when each has enough work to pay for the threads' wake-up (a small
-  // model's few heads at 4096 tokens ran faster on one thread)
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * P * D));
-  at::parallel_for(0, H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> logit(P), est(P), key(P);
+  // a head whose pages all fit max_pages has every page forced: the K best are its live slots
+  // (a prefix), then empty ones (ties to the lower slot), and exactly the live ones are chosen,
+  // so no summary need be read. The other heads are ranked, in parallel when two or more are.
+  std::vector<int64_t> ranked;
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t used = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
+    if (used > max_pages) {
+      ranked.push_back(h);
+      continue;
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      op[h * K + i] = i;
+      cp[h * K + i] = i < used;
+    }
+  }
+  const int64_t n_ranked = static_cast<int64_t>(ranked.size());
+  at::parallel_for(0, n_ranked, n_ranked > 1 ? 1 : n_ranked, [&](int64_t begin, int64_t end) {
+    std::vector<float> logit(G * P), est(P), key(P), mx(G);
     std::vector<int64_t> count(P), idx(P);
     std::vector<char> forced(P), take(P);
-    for (int64_t h = begin; h < end; ++h) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t h = ranked[r];
       int64_t used = 0;
       for (int64_t p = 0; p < P; ++p) {
         count[p] = std::clamp<int64_t>(lenp[h] - p * page, 0, page);
         used += count[p] > 0;
       }
-      std::fill(est.begin(), est.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qv = qp + (h * G + g) * D;
-        float mx = neg_inf;
-        for (int64_t p = 0; p < P; ++p) {
-          if (!count[p]) {
-            logit[p] = neg_inf;
-            continue;
-          }
-          // local restrict pointers: otherwise g++ vectorises this as gathers, 10x slower
-          const float* __restrict hi = hip + (h * P + p) * D;
-          const float* __restrict lo = lop + (h * P + p) * D;
-          const float* __restrict sm = sump + (h * P + p) * D;
-          const float n = static_cast<float>(count[p]), inv = 1.f / n;
+      // pages outer, query heads inner: each page's summaries are read once for the g heads
+      std::fill(mx.begin(), mx.end(), neg_inf);
+      const float* qh = qp + h * G * D;
+      for (int64_t p = 0; p < P; ++p) {
+        if (!count[p]) {
+          for (int64_t g = 0; g < G; ++g) logit[g * P + p] = neg_inf;
+          continue;
+        }
+        // local restrict pointers: otherwise g++ vectorises this as gathers, 10x slower
+        const float* __restrict hi = hip + (h * P + p) * D;
+        const float* __restrict lo = lop + (h * P + p) * D;
+        const float* __restrict sm = sump + (h * P + p) * D;
+        const float n = static_cast<float>(count[p]), inv = 1.f / n, log_n = std::log(n);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict qv = qh + g * D;
           float bounds = 0.f;  // upper bound + lower bound, in one sum
 #pragma omp simd reduction(+ : bounds)
           for (int64_t c = 0; c < D; ++c) {
             const float a = qv[c];
             bounds += std::max(a * hi[c], a * lo[c]) + a * sm[c] * inv;
           }
-          logit[p] = bounds * half + std::log(n);
-          mx = std::max(mx, logit[p]);
+          const float v = bounds * half + log_n;
+          logit[g * P + p] = v;
+          mx[g] = std::max(mx[g], v);
         }
-        if (mx == neg_inf) continue;  // no live page
+      }
+      std::fill(est.begin(), est.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* lg = logit.data() + g * P;
         float total = 0.f;
         for (int64_t p = 0; p < P; ++p) {
-          logit[p] = count[p] ? std::exp(logit[p] - mx) : 0.f;
-          total += logit[p];
+          lg[p] = count[p] ? std::exp(lg[p] - mx[g]) : 0.f;
+          total += lg[p];
         }
-        for (int64_t p = 0; p < P; ++p) est[p] += logit[p] / total;
+        for (int64_t p = 0; p < P; ++p) est[p] += lg[p] / total;
       }
       for (int64_t p = 0; p < P; ++p) {
         est[p] /= static_cast<float>(G);
-        forced[p] = p == 0 || p == used - 1 || pinp[h * P + p] || used <= max_pages;
+        forced[p] = p == 0 || p == used - 1 || pinp[h * P + p];
         key[p] = count[p] ? est[p] + (forced[p] ? 2.f : 0.f) : -1.f;  // empty slots last
       }
       std::iota(idx.begin(), idx.end(), 0);
@@ -136,12 +157,98 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   return {order, chosen};
 }
 
-}  // namespace
+// StaticPagedKV.append, in place: for every head h, the token's key and value (knew, vnew (H, d))
+// go to row offsets[h] + lens[h] of k, v (N, d), whose rows head h owns up to offsets[h + 1] (the
+// last head up to N); the key min, max and sum of the page that row falls in take it in (a page's
+// first token replaces them); lens[h] grows by one.
+static void append_token(at::Tensor& k, at::Tensor& v, at::Tensor& kmin, at::Tensor& kmax,
+                         at::Tensor& ksum, at::Tensor& lens, const at::Tensor& offsets,
+                         const at::Tensor& knew, const at::Tensor& vnew, int64_t page) {
+  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && kmin.dim() == 3 &&
+                  kmax.sizes() == kmin.sizes() && ksum.sizes() == kmin.sizes(),
+              "atskv::paged_decode: k, v must be (N, d) and kmin, kmax, ksum (H, P, d); got ",
+              k.sizes(), ", ", v.sizes(), ", ", kmin.sizes());
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&k, &v, &kmin, &kmax, &ksum, &knew, &vnew})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::paged_decode: float32 only, got ",
+                t->scalar_type());
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&k, &v, &kmin, &kmax, &ksum, &lens})
+    TORCH_CHECK(t->is_contiguous(), "atskv::paged_decode: the store's tensors must be contiguous");
+  TORCH_CHECK(lens.scalar_type() == at::kLong, "atskv::paged_decode: lens must be int64");
+  const int64_t H = kmin.size(0), P = kmin.size(1), D = kmin.size(2), N = k.size(0);
+  TORCH_CHECK(k.size(1) == D && knew.sizes() == at::IntArrayRef({H, D}) &&
+                  vnew.sizes() == knew.sizes() && lens.numel() == H && offsets.numel() == H,
+              "atskv::paged_decode: the new keys and values must be (", H, ", ", D, "); got ",
+              knew.sizes(), ", ", vnew.sizes());
+  TORCH_CHECK(page >= 1, "atskv::paged_decode: page must be >= 1, got ", page);
+  const auto off_l = offsets.to(at::kLong).contiguous();
+  const auto kn = knew.contiguous(), vn = vnew.contiguous();
+  const int64_t* offp = off_l.data_ptr<int64_t>();
+  int64_t* lenp = lens.data_ptr<int64_t>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  float* lop = kmin.data_ptr<float>();
+  float* hip = kmax.data_ptr<float>();
+  float* sump = ksum.data_ptr<float>();
+  const float* knp = kn.data_ptr<float>();
+  const float* vnp = vn.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) {  // every head checked before any is written
+    const int64_t n = lenp[h], end = h + 1 < H ? offp[h + 1] : N;  // the next head's rows
+    TORCH_CHECK(n >= 0 && offp[h] + n < end && n / page < P, "atskv::paged_decode: head ", h,
+                " is full (its capacity was sized for fewer generated tokens)");
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t n = lenp[h], row = offp[h] + n, p = n / page;
+    const float* kr = knp + h * D;
+    std::copy(kr, kr + D, kp + row * D);
+    std::copy(vnp + h * D, vnp + (h + 1) * D, vp + row * D);
+    float* lo = lop + (h * P + p) * D;
+    float* hi = hip + (h * P + p) * D;
+    float* sm = sump + (h * P + p) * D;
+    if (n % page == 0) {  // the page's first token
+      std::copy(kr, kr + D, lo);
+      std::copy(kr, kr + D, hi);
+      std::copy(kr, kr + D, sm);
+    } else {
+      for (int64_t c = 0; c < D; ++c) {
+        lo[c] = std::min(lo[c], kr[c]);
+        hi[c] = std::max(hi[c], kr[c]);
+        sm[c] += kr[c];
+      }
+    }
+    lenp[h] = n + 1;
+  }
+}
+
+// atskv::paged_decode: one layer's decode step over atskv's store in one call: append_token, then
+// rank_pages, then paged_attention over the chosen pages. Compiled PyTorch ran the summaries'
+// read-modify-write as single-threaded regions, each ending in a barrier of the step's threads,
+// and the ranking and the attention as two calls with tensors between them.
+at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
+                            at::Tensor& k, at::Tensor& v, at::Tensor& kmin, at::Tensor& kmax,
+                            at::Tensor& ksum, at::Tensor& lens, const at::Tensor& offsets,
+                            const at::Tensor& pinned, int64_t page, int64_t max_pages,
+                            int64_t min_pages, double mass, double scale) {
+  append_token(k, v, kmin, kmax, ksum, lens, offsets, knew, vnew, page);
+  const auto [pages, chosen] =
+      rank_pages_cpu(q, kmin, kmax, ksum, lens, pinned, page, max_pages, min_pages, mass, scale);
+  return paged_attention_cpu(q, k, v, offsets, lens, pages, chosen, page, scale);
+}
+
+}  // namespace atskv
 
 TORCH_LIBRARY_FRAGMENT(atskv, m) {
   m.def(
       "rank_pages(Tensor q, Tensor kmin, Tensor kmax, Tensor ksum, Tensor lens, Tensor pinned, "
       "int page, int max_pages, int min_pages, float mass, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "paged_decode(Tensor q, Tensor knew, Tensor vnew, Tensor(a!) k, Tensor(b!) v, "
+      "Tensor(c!) kmin, Tensor(d!) kmax, Tensor(e!) ksum, Tensor(f!) lens, Tensor offsets, "
+      "Tensor pinned, int page, int max_pages, int min_pages, float mass, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(atskv, CPU, m) { m.impl("rank_pages", &rank_pages_cpu); }
+TORCH_LIBRARY_IMPL(atskv, CPU, m) {
+  m.impl("rank_pages", &atskv::rank_pages_cpu);
+  m.impl("paged_decode", &atskv::paged_decode_cpu);
+}
