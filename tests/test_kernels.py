@@ -259,7 +259,8 @@ def test_the_ranking_kernel_names_bad_inputs():
 
 @pytest.mark.parametrize("name,kw", [("full", {}), ("sliding_window", {}),
                                      ("atskv", {"max_pages": 2, "min_pages": 1, "mass": 0.9,
-                                                "window": 16})])
+                                                "window": 16}),
+                                     ("atskv", {"max_pages": 1000, "window": 16})])  # all fit
 def test_decoding_with_the_kernel_equals_decoding_without_it(tiny_model, monkeypatch, name, kw):
     method = METHODS.get(name)(budget=0.3, **kw)
     prompt = list(range(100, 400))

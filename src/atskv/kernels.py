@@ -1,5 +1,5 @@
-"""The native CPU decode kernels: ``atskv::paged_attention`` (``csrc/paged_attention.cpp``) and
-``atskv::rank_pages`` (``csrc/rank_pages.cpp``).
+"""The native CPU decode kernels: ``atskv::paged_attention`` (``csrc/paged_attention.cpp``),
+``atskv::rank_pages`` and ``atskv::paged_decode`` (``csrc/rank_pages.cpp``).
 
 One decode query step's exact attention over a static ragged KV store (:class:`StaticKV`,
 :class:`StaticPagedKV`), reading the chosen pages' rows where they lie. PyTorch's CPU path has no
@@ -12,11 +12,13 @@ PyTorch code, which is also the reference the tests compare the kernel with.
 
 ``atskv::rank_pages`` is atskv's decode-time page ranking (:meth:`ATSKV.rank_pages`, its
 reference) in one pass per head: compiled PyTorch runs it as a chain of small kernels, which cost
-atskv more per step than its attention saved over sliding_window's.
+atskv more per step than its attention saved over sliding_window's. ``atskv::paged_decode`` is
+atskv's whole decode layer in one call (:meth:`StaticPagedKV.decode_ranked`): the append with
+the page summaries' update, the ranking and the attention.
 
 The kernels are compiled on first use (about 15 s with g++ and ninja, cached under
 ``$ATSKV_CACHE/kernels``; ``-march=native``, so the cache is keyed by this CPU's flags).
-``ATSKV_CPU_KERNEL=0`` turns both off, for an A/B or a machine without a compiler; if they cannot
+``ATSKV_CPU_KERNEL=0`` turns them all off, for an A/B or a machine without a compiler; if they cannot
 be built, a warning says why and the PyTorch paths run. :func:`status` says which ran.
 """
 

@@ -68,6 +68,10 @@ class ATSKVState(State):
             yield from layer or ()
 
 
+#: a page cap no store reaches: every head's pages fit, so the kernel attends all of them unranked
+EVERY_PAGE = 2**62
+
+
 @METHODS.register("atskv")
 @dataclass(frozen=True)
 class ATSKV(ScoredSelection):
@@ -209,8 +213,10 @@ class ATSKV(ScoredSelection):
     def decode_layer(self, state: State, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
                      v: Tensor, scale: float) -> AttendResult:
         assert isinstance(state, ATSKVState)
-        if self.sparse_decode and self.static and store.kernel and not state.dense:
+        if self.sparse_decode and self.static and store.kernel:
             # the append, the ranking and the attention in one native call
+            if state.dense:  # every page fits the cap: all are attended, none ranked (as attend)
+                return AttendResult(*store.decode_ranked(q, k, v, scale, EVERY_PAGE, 1, 1.0))
             out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages),
                                             int(self.min_pages), float(self.mass))
             return AttendResult(out, read + 3 * store.kmin.numel() * store.kmin.element_size())

@@ -1,7 +1,8 @@
-// atskv::rank_pages: atskv's decode-time page ranking for one query step, per KV head in one pass
-// (the reference, and the path on other devices and dtypes, is ATSKV.rank_pages_reference in
-// atskv/methods/atskv.py; this computes the same thing in float32). CPU kernel; the schema is
-// defined here and its shape function in atskv/kernels.py.
+// atskv's CPU decode ops: atskv::rank_pages, its decode-time page ranking for one query step, per
+// KV head in one pass (the reference, and the path on other devices and dtypes, is
+// ATSKV.rank_pages in atskv/methods/atskv.py; this computes the same thing in float32), and
+// atskv::paged_decode (at the end): one layer's append, ranking and attention in one call. CPU
+// kernels; the schemas are defined here and the shape functions in atskv/kernels.py.
 //
 // q (H, g, d); kmin, kmax, ksum (H, P, d): each page slot's key min, max and sum; lens (H,): each
 // head's token count (page slot p holds clamp(lens - p * page, 0, page) tokens); pinned (H, P).
