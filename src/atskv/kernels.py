@@ -18,8 +18,8 @@ the page summaries' update, the ranking and the attention.
 
 The kernels are compiled on first use (about 15 s with g++ and ninja, cached under
 ``$ATSKV_CACHE/kernels``; ``-march=native``, so the cache is keyed by this CPU's flags).
-``ATSKV_CPU_KERNEL=0`` turns them all off, for an A/B or a machine without a compiler; if they cannot
-be built, a warning says why and the PyTorch paths run. :func:`status` says which ran.
+``ATSKV_CPU_KERNEL=0`` turns them all off, for an A/B or a machine without a compiler; if they
+cannot be built, a warning says why and the PyTorch paths run. :func:`status` says which ran.
 """
 
 from __future__ import annotations

@@ -429,6 +429,10 @@ class StaticPagedKV:
             spare += empty * 3 * self.kmin.shape[-1] * self.kmin.element_size()
         return spare
 
+    def summary_bytes(self) -> int:
+        """Bytes of every page slot's key min, max and sum (what a ranking over them reads)."""
+        return 3 * self.kmin.numel() * self.kmin.element_size() if self.kmin is not None else 0
+
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the store holds: keys, values, page summaries, pinned pages and the index
         tensors."""

@@ -219,7 +219,7 @@ class ATSKV(ScoredSelection):
                 return AttendResult(*store.decode_ranked(q, k, v, scale, EVERY_PAGE, 1, 1.0))
             out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages),
                                             int(self.min_pages), float(self.mass))
-            return AttendResult(out, read + 3 * store.kmin.numel() * store.kmin.element_size())
+            return AttendResult(out, read + store.summary_bytes())
         return super().decode_layer(state, layer, store, q, k, v, scale)
 
     def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
@@ -229,8 +229,8 @@ class ATSKV(ScoredSelection):
             # every page of every layer fits the cap: exact attention over all of them is
             # cheaper than ranking
             return AttendResult(*store.attend(q, scale))
-        meta = 3 * store.kmin.numel() * store.kmin.element_size()
         pages, chosen = self.rank_pages(store, q, scale)
+        meta = store.summary_bytes()
         if self.static:
             out, read = store.attend(q, scale, pages, chosen)
             return AttendResult(out, read + meta)

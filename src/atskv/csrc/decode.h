@@ -1,5 +1,5 @@
-// The CPU decode kernels' functions that one op calls from another file (atskv::ranked_attention
-// ranks with rank_pages_cpu, then attends with paged_attention_cpu).
+// The CPU decode kernels' functions that one op calls from another file (atskv::paged_decode ranks
+// with rank_pages_cpu, then attends with paged_attention_cpu).
 #pragma once
 
 #include <ATen/ATen.h>
