@@ -181,13 +181,13 @@ def test_a_head_whose_pages_all_fit_keeps_every_page_even_with_a_negligible_shar
 
 def copy_store(store):
     twin = copy.copy(store)
-    for name in ("k", "v", "kmin", "kmax", "ksum", "lens", "pinned"):
+    for name in ("k", "v", "summary", "index", "pinned"):
         setattr(twin, name, getattr(store, name).clone())
     return twin
 
 
 def assert_same_state(a, b):
-    for name in ("k", "v", "kmin", "kmax", "ksum", "lens"):
+    for name in ("k", "v", "summary", "index"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
 
 
@@ -219,7 +219,7 @@ def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page,
 def test_the_decode_kernel_compiles_fullgraph_as_one_call_and_updates_the_store_in_place():
     store = ragged_store([45, 17, 60], page=4, headroom=8)
     twin = copy_store(store)
-    tensors = {name: getattr(store, name) for name in ("k", "kmin", "lens")}
+    tensors = {name: getattr(store, name) for name in ("k", "v", "summary", "index")}
 
     def step(s, q, k, v):
         return s.decode_ranked(q, k, v, 0.3, 5, 2, 0.8)[0] * 2
@@ -242,7 +242,7 @@ def test_the_decode_kernel_names_a_full_head(lengths, full):
     q, k = torch.randn(2, 1, D), torch.randn(2, D)
     with pytest.raises(RuntimeError, match=f"head {full} is full"):
         store.decode_ranked(q, k, k, 0.3, 1, 1, 0.9)
-    for name in ("k", "v", "kmin", "kmax", "ksum", "lens"):  # no head was written
+    for name in ("k", "v", "summary", "index"):  # no head was written
         assert torch.equal(getattr(store, name), getattr(before, name)), name
 
 

@@ -118,10 +118,9 @@ def _rank_shape(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tenso
             q.new_empty((q.shape[0], k), dtype=torch.bool))
 
 
-def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, kmin: Tensor,
-                  kmax: Tensor, ksum: Tensor, lens: Tensor, offsets: Tensor, pinned: Tensor,
-                  page: int, max_pages: int, min_pages: int, mass: float,
-                  scale: float) -> Tensor:
+def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, summary: Tensor,
+                  index: Tensor, pinned: Tensor, page: int, max_pages: int, min_pages: int,
+                  mass: float, scale: float) -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -157,12 +156,13 @@ def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor
                                       min_pages, mass, scale)
 
 
-def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, kmin: Tensor,
-                 kmax: Tensor, ksum: Tensor, lens: Tensor, offsets: Tensor, pinned: Tensor,
-                 page: int, max_pages: int, min_pages: int, mass: float, scale: float) -> Tensor:
+def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, summary: Tensor,
+                 index: Tensor, pinned: Tensor, page: int, max_pages: int, min_pages: int,
+                 mass: float, scale: float) -> Tensor:
     """One layer's decode step over atskv's store (:meth:`StaticPagedKV.decode_ranked`), in
-    place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``offsets[h] + lens[h]`` of
-    ``k``, ``v``, into that page's key min, max and sum, and ``lens`` grows by one; then
-    :func:`rank_pages` and :func:`paged_attention` over the pages it chose. ``(H, g, d)``."""
-    return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, kmin, kmax, ksum, lens, offsets,
-                                        pinned, page, max_pages, min_pages, mass, scale)
+    place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``index[0, h] + index[1, h]``
+    of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(3, H, P, d)``), and
+    its length ``index[1, h]`` grows by one; then :func:`rank_pages` and :func:`paged_attention`
+    over the pages it chose. ``(H, g, d)``."""
+    return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, summary, index, pinned, page,
+                                        max_pages, min_pages, mass, scale)

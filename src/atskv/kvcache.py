@@ -310,11 +310,11 @@ class StaticPagedKV:
             s = starts[h]
             self.k[s : s + lengths[h]] = keys[h].index_select(0, keep[h])
             self.v[s : s + lengths[h]] = values[h].index_select(0, keep[h])
-        self.offsets = torch.tensor(starts, device=dev)
         self.reserved = sum(headroom)  # rows for generated tokens (spare until appended)
         self.initial = sum(lengths)
-        self.lens = torch.tensor(lengths, device=dev)
-        self.caps = torch.tensor(caps, device=dev)
+        #: (3, H) int64: each head's first row, token count and rows owned (``offsets``, ``lens``,
+        #: ``caps`` are its rows): one tensor, so that a compiled step takes one input, not three
+        self.index = torch.tensor([starts, lengths, caps], device=dev)
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
@@ -322,18 +322,43 @@ class StaticPagedKV:
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
         self.pinned = torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev)
-        self.kmin = self.kmax = self.ksum = None
+        #: (3, H, n_pages, d): each page slot's key min, max and sum (``kmin``, ``kmax``,
+        #: ``ksum`` are its parts), one tensor for the same reason as ``index``
+        self.summary = None
         if not bounds:
             return
-        self.kmin = keys.new_full((n_heads, n_pages, d), float("inf"))
-        self.kmax = keys.new_full((n_heads, n_pages, d), float("-inf"))
-        self.ksum = keys.new_zeros((n_heads, n_pages, d))
+        self.summary = keys.new_zeros((3, n_heads, n_pages, d))
+        self.summary[0], self.summary[1] = float("inf"), float("-inf")  # no key yet
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
             n_used = -(-lengths[h] // page)
             if n_used:
                 self.kmin[h, :n_used], self.kmax[h, :n_used] = page_minmax(seg, page)
                 self.ksum[h, :n_used] = F.pad(seg, (0, 0, 0, -lengths[h] % page)).view(n_used, page, d).sum(1)
+
+    @property
+    def offsets(self) -> Tensor:
+        return self.index[0]
+
+    @property
+    def lens(self) -> Tensor:
+        return self.index[1]
+
+    @property
+    def caps(self) -> Tensor:
+        return self.index[2]
+
+    @property
+    def kmin(self) -> Tensor | None:
+        return None if self.summary is None else self.summary[0]
+
+    @property
+    def kmax(self) -> Tensor | None:
+        return None if self.summary is None else self.summary[1]
+
+    @property
+    def ksum(self) -> Tensor | None:
+        return None if self.summary is None else self.summary[2]
 
     @property
     def n_heads(self) -> int:
@@ -350,18 +375,16 @@ class StaticPagedKV:
         rows = self.offsets + self.lens
         self.k.index_copy_(0, rows, k)
         self.v.index_copy_(0, rows, v)
-        if self.kmin is not None:
+        if self.summary is not None:
             self._update_bounds(k)
-        self.lens += 1
+        self.index[1] += 1
 
     def _update_bounds(self, k: Tensor) -> None:
         page = self.lens // self.page
         fresh = (self.lens % self.page == 0)[:, None]
-        lo = self.kmin[self._heads, page]
-        hi = self.kmax[self._heads, page]
-        self.kmin[self._heads, page] = torch.where(fresh, k, torch.minimum(lo, k))
-        self.kmax[self._heads, page] = torch.where(fresh, k, torch.maximum(hi, k))
-        self.ksum[self._heads, page] = torch.where(fresh, k, self.ksum[self._heads, page] + k)
+        lo, hi, total = self.summary[:, self._heads, page]  # each (H, d)
+        now = torch.stack([torch.minimum(lo, k), torch.maximum(hi, k), total + k])
+        self.summary[:, self._heads, page] = torch.where(fresh, k, now)  # a first token: itself
 
     def page_counts(self) -> Tensor:
         """Tokens held by each page slot ``(H, n_pages)`` (0 for unused slots)."""
@@ -406,10 +429,9 @@ class StaticPagedKV:
         atskv's ranking chooses (at most ``max_pages`` per head; ``ATSKV.rank_pages`` documents
         it), in one call of the native kernel ``atskv::paged_decode``. Returns what
         :meth:`attend` returns for the ranking's ``(H, min(max_pages, n_pages))`` pages."""
-        assert self.kernel and self.kmin is not None, "the native kernel's path only"
-        out = kernels.paged_decode(q, k, v, self.k, self.v, self.kmin, self.kmax, self.ksum,
-                                   self.lens, self.offsets, self.pinned, self.page, max_pages,
-                                   min_pages, mass, scale)
+        assert self.kernel and self.summary is not None, "the native kernel's path only"
+        out = kernels.paged_decode(q, k, v, self.k, self.v, self.summary, self.index,
+                                   self.pinned, self.page, max_pages, min_pages, mass, scale)
         slots = self.n_heads * torch.sym_min(max_pages, self.n_pages)
         return out, slots * self.page * self.token_bytes()
 
@@ -424,20 +446,20 @@ class StaticPagedKV:
         lens = self.lens.tolist()  # a host sync: never inside a decode step
         appended = sum(lens) - self.initial
         spare = max(0, self.reserved - appended) * self.token_bytes()
-        if self.kmin is not None:
+        if self.summary is not None:
             empty = unreached_pages(self.capacities, lens, self.page)
-            spare += empty * 3 * self.kmin.shape[-1] * self.kmin.element_size()
+            spare += empty * 3 * self.summary.shape[-1] * self.summary.element_size()
         return spare
 
     def summary_bytes(self) -> int:
         """Bytes of every page slot's key min, max and sum (what a ranking over them reads)."""
-        return 3 * self.kmin.numel() * self.kmin.element_size() if self.kmin is not None else 0
+        return 0 if self.summary is None else self.summary.numel() * self.summary.element_size()
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the store holds: keys, values, page summaries, pinned pages and the index
         tensors."""
-        return tuple(t for t in (self.k, self.v, self.offsets, self.lens, self.caps, self._heads,
-                                 self.kmin, self.kmax, self.ksum, self.pinned) if t is not None)
+        return tuple(t for t in (self.k, self.v, self.index, self._heads, self.summary,
+                                 self.pinned) if t is not None)
 
     def token_bytes(self) -> int:
         return 2 * self.k.shape[1] * self.k.element_size()

@@ -1,24 +1,13 @@
-// The CPU decode kernels' functions that one op calls from another file (atskv::paged_decode ranks
-// with rank_pages_cpu, then attends with paged_attention_cpu).
+// What one CPU decode op calls from another file: atskv::paged_decode (rank_pages.cpp) attends
+// over the pages its ranking chose with paged_attention.cpp's attention, on raw pointers.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <optional>
-#include <tuple>
+#include <cstdint>
 
 namespace atskv {
 
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& offsets, const at::Tensor& lens,
-                               const std::optional<at::Tensor>& pages,
-                               const std::optional<at::Tensor>& chosen, int64_t page,
-                               double scale);
-
-std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at::Tensor& kmin,
-                                                  const at::Tensor& kmax, const at::Tensor& ksum,
-                                                  const at::Tensor& lens, const at::Tensor& pinned,
-                                                  int64_t page, int64_t max_pages,
-                                                  int64_t min_pages, double mass, double scale);
+void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,
+                  const int64_t* lenp, const int64_t* pgp, const bool* chp, int64_t H, int64_t G,
+                  int64_t D, int64_t K, int64_t page, float sc, float* op);
 
 }  // namespace atskv

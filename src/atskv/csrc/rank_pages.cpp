@@ -24,46 +24,21 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
 namespace atskv {
 
-std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at::Tensor& kmin,
-                                                  const at::Tensor& kmax, const at::Tensor& ksum,
-                                                  const at::Tensor& lens, const at::Tensor& pinned,
-                                                  int64_t page, int64_t max_pages,
-                                                  int64_t min_pages, double mass, double scale) {
-  TORCH_CHECK(q.dim() == 3 && kmin.dim() == 3 && kmin.sizes() == kmax.sizes() &&
-                  kmin.sizes() == ksum.sizes(),
-              "atskv::rank_pages: q must be (H, g, d) and kmin, kmax, ksum (H, P, d); got ",
-              q.sizes(), ", ", kmin.sizes(), ", ", kmax.sizes(), ", ", ksum.sizes());
-  for (const auto* t : {&q, &kmin, &kmax, &ksum})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::rank_pages: float32 only, got ",
-                t->scalar_type());
-  const int64_t H = q.size(0), G = q.size(1), D = q.size(2), P = kmin.size(1);
-  TORCH_CHECK(kmin.size(0) == H && kmin.size(2) == D, "atskv::rank_pages: page summaries ",
-              kmin.sizes(), " do not match q ", q.sizes());
-  TORCH_CHECK(lens.numel() == H && pinned.dim() == 2 && pinned.size(0) == H &&
-                  pinned.size(1) == P,
-              "atskv::rank_pages: lens must be (H,) and pinned (H, P)");
-  TORCH_CHECK(page >= 1 && max_pages >= 1, "atskv::rank_pages: page and max_pages must be >= 1");
+// The ranking itself, on raw pointers (contiguous float32 q (H, g, d) and summaries (H, P, d),
+// int64 lens, bool pinned (H, P)); writes the K = min(max_pages, P) page slots per head to
+// op (H, K) and which of them are chosen to cp (H, K).
+void rank_pages_into(const float* qp, const float* lop, const float* hip, const float* sump,
+                     const int64_t* lenp, const bool* pinp, int64_t H, int64_t G, int64_t D,
+                     int64_t P, int64_t page, int64_t max_pages, int64_t min_pages, double mass,
+                     double scale, int64_t* op, bool* cp) {
   const int64_t K = std::min(max_pages, P);
-  const auto qc = q.contiguous(), lo_c = kmin.contiguous(), hi_c = kmax.contiguous(),
-             sum_c = ksum.contiguous();
-  const auto lens_l = lens.to(at::kLong).contiguous();
-  const auto pin_b = pinned.to(at::kBool).contiguous();
-  auto order = at::empty({H, K}, q.options().dtype(at::kLong));
-  auto chosen = at::empty({H, K}, q.options().dtype(at::kBool));
-  const float* qp = qc.data_ptr<float>();
-  const float* lop = lo_c.data_ptr<float>();
-  const float* hip = hi_c.data_ptr<float>();
-  const float* sump = sum_c.data_ptr<float>();
-  const int64_t* lenp = lens_l.data_ptr<int64_t>();
-  const bool* pinp = pin_b.data_ptr<bool>();
-  int64_t* op = order.data_ptr<int64_t>();
-  bool* cp = chosen.data_ptr<bool>();
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -155,48 +130,93 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
       }
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at::Tensor& kmin,
+                                                  const at::Tensor& kmax, const at::Tensor& ksum,
+                                                  const at::Tensor& lens, const at::Tensor& pinned,
+                                                  int64_t page, int64_t max_pages,
+                                                  int64_t min_pages, double mass, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kmin.dim() == 3 && kmin.sizes() == kmax.sizes() &&
+                  kmin.sizes() == ksum.sizes(),
+              "atskv::rank_pages: q must be (H, g, d) and kmin, kmax, ksum (H, P, d); got ",
+              q.sizes(), ", ", kmin.sizes(), ", ", kmax.sizes(), ", ", ksum.sizes());
+  for (const auto* t : {&q, &kmin, &kmax, &ksum})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::rank_pages: float32 only, got ",
+                t->scalar_type());
+  const int64_t H = q.size(0), G = q.size(1), D = q.size(2), P = kmin.size(1);
+  TORCH_CHECK(kmin.size(0) == H && kmin.size(2) == D, "atskv::rank_pages: page summaries ",
+              kmin.sizes(), " do not match q ", q.sizes());
+  TORCH_CHECK(lens.numel() == H && pinned.dim() == 2 && pinned.size(0) == H &&
+                  pinned.size(1) == P,
+              "atskv::rank_pages: lens must be (H,) and pinned (H, P)");
+  TORCH_CHECK(page >= 1 && max_pages >= 1, "atskv::rank_pages: page and max_pages must be >= 1");
+  const int64_t K = std::min(max_pages, P);
+  const auto qc = q.contiguous(), lo_c = kmin.contiguous(), hi_c = kmax.contiguous(),
+             sum_c = ksum.contiguous();
+  const auto lens_l = lens.to(at::kLong).contiguous();
+  const auto pin_b = pinned.to(at::kBool).contiguous();
+  auto order = at::empty({H, K}, q.options().dtype(at::kLong));
+  auto chosen = at::empty({H, K}, q.options().dtype(at::kBool));
+  rank_pages_into(qc.data_ptr<float>(), lo_c.data_ptr<float>(), hi_c.data_ptr<float>(),
+                  sum_c.data_ptr<float>(), lens_l.data_ptr<int64_t>(), pin_b.data_ptr<bool>(), H,
+                  G, D, P, page, max_pages, min_pages, mass, scale, order.data_ptr<int64_t>(),
+                  chosen.data_ptr<bool>());
   return {order, chosen};
 }
 
-// StaticPagedKV.append, in place: for every head h, the token's key and value (knew, vnew (H, d))
-// go to row offsets[h] + lens[h] of k, v (N, d), whose rows head h owns up to offsets[h + 1] (the
-// last head up to N); the key min, max and sum of the page that row falls in take it in (a page's
-// first token replaces them); lens[h] grows by one.
-static void append_token(at::Tensor& k, at::Tensor& v, at::Tensor& kmin, at::Tensor& kmax,
-                         at::Tensor& ksum, at::Tensor& lens, const at::Tensor& offsets,
-                         const at::Tensor& knew, const at::Tensor& vnew, int64_t page) {
-  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && kmin.dim() == 3 &&
-                  kmax.sizes() == kmin.sizes() && ksum.sizes() == kmin.sizes(),
-              "atskv::paged_decode: k, v must be (N, d) and kmin, kmax, ksum (H, P, d); got ",
-              k.sizes(), ", ", v.sizes(), ", ", kmin.sizes());
+// atskv::paged_decode: one layer's decode step over atskv's store (StaticPagedKV) in one call. The
+// store: k, v (N, d); summary (3, H, P, d), each page slot's key min, max and sum; index (3, H)
+// int64, each head's first row, token count and rows owned. First the append: for every head h,
+// the new key and value (knew, vnew (H, d)) go to row index[0, h] + index[1, h], the min, max and
+// sum of the page that row falls in take the key in (a page's first token replaces them) and
+// index[1, h] grows by one. Then rank_pages_into, and attend_pages over the pages it chose: on raw
+// pointers, with no tensor between them. (Compiled PyTorch ran the summaries' read-modify-write as
+// single-threaded regions, each ending in a barrier of the step's threads, and the ranking and
+// the attention as two calls with tensors between them.)
+at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
+                            at::Tensor& k, at::Tensor& v, at::Tensor& summary, at::Tensor& index,
+                            const at::Tensor& pinned, int64_t page, int64_t max_pages,
+                            int64_t min_pages, double mass, double scale) {
+  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && summary.dim() == 4 &&
+                  summary.size(0) == 3 && index.dim() == 2 && index.size(0) == 3,
+              "atskv::paged_decode: k, v must be (N, d), summary (3, H, P, d) and index (3, H); "
+              "got ",
+              k.sizes(), ", ", v.sizes(), ", ", summary.sizes(), ", ", index.sizes());
   for (const at::Tensor* t :
-       std::initializer_list<const at::Tensor*>{&k, &v, &kmin, &kmax, &ksum, &knew, &vnew})
+       std::initializer_list<const at::Tensor*>{&q, &k, &v, &summary, &knew, &vnew})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::paged_decode: float32 only, got ",
                 t->scalar_type());
-  for (const at::Tensor* t :
-       std::initializer_list<const at::Tensor*>{&k, &v, &kmin, &kmax, &ksum, &lens})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &summary, &index,
+                                                                      &pinned})
     TORCH_CHECK(t->is_contiguous(), "atskv::paged_decode: the store's tensors must be contiguous");
-  TORCH_CHECK(lens.scalar_type() == at::kLong, "atskv::paged_decode: lens must be int64");
-  const int64_t H = kmin.size(0), P = kmin.size(1), D = kmin.size(2), N = k.size(0);
-  TORCH_CHECK(k.size(1) == D && knew.sizes() == at::IntArrayRef({H, D}) &&
-                  vnew.sizes() == knew.sizes() && lens.numel() == H && offsets.numel() == H,
-              "atskv::paged_decode: the new keys and values must be (", H, ", ", D, "); got ",
-              knew.sizes(), ", ", vnew.sizes());
-  TORCH_CHECK(page >= 1, "atskv::paged_decode: page must be >= 1, got ", page);
-  const auto off_l = offsets.to(at::kLong).contiguous();
-  const auto kn = knew.contiguous(), vn = vnew.contiguous();
-  const int64_t* offp = off_l.data_ptr<int64_t>();
-  int64_t* lenp = lens.data_ptr<int64_t>();
+  TORCH_CHECK(index.scalar_type() == at::kLong && pinned.scalar_type() == at::kBool,
+              "atskv::paged_decode: index must be int64 and pinned bool");
+  const int64_t H = summary.size(1), P = summary.size(2), D = summary.size(3), N = k.size(0);
+  const int64_t G = q.size(1);
+  TORCH_CHECK(k.size(1) == D && q.dim() == 3 && q.size(0) == H && q.size(2) == D &&
+                  knew.sizes() == at::IntArrayRef({H, D}) && vnew.sizes() == knew.sizes() &&
+                  index.size(1) == H && pinned.sizes() == at::IntArrayRef({H, P}),
+              "atskv::paged_decode: q must be (", H, ", g, ", D, "), the new keys and values (",
+              H, ", ", D, ") and pinned (", H, ", ", P, "); got ", q.sizes(), ", ", knew.sizes(),
+              ", ", vnew.sizes(), ", ", pinned.sizes());
+  TORCH_CHECK(page >= 1 && max_pages >= 1,
+              "atskv::paged_decode: page and max_pages must be >= 1, got ", page, ", ", max_pages);
+  int64_t* offp = index.data_ptr<int64_t>();  // its rows: offsets, lens, caps
+  int64_t* lenp = offp + H;
+  const int64_t* capp = offp + 2 * H;
   float* kp = k.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  float* lop = kmin.data_ptr<float>();
-  float* hip = kmax.data_ptr<float>();
-  float* sump = ksum.data_ptr<float>();
+  float* lop = summary.data_ptr<float>();
+  float* hip = lop + H * P * D;
+  float* sump = hip + H * P * D;
+  const auto qc = q.contiguous(), kn = knew.contiguous(), vn = vnew.contiguous();  // no copy if so
   const float* knp = kn.data_ptr<float>();
   const float* vnp = vn.data_ptr<float>();
   for (int64_t h = 0; h < H; ++h) {  // every head checked before any is written
-    const int64_t n = lenp[h], end = h + 1 < H ? offp[h + 1] : N;  // the next head's rows
-    TORCH_CHECK(n >= 0 && offp[h] + n < end && n / page < P, "atskv::paged_decode: head ", h,
+    const int64_t n = lenp[h];
+    TORCH_CHECK(n >= 0 && n < capp[h] && offp[h] + capp[h] <= N && n / page < P,
+                "atskv::paged_decode: head ", h,
                 " is full (its capacity was sized for fewer generated tokens)");
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -220,21 +240,16 @@ static void append_token(at::Tensor& k, at::Tensor& v, at::Tensor& kmin, at::Ten
     }
     lenp[h] = n + 1;
   }
-}
-
-// atskv::paged_decode: one layer's decode step over atskv's store in one call: append_token, then
-// rank_pages, then paged_attention over the chosen pages. Compiled PyTorch ran the summaries'
-// read-modify-write as single-threaded regions, each ending in a barrier of the step's threads,
-// and the ranking and the attention as two calls with tensors between them.
-at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
-                            at::Tensor& k, at::Tensor& v, at::Tensor& kmin, at::Tensor& kmax,
-                            at::Tensor& ksum, at::Tensor& lens, const at::Tensor& offsets,
-                            const at::Tensor& pinned, int64_t page, int64_t max_pages,
-                            int64_t min_pages, double mass, double scale) {
-  append_token(k, v, kmin, kmax, ksum, lens, offsets, knew, vnew, page);
-  const auto [pages, chosen] =
-      rank_pages_cpu(q, kmin, kmax, ksum, lens, pinned, page, max_pages, min_pages, mass, scale);
-  return paged_attention_cpu(q, k, v, offsets, lens, pages, chosen, page, scale);
+  const int64_t K = std::min(max_pages, P);
+  std::vector<int64_t> pages(H * K);
+  std::unique_ptr<bool[]> chosen(new bool[H * K]);
+  const float* qp = qc.data_ptr<float>();
+  rank_pages_into(qp, lop, hip, sump, lenp, pinned.data_ptr<bool>(), H, G, D, P, page, max_pages,
+                  min_pages, mass, scale, pages.data(), chosen.get());
+  auto out = at::empty({H, G, D}, q.options());
+  attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
+               static_cast<float>(scale), out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace atskv
@@ -245,8 +260,8 @@ TORCH_LIBRARY_FRAGMENT(atskv, m) {
       "int page, int max_pages, int min_pages, float mass, float scale) -> (Tensor, Tensor)");
   m.def(
       "paged_decode(Tensor q, Tensor knew, Tensor vnew, Tensor(a!) k, Tensor(b!) v, "
-      "Tensor(c!) kmin, Tensor(d!) kmax, Tensor(e!) ksum, Tensor(f!) lens, Tensor offsets, "
-      "Tensor pinned, int page, int max_pages, int min_pages, float mass, float scale) -> Tensor");
+      "Tensor(c!) summary, Tensor(d!) index, Tensor pinned, int page, int max_pages, "
+      "int min_pages, float mass, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(atskv, CPU, m) {
