@@ -50,11 +50,14 @@ def both(store, *args):
     return out, ref
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("lengths,page,g", [([37, 5, 64], 16, 3), ([1, 90], 1, 2), ([50], 8, 1)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("lengths,page,g", [([37, 5, 64], 16, 3), ([1, 90], 1, 2), ([50], 8, 1),
+                                            ([400, 3, 0, 90], 4, 2)])
 def test_every_page_equals_sdpa(lengths, page, g, threads):
+    """Also with very ragged heads (and an empty one), whose slices of pages are dealt to the
+    threads by pages read, and merged per query head."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # one thread: one part per query head; two: parts merged
+    torch.set_num_threads(threads)
     try:
         store = ragged_store(lengths, page, headroom=3)
         q = torch.randn(len(lengths), g, D)

@@ -161,7 +161,7 @@ def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, su
                  mass: float, scale: float) -> Tensor:
     """One layer's decode step over atskv's store (:meth:`StaticPagedKV.decode_ranked`), in
     place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``index[0, h] + index[1, h]``
-    of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(3, H, P, d)``), and
+    of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(H, P, 3, d)``), and
     its length ``index[1, h]`` grows by one; then :func:`rank_pages` and :func:`paged_attention`
     over the pages it chose. ``(H, g, d)``."""
     return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, summary, index, pinned, page,

@@ -322,13 +322,14 @@ class StaticPagedKV:
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
         self.pinned = torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev)
-        #: (3, H, n_pages, d): each page slot's key min, max and sum (``kmin``, ``kmax``,
-        #: ``ksum`` are its parts), one tensor for the same reason as ``index``
+        #: (H, n_pages, 3, d): each page slot's key min, max and sum (``kmin``, ``kmax``,
+        #: ``ksum`` are its parts), one tensor for the same reason as ``index``, a page's three
+        #: side by side (one stream of memory for a ranking to read)
         self.summary = None
         if not bounds:
             return
-        self.summary = keys.new_zeros((3, n_heads, n_pages, d))
-        self.summary[0], self.summary[1] = float("inf"), float("-inf")  # no key yet
+        self.summary = keys.new_zeros((n_heads, n_pages, 3, d))
+        self.summary[:, :, 0], self.summary[:, :, 1] = float("inf"), float("-inf")  # no key yet
         for h in range(n_heads):
             seg = self.k[starts[h] : starts[h] + lengths[h]]
             n_used = -(-lengths[h] // page)
@@ -350,15 +351,15 @@ class StaticPagedKV:
 
     @property
     def kmin(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[0]
+        return None if self.summary is None else self.summary[:, :, 0]
 
     @property
     def kmax(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[1]
+        return None if self.summary is None else self.summary[:, :, 1]
 
     @property
     def ksum(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[2]
+        return None if self.summary is None else self.summary[:, :, 2]
 
     @property
     def n_heads(self) -> int:
@@ -382,9 +383,9 @@ class StaticPagedKV:
     def _update_bounds(self, k: Tensor) -> None:
         page = self.lens // self.page
         fresh = (self.lens % self.page == 0)[:, None]
-        lo, hi, total = self.summary[:, self._heads, page]  # each (H, d)
-        now = torch.stack([torch.minimum(lo, k), torch.maximum(hi, k), total + k])
-        self.summary[:, self._heads, page] = torch.where(fresh, k, now)  # a first token: itself
+        lo, hi, total = self.summary[self._heads, page].unbind(1)  # each (H, d)
+        now = torch.stack([torch.minimum(lo, k), torch.maximum(hi, k), total + k], dim=1)
+        self.summary[self._heads, page] = torch.where(fresh[..., None], k[:, None], now)
 
     def page_counts(self) -> Tensor:
         """Tokens held by each page slot ``(H, n_pages)`` (0 for unused slots)."""

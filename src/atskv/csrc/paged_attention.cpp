@@ -10,7 +10,8 @@
 // of a page past lens[h] are skipped. Softmax(scale * q.k) over the rows read, times v.
 //
 // Each (query head, slice of page slots) keeps a running max, sum and value-weighted sum (online
-// softmax) over its pages; the slices are merged at the end. (Reading each key row once for all g
+// softmax) over its pages; the slices are merged at the end (flash-decoding). The slices hold
+// about equal numbers of pages read, dealt to the threads in equal shares. (Reading each key row once for all g
 // query heads of a KV head measured slower on a 2-core EPYC than this loop.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,24 +35,64 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
                   const int64_t* lenp, const int64_t* pgp, const bool* chp, int64_t H, int64_t G,
                   int64_t D, int64_t K, int64_t page, float sc, float* op) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // page slot i of head h is read when chosen and holding a row
+  const auto reads = [&](int64_t h, int64_t i) {
+    const int64_t start = (pgp ? pgp[h * K + i] : i) * page;
+    return (!chp || chp[h * K + i]) && start >= 0 && start < lenp[h];
+  };
+  // the work is dealt by pages read, not by heads: heads are ragged (one head of a layer may hold
+  // four times another's rows), and one item per query head left a thread idle while the other
+  // read the long heads. Each query head's slots are cut into slices of about `per` pages read
+  // (about 8 per thread in all); each thread takes the slices whose middle falls in its share.
+  std::vector<int64_t> n_read(H, 0);
+  int64_t total = 0;
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < K; ++i) n_read[h] += reads(h, i);
+    total += G * n_read[h];
+  }
+  const int64_t per = std::max<int64_t>(1, (total + 8 * threads - 1) / (8 * threads));
+  std::vector<int64_t> cuts, first_cut(H + 1);  // head h's slices: cuts[first_cut[h]] ..
+  for (int64_t h = 0; h < H; ++h) {
+    first_cut[h] = static_cast<int64_t>(cuts.size());
+    cuts.push_back(0);
+    for (int64_t i = 0, n = 0; i < K; ++i)
+      if (reads(h, i) && ++n % per == 0 && n < n_read[h]) cuts.push_back(i + 1);
+  }
+  first_cut[H] = static_cast<int64_t>(cuts.size());
+  struct Item {
+    int64_t hg, lo, hi;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first_item(H * G + 1), first_of_thread(threads + 1, -1);
+  int64_t done = 0;  // pages read by the items before
+  for (int64_t hg = 0; hg < H * G; ++hg) {
+    const int64_t h = hg / G;
+    first_item[hg] = static_cast<int64_t>(items.size());
+    for (int64_t c = first_cut[h]; c < first_cut[h + 1]; ++c) {
+      const int64_t lo = cuts[c], hi = c + 1 < first_cut[h + 1] ? cuts[c + 1] : K;
+      const int64_t work = std::min(per, n_read[h] - (c - first_cut[h]) * per);
+      const int64_t mid = 2 * done + work;  // twice the item's middle, in pages read
+      const int64_t t = std::min(threads - 1, mid * threads / (2 * std::max<int64_t>(total, 1)));
+      for (int64_t u = t; u >= 0 && first_of_thread[u] < 0; --u)
+        first_of_thread[u] = static_cast<int64_t>(items.size());
+      items.push_back({hg, lo, hi});
+      done += work;
+    }
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  first_item[H * G] = n_items;
+  for (int64_t u = threads; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = n_items;
+  std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D, 0.f);
 
-  // one item per (query head, slice of its KV head's page slots): few query heads still keep
-  // every thread busy; the slices are merged at the end (flash-decoding)
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(K, (2 * threads + H * G - 1) / (H * G)));
-  const int64_t per = K ? (K + parts - 1) / parts : 0;
-  const int64_t items = H * G * parts;
-  std::vector<float> part_m(items, neg_inf), part_l(items, 0.f), part_acc(items * D, 0.f);
-
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<float> s(std::max(page, kRun));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t hg = item / parts, h = hg / G;
+    for (int64_t item = first_of_thread[t_begin]; item < first_of_thread[t_end]; ++item) {
+      const int64_t hg = items[item].hg, h = hg / G;
       const float* qv = qp + hg * D;
       float m = neg_inf, l = 0.f;
       float* acc = part_acc.data() + item * D;
-      const int64_t lo = (item % parts) * per, hi = std::min(K, lo + per);
+      const int64_t lo = items[item].lo, hi = items[item].hi;
       for (int64_t i = lo; i < hi;) {
         if (chp && !chp[h * K + i]) {
           ++i;
@@ -73,9 +114,7 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
         float pm = neg_inf;
         for (int64_t j = 0; j < n; ++j) {
           const float* krow = kr + j * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < D; ++c) dot += qv[c] * krow[c];
+          const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
           s[j] = dot * sc;
           pm = std::max(pm, s[j]);
         }
@@ -100,13 +139,12 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
 
   for (int64_t hg = 0; hg < H * G; ++hg) {
     float mx = neg_inf;
-    for (int64_t p = 0; p < parts; ++p) mx = std::max(mx, part_m[hg * parts + p]);
+    for (int64_t p = first_item[hg]; p < first_item[hg + 1]; ++p) mx = std::max(mx, part_m[p]);
     float* o = op + hg * D;
     std::fill(o, o + D, 0.f);
     if (mx == neg_inf) continue;  // no row read: zeros
     float total = 0.f;
-    for (int64_t p = 0; p < parts; ++p) {
-      const int64_t idx = hg * parts + p;
+    for (int64_t idx = first_item[hg]; idx < first_item[hg + 1]; ++idx) {
       if (part_m[idx] == neg_inf) continue;
       const float w = std::exp(part_m[idx] - mx);
       total += part_l[idx] * w;

@@ -31,16 +31,20 @@
 
 namespace atskv {
 
-// The ranking itself, on raw pointers (contiguous float32 q (H, g, d) and summaries (H, P, d),
-// int64 lens, bool pinned (H, P)); writes the K = min(max_pages, P) page slots per head to
-// op (H, K) and which of them are chosen to cp (H, K).
+// The ranking itself, on raw pointers: contiguous float32 q (H, g, d); page slot p of head h has
+// its key min, max and sum at lop, hip, sump + (h * P + p) * stride (stride d for three (H, P, d)
+// arrays, 3 d for atskv's packed (H, P, 3, d) store); int64 lens, bool pinned (H, P). Writes the
+// K = min(max_pages, P) page slots per head to op (H, K) and which of them are chosen to cp (H, K).
 void rank_pages_into(const float* qp, const float* lop, const float* hip, const float* sump,
-                     const int64_t* lenp, const bool* pinp, int64_t H, int64_t G, int64_t D,
-                     int64_t P, int64_t page, int64_t max_pages, int64_t min_pages, double mass,
-                     double scale, int64_t* op, bool* cp) {
+                     int64_t stride, const int64_t* lenp, const bool* pinp, int64_t H, int64_t G,
+                     int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t min_pages,
+                     double mass, double scale, int64_t* op, bool* cp) {
   const int64_t K = std::min(max_pages, P);
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const auto count = [&](int64_t h, int64_t p) {
+    return std::clamp<int64_t>(lenp[h] - p * page, 0, page);
+  };
 
   // a head whose pages all fit max_pages has every page forced: the K best are its live slots
   // (a prefix), then empty ones (ties to the lower slot), and exactly the live ones are chosen,
@@ -60,36 +64,32 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
   const int64_t n_ranked = static_cast<int64_t>(ranked.size());
   at::parallel_for(0, n_ranked, n_ranked > 1 ? 1 : n_ranked, [&](int64_t begin, int64_t end) {
     std::vector<float> logit(G * P), est(P), key(P), mx(G);
-    std::vector<int64_t> count(P), idx(P);
+    std::vector<int64_t> idx(P);
     std::vector<char> forced(P), take(P);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = ranked[r];
-      int64_t used = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        count[p] = std::clamp<int64_t>(lenp[h] - p * page, 0, page);
-        used += count[p] > 0;
-      }
+      const int64_t used = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
       // pages outer, query heads inner: each page's summaries are read once for the g heads
       std::fill(mx.begin(), mx.end(), neg_inf);
       const float* qh = qp + h * G * D;
       for (int64_t p = 0; p < P; ++p) {
-        if (!count[p]) {
+        const int64_t at = (h * P + p) * stride;
+        const int64_t c = count(h, p);
+        if (!c) {
           for (int64_t g = 0; g < G; ++g) logit[g * P + p] = neg_inf;
           continue;
         }
         // local restrict pointers: otherwise g++ vectorises this as gathers, 10x slower
-        const float* __restrict hi = hip + (h * P + p) * D;
-        const float* __restrict lo = lop + (h * P + p) * D;
-        const float* __restrict sm = sump + (h * P + p) * D;
-        const float n = static_cast<float>(count[p]), inv = 1.f / n, log_n = std::log(n);
+        const float* __restrict hi = hip + at;
+        const float* __restrict lo = lop + at;
+        const float* __restrict sm = sump + at;
+        const float n = static_cast<float>(c), inv = 1.f / n, log_n = std::log(n);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict qv = qh + g * D;
-          float bounds = 0.f;  // upper bound + lower bound, in one sum
-#pragma omp simd reduction(+ : bounds)
-          for (int64_t c = 0; c < D; ++c) {
-            const float a = qv[c];
-            bounds += std::max(a * hi[c], a * lo[c]) + a * sm[c] * inv;
-          }
+          const float bounds = lane_sum(D, [&](int64_t i) {  // upper + lower bound, one sum
+            const float a = qv[i];
+            return std::max(a * hi[i], a * lo[i]) + a * sm[i] * inv;
+          });
           const float v = bounds * half + log_n;
           logit[g * P + p] = v;
           mx[g] = std::max(mx[g], v);
@@ -100,7 +100,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
         float* lg = logit.data() + g * P;
         float total = 0.f;
         for (int64_t p = 0; p < P; ++p) {
-          lg[p] = count[p] ? std::exp(lg[p] - mx[g]) : 0.f;
+          lg[p] = count(h, p) ? std::exp(lg[p] - mx[g]) : 0.f;
           total += lg[p];
         }
         for (int64_t p = 0; p < P; ++p) est[p] += lg[p] / total;
@@ -108,7 +108,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
       for (int64_t p = 0; p < P; ++p) {
         est[p] /= static_cast<float>(G);
         forced[p] = p == 0 || p == used - 1 || pinp[h * P + p];
-        key[p] = count[p] ? est[p] + (forced[p] ? 2.f : 0.f) : -1.f;  // empty slots last
+        key[p] = count(h, p) ? est[p] + (forced[p] ? 2.f : 0.f) : -1.f;  // empty slots last
       }
       std::iota(idx.begin(), idx.end(), 0);
       std::partial_sort(idx.begin(), idx.begin() + K, idx.end(), [&](int64_t a, int64_t b) {
@@ -117,7 +117,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
       float before = 0.f;  // estimated share of the better-ranked pages
       for (int64_t i = 0; i < K; ++i) {
         const int64_t p = idx[i];
-        take[p] = count[p] > 0 && (before < mass || i < min_pages || forced[p]);
+        take[p] = count(h, p) > 0 && (before < mass || i < min_pages || forced[p]);
         before += est[p];
       }
       // returned in slot order: the attention then reads the store front to back, which the
@@ -159,14 +159,14 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   auto order = at::empty({H, K}, q.options().dtype(at::kLong));
   auto chosen = at::empty({H, K}, q.options().dtype(at::kBool));
   rank_pages_into(qc.data_ptr<float>(), lo_c.data_ptr<float>(), hi_c.data_ptr<float>(),
-                  sum_c.data_ptr<float>(), lens_l.data_ptr<int64_t>(), pin_b.data_ptr<bool>(), H,
-                  G, D, P, page, max_pages, min_pages, mass, scale, order.data_ptr<int64_t>(),
-                  chosen.data_ptr<bool>());
+                  sum_c.data_ptr<float>(), D, lens_l.data_ptr<int64_t>(), pin_b.data_ptr<bool>(),
+                  H, G, D, P, page, max_pages, min_pages, mass, scale,
+                  order.data_ptr<int64_t>(), chosen.data_ptr<bool>());
   return {order, chosen};
 }
 
 // atskv::paged_decode: one layer's decode step over atskv's store (StaticPagedKV) in one call. The
-// store: k, v (N, d); summary (3, H, P, d), each page slot's key min, max and sum; index (3, H)
+// store: k, v (N, d); summary (H, P, 3, d), each page slot's key min, max and sum; index (3, H)
 // int64, each head's first row, token count and rows owned. First the append: for every head h,
 // the new key and value (knew, vnew (H, d)) go to row index[0, h] + index[1, h], the min, max and
 // sum of the page that row falls in take the key in (a page's first token replaces them) and
@@ -179,8 +179,8 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
                             const at::Tensor& pinned, int64_t page, int64_t max_pages,
                             int64_t min_pages, double mass, double scale) {
   TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && summary.dim() == 4 &&
-                  summary.size(0) == 3 && index.dim() == 2 && index.size(0) == 3,
-              "atskv::paged_decode: k, v must be (N, d), summary (3, H, P, d) and index (3, H); "
+                  summary.size(2) == 3 && index.dim() == 2 && index.size(0) == 3,
+              "atskv::paged_decode: k, v must be (N, d), summary (H, P, 3, d) and index (3, H); "
               "got ",
               k.sizes(), ", ", v.sizes(), ", ", summary.sizes(), ", ", index.sizes());
   for (const at::Tensor* t :
@@ -192,7 +192,7 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
     TORCH_CHECK(t->is_contiguous(), "atskv::paged_decode: the store's tensors must be contiguous");
   TORCH_CHECK(index.scalar_type() == at::kLong && pinned.scalar_type() == at::kBool,
               "atskv::paged_decode: index must be int64 and pinned bool");
-  const int64_t H = summary.size(1), P = summary.size(2), D = summary.size(3), N = k.size(0);
+  const int64_t H = summary.size(0), P = summary.size(1), D = summary.size(3), N = k.size(0);
   const int64_t G = q.size(1);
   TORCH_CHECK(k.size(1) == D && q.dim() == 3 && q.size(0) == H && q.size(2) == D &&
                   knew.sizes() == at::IntArrayRef({H, D}) && vnew.sizes() == knew.sizes() &&
@@ -207,9 +207,9 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
   const int64_t* capp = offp + 2 * H;
   float* kp = k.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  float* lop = summary.data_ptr<float>();
-  float* hip = lop + H * P * D;
-  float* sump = hip + H * P * D;
+  float* lop = summary.data_ptr<float>();  // page slot (h, p): its min, max, sum in a row
+  float* hip = lop + D;
+  float* sump = lop + 2 * D;
   const auto qc = q.contiguous(), kn = knew.contiguous(), vn = vnew.contiguous();  // no copy if so
   const float* knp = kn.data_ptr<float>();
   const float* vnp = vn.data_ptr<float>();
@@ -224,9 +224,9 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
     const float* kr = knp + h * D;
     std::copy(kr, kr + D, kp + row * D);
     std::copy(vnp + h * D, vnp + (h + 1) * D, vp + row * D);
-    float* lo = lop + (h * P + p) * D;
-    float* hi = hip + (h * P + p) * D;
-    float* sm = sump + (h * P + p) * D;
+    float* lo = lop + (h * P + p) * 3 * D;
+    float* hi = lo + D;
+    float* sm = lo + 2 * D;
     if (n % page == 0) {  // the page's first token
       std::copy(kr, kr + D, lo);
       std::copy(kr, kr + D, hi);
@@ -244,7 +244,7 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
   std::vector<int64_t> pages(H * K);
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
-  rank_pages_into(qp, lop, hip, sump, lenp, pinned.data_ptr<bool>(), H, G, D, P, page, max_pages,
+  rank_pages_into(qp, lop, hip, sump, 3 * D, lenp, pinned.data_ptr<bool>(), H, G, D, P, page, max_pages,
                   min_pages, mass, scale, pages.data(), chosen.get());
   auto out = at::empty({H, G, D}, q.options());
   attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
