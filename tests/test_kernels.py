@@ -30,11 +30,11 @@ def test_the_kernel_builds_on_this_machine():
     assert not kernels.usable(x.double())  # fp32 only: other dtypes keep PyTorch's path
 
 
-def ragged_store(lengths, page, headroom=0, seed=0):
+def ragged_store(lengths, page, headroom=0, seed=0, d=D):
     g = torch.Generator().manual_seed(seed)
     n = max(lengths) + 5
-    keys = torch.randn(len(lengths), n, D, generator=g)
-    values = torch.randn(len(lengths), n, D, generator=g)
+    keys = torch.randn(len(lengths), n, d, generator=g)
+    values = torch.randn(len(lengths), n, d, generator=g)
     keep = [torch.randperm(n, generator=g)[:m].sort().values for m in lengths]
     return StaticPagedKV(keys, values, keep, [headroom] * len(lengths), page)
 
@@ -217,6 +217,26 @@ def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page,
         assert (out - want).abs().max() < 1e-5, step
         assert read == want_read
         assert_same_state(store, ref)
+
+
+@pytest.mark.parametrize("d", [20, 40])
+def test_the_decode_kernel_with_head_dims_not_a_multiple_of_16(d):
+    """The kernels sum over head dims in 16 lanes, then the rest: decode steps through
+    ``paged_decode`` (heads ranked, and one that fits) equal the PyTorch path at d = 20 and 40."""
+    g = torch.Generator().manual_seed(d)
+    store = ragged_store([90, 30, 61], 4, headroom=4, seed=d, d=d)
+    ref = copy_store(store)
+    ref.kernel = False
+    method = ATSKV(max_pages=10, min_pages=2, mass=0.95)
+    for _ in range(3):
+        q = torch.randn(3, 2, d, generator=g) * 2
+        k, v = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
+        out, _ = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.min_pages,
+                                     method.mass)
+        ref.append(k, v)
+        pages, chosen = method.rank_pages(ref, q, 0.3)
+        want, _ = ref.attend(q, 0.3, pages, chosen)
+        assert (out - want).abs().max() < 1e-5
 
 
 def test_the_decode_kernel_compiles_fullgraph_as_one_call_and_updates_the_store_in_place():
