@@ -194,21 +194,24 @@ def assert_same_state(a, b):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("page,lengths", [(16, [150, 30, 230]), (4, [61, 9, 33]), (1, [40, 7, 25])])
-def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page, lengths):
+@pytest.mark.parametrize("page,lengths,d", [(16, [150, 30, 230], D), (4, [61, 9, 33], D),
+                                            (1, [40, 7, 25], D), (4, [90, 9, 61], 20),
+                                            (4, [90, 9, 61], 40)])
+def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page, lengths, d):
     """Steps of ``decode_ranked`` (the kernel: append, rank, attend) against the store's PyTorch
     append, atskv's PyTorch ranking and attention over the pages it chose, on twin stores: the
     same outputs and bytes, the same store afterwards (rows, page summaries, lengths), with heads
-    over the cap and heads under it, and pages filling and starting during the steps."""
-    g = torch.Generator().manual_seed(page)
-    store = ragged_store(lengths, page, headroom=2 * page + 3, seed=page)
+    over the cap and heads under it, and pages filling and starting during the steps. Also at head
+    dims 20 and 40: the kernels sum over head dims in 16 lanes, then the rest."""
+    g = torch.Generator().manual_seed(page + d)
+    store = ragged_store(lengths, page, headroom=2 * page + 3, seed=page + d, d=d)
     store.pinned[:] = torch.rand(store.pinned.shape, generator=g) < 0.1
     ref = copy_store(store)
     ref.kernel = False
     method = ATSKV(max_pages=6, min_pages=2, mass=0.95)
     for step in range(2 * page + 3):
-        q = torch.randn(3, 2, D, generator=g) * 2
-        k, v = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+        q = torch.randn(3, 2, d, generator=g) * 2
+        k, v = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
         out, read = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.min_pages,
                                         method.mass)
         ref.append(k, v)
@@ -217,26 +220,6 @@ def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page,
         assert (out - want).abs().max() < 1e-5, step
         assert read == want_read
         assert_same_state(store, ref)
-
-
-@pytest.mark.parametrize("d", [20, 40])
-def test_the_decode_kernel_with_head_dims_not_a_multiple_of_16(d):
-    """The kernels sum over head dims in 16 lanes, then the rest: decode steps through
-    ``paged_decode`` (heads ranked, and one that fits) equal the PyTorch path at d = 20 and 40."""
-    g = torch.Generator().manual_seed(d)
-    store = ragged_store([90, 30, 61], 4, headroom=4, seed=d, d=d)
-    ref = copy_store(store)
-    ref.kernel = False
-    method = ATSKV(max_pages=10, min_pages=2, mass=0.95)
-    for _ in range(3):
-        q = torch.randn(3, 2, d, generator=g) * 2
-        k, v = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
-        out, _ = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.min_pages,
-                                     method.mass)
-        ref.append(k, v)
-        pages, chosen = method.rank_pages(ref, q, 0.3)
-        want, _ = ref.attend(q, 0.3, pages, chosen)
-        assert (out - want).abs().max() < 1e-5
 
 
 def test_the_decode_kernel_compiles_fullgraph_as_one_call_and_updates_the_store_in_place():

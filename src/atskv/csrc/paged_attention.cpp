@@ -11,8 +11,8 @@
 //
 // Each (query head, slice of page slots) keeps a running max, sum and value-weighted sum (online
 // softmax) over its pages; the slices are merged at the end (flash-decoding). The slices hold
-// about equal numbers of pages read, dealt to the threads in equal shares. (Reading each key row once for all g
-// query heads of a KV head measured slower on a 2-core EPYC than this loop.)
+// about equal numbers of pages read, dealt to the threads in equal shares. (Reading each key row
+// once for all g query heads of a KV head measured slower on a 2-core EPYC than this loop.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,10 +27,10 @@
 
 namespace atskv {
 
-// The attention itself, on raw pointers: offp, lenp (H,) each head's first row and its rows
-// (already clamped to C); pgp, chp (H, K) or null (every page, K of them). Writes op (H, g, d).
 constexpr int64_t kRun = 128;  // rows read as one block, at most (unless a page is longer)
 
+// The attention itself, on raw pointers: offp, lenp (H,) each head's first row and its rows
+// (already clamped to C); pgp, chp (H, K) or null (every page, K of them). Writes op (H, g, d).
 void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,
                   const int64_t* lenp, const int64_t* pgp, const bool* chp, int64_t H, int64_t G,
                   int64_t D, int64_t K, int64_t page, float sc, float* op) {

@@ -49,16 +49,16 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
   // a head whose pages all fit max_pages has every page forced: the K best are its live slots
   // (a prefix), then empty ones (ties to the lower slot), and exactly the live ones are chosen,
   // so no summary need be read. The other heads are ranked, in parallel when two or more are.
-  std::vector<int64_t> ranked;
+  std::vector<int64_t> ranked, used(H);  // used: each head's page slots holding a token
   for (int64_t h = 0; h < H; ++h) {
-    const int64_t used = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
-    if (used > max_pages) {
+    used[h] = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
+    if (used[h] > max_pages) {
       ranked.push_back(h);
       continue;
     }
     for (int64_t i = 0; i < K; ++i) {
       op[h * K + i] = i;
-      cp[h * K + i] = i < used;
+      cp[h * K + i] = i < used[h];
     }
   }
   const int64_t n_ranked = static_cast<int64_t>(ranked.size());
@@ -68,7 +68,6 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
     std::vector<char> forced(P), take(P);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = ranked[r];
-      const int64_t used = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
       // pages outer, query heads inner: each page's summaries are read once for the g heads
       std::fill(mx.begin(), mx.end(), neg_inf);
       const float* qh = qp + h * G * D;
@@ -107,7 +106,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
       }
       for (int64_t p = 0; p < P; ++p) {
         est[p] /= static_cast<float>(G);
-        forced[p] = p == 0 || p == used - 1 || pinp[h * P + p];
+        forced[p] = p == 0 || p == used[h] - 1 || pinp[h * P + p];
         key[p] = count(h, p) ? est[p] + (forced[p] ? 2.f : 0.f) : -1.f;  // empty slots last
       }
       std::iota(idx.begin(), idx.end(), 0);
@@ -244,8 +243,8 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
   std::vector<int64_t> pages(H * K);
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
-  rank_pages_into(qp, lop, hip, sump, 3 * D, lenp, pinned.data_ptr<bool>(), H, G, D, P, page, max_pages,
-                  min_pages, mass, scale, pages.data(), chosen.get());
+  rank_pages_into(qp, lop, hip, sump, 3 * D, lenp, pinned.data_ptr<bool>(), H, G, D, P, page,
+                  max_pages, min_pages, mass, scale, pages.data(), chosen.get());
   auto out = at::empty({H, G, D}, q.options());
   attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
                static_cast<float>(scale), out.data_ptr<float>());
