@@ -50,17 +50,19 @@ def both(store, *args):
     return out, ref
 
 
+@pytest.mark.parametrize("d", [D, 64, 128])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("lengths,page,g", [([37, 5, 64], 16, 3), ([1, 90], 1, 2), ([50], 8, 1),
                                             ([400, 3, 0, 90], 4, 2)])
-def test_every_page_equals_sdpa(lengths, page, g, threads):
+def test_every_page_equals_sdpa(lengths, page, g, threads, d):
     """Also with very ragged heads (and an empty one), whose slices of pages are dealt to the
-    threads by pages read, and merged per query head."""
+    threads by pages read, and merged per query head; at head dims 64 and 128, which the kernel
+    compiles apart (fixed-size loops), and at another."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        store = ragged_store(lengths, page, headroom=3)
-        q = torch.randn(len(lengths), g, D)
+        store = ragged_store(lengths, page, headroom=3, d=d)
+        q = torch.randn(len(lengths), g, d)
         out, ref = both(store, q, 0.3)
     finally:
         torch.set_num_threads(before)
@@ -76,10 +78,11 @@ def test_chosen_pages_equal_sdpa_over_the_gathered_pages():
     assert (out - ref).abs().max() < 1e-5
 
 
-def test_rows_not_asked_for_are_never_read():
+@pytest.mark.parametrize("d", [D, 64])
+def test_rows_not_asked_for_are_never_read(d):
     """Poison every row the kernel must skip (unchosen pages, rows past a head's length, other
     heads' rows): the output stays finite and equal to attention over the chosen rows alone."""
-    store = ragged_store([40, 24], page=8, headroom=8)
+    store = ragged_store([40, 24], page=8, headroom=8, d=d)
     keep_k, keep_v = store.k.clone(), store.v.clone()
     pages = torch.tensor([[0, 2, 4], [1, 2, 0]])
     chosen = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
@@ -89,7 +92,7 @@ def test_rows_not_asked_for_are_never_read():
         read[int(store.offsets[h]) + torch.tensor(rs)] = True
     store.k[~read] = float("nan")
     store.v[~read] = float("nan")
-    q = torch.randn(2, 3, D)
+    q = torch.randn(2, 3, d)
     out, _ = store.attend(q, 0.5, pages, chosen)
     assert torch.isfinite(out).all()
     for h, rs in rows.items():
@@ -196,13 +199,15 @@ def assert_same_state(a, b):
 
 @pytest.mark.parametrize("page,lengths,d", [(16, [150, 30, 230], D), (4, [61, 9, 33], D),
                                             (1, [40, 7, 25], D), (4, [90, 9, 61], 20),
-                                            (4, [90, 9, 61], 40)])
+                                            (4, [90, 9, 61], 40), (4, [90, 9, 61], 64),
+                                            (8, [150, 9, 61], 128)])
 def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page, lengths, d):
     """Steps of ``decode_ranked`` (the kernel: append, rank, attend) against the store's PyTorch
     append, atskv's PyTorch ranking and attention over the pages it chose, on twin stores: the
     same outputs and bytes, the same store afterwards (rows, page summaries, lengths), with heads
     over the cap and heads under it, and pages filling and starting during the steps. Also at head
-    dims 20 and 40: the kernels sum over head dims in 16 lanes, then the rest."""
+    dims 20 and 40 (the kernels sum over head dims in 16 lanes, then the rest) and 64 and 128
+    (compiled apart, with fixed-size loops)."""
     g = torch.Generator().manual_seed(page + d)
     store = ragged_store(lengths, page, headroom=2 * page + 3, seed=page + d, d=d)
     store.pinned[:] = torch.rand(store.pinned.shape, generator=g) < 0.1

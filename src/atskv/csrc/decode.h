@@ -5,6 +5,10 @@
 
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace atskv {
 
 // sum of term(c) for c in 0 .. d, in 16 lanes added up as a tree at the end. GCC ends an
@@ -16,10 +20,14 @@ inline float lane_sum(int64_t d, Term term) {
   int64_t c = 0;
   for (; c + 16 <= d; c += 16)
     for (int j = 0; j < 16; ++j) lane[j] += term(c + j);
+#if defined(__AVX512F__)
+  float total = _mm512_reduce_add_ps(_mm512_loadu_ps(lane));  // GCC's own: 15 scalar adds
+#else
   for (int j = 0; j < 8; ++j) lane[j] += lane[j + 8];  // written out: GCC keeps a loop over
   for (int j = 0; j < 4; ++j) lane[j] += lane[j + 4];  // the halvings on the stack
   for (int j = 0; j < 2; ++j) lane[j] += lane[j + 2];
   float total = lane[0] + lane[1];
+#endif
   for (; c < d; ++c) total += term(c);
   return total;
 }

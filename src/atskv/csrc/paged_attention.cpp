@@ -29,6 +29,87 @@ namespace atskv {
 
 constexpr int64_t kRun = 128;  // rows read as one block, at most (unless a page is longer)
 
+struct Item {
+  int64_t hg, lo, hi;  // query head (h * g + j), page slots lo .. hi of KV head h
+};
+
+// What the threads share: the items, the store, and each item's partial max, sum and values.
+struct Items {
+  const Item* items;
+  const int64_t* first_of_thread;
+  const float *qp, *kp, *vp;
+  const int64_t *offp, *lenp, *pgp;
+  const bool* chp;
+  int64_t G, D, K, page;
+  float sc;
+  float *part_m, *part_l, *part_acc;
+};
+
+// The items of threads t_begin .. t_end: online softmax over each item's pages, in runs of
+// consecutive chosen pages read as one block. DD: the head dim if known at compile time, else 0.
+template <int64_t DD>
+void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t D = DD ? DD : w.D, K = w.K, page = w.page;
+  const int64_t *pgp = w.pgp, *lenp = w.lenp;
+  const bool* chp = w.chp;
+  std::vector<float> s(std::max(page, kRun));
+  float local[DD ? DD : 1];
+  for (int64_t item = w.first_of_thread[t_begin]; item < w.first_of_thread[t_end]; ++item) {
+    const int64_t hg = w.items[item].hg, h = hg / w.G;
+    const float* qv = w.qp + hg * D;
+    float m = neg_inf, l = 0.f;
+    float* acc = DD ? local : w.part_acc + item * D;
+    std::fill(acc, acc + D, 0.f);
+    const int64_t lo = w.items[item].lo, hi = w.items[item].hi;
+    for (int64_t i = lo; i < hi;) {
+      if (chp && !chp[h * K + i]) {
+        ++i;
+        continue;
+      }
+      // a run of chosen pages that follow each other in the store, read as one block of rows
+      // (up to kRun): 16-row pages one at a time cost 3 us more per call at 700 rows per head
+      const int64_t first = pgp ? pgp[h * K + i] : i;
+      int64_t last = first;
+      for (++i; i < hi && (last - first + 2) * page <= kRun; ++i) {
+        if ((chp && !chp[h * K + i]) || (pgp ? pgp[h * K + i] : i) != last + 1) break;
+        ++last;
+      }
+      const int64_t start = first * page;
+      const int64_t n = std::min((last + 1) * page, lenp[h]) - start;
+      if (start < 0 || n <= 0) continue;
+      const float* kr = w.kp + (w.offp[h] + start) * D;
+      const float* vr = w.vp + (w.offp[h] + start) * D;
+      float pm = neg_inf;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* krow = kr + j * D;
+        const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
+        s[j] = dot * w.sc;
+        pm = std::max(pm, s[j]);
+      }
+      const float nm = std::max(m, pm);
+      const float corr = std::exp(m - nm);
+      l *= corr;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) acc[c] *= corr;
+      for (int64_t j = 0; j < n; ++j) {  // apart from the values' loop: a call there spilled
+        s[j] = std::exp(s[j] - nm);       // the running sum to memory every row
+        l += s[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = s[j];
+        const float* vrow = vr + j * D;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) acc[c] += e * vrow[c];
+      }
+      m = nm;
+    }
+    w.part_m[item] = m;
+    w.part_l[item] = l;
+    if (DD) std::copy(acc, acc + D, w.part_acc + item * D);
+  }
+}
+
 // The attention itself, on raw pointers: offp, lenp (H,) each head's first row and its rows
 // (already clamped to C); pgp, chp (H, K) or null (every page, K of them). Writes op (H, g, d).
 void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,
@@ -60,9 +141,6 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
       if (reads(h, i) && ++n % per == 0 && n < n_read[h]) cuts.push_back(i + 1);
   }
   first_cut[H] = static_cast<int64_t>(cuts.size());
-  struct Item {
-    int64_t hg, lo, hi;
-  };
   std::vector<Item> items;
   std::vector<int64_t> first_item(H * G + 1), first_of_thread(threads + 1, -1);
   int64_t done = 0;  // pages read by the items before
@@ -83,58 +161,19 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
   const int64_t n_items = static_cast<int64_t>(items.size());
   first_item[H * G] = n_items;
   for (int64_t u = threads; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = n_items;
-  std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D, 0.f);
+  std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D);
 
+  const Items work{items.data(), first_of_thread.data(), qp, kp, vp, offp, lenp, pgp, chp,
+                   G, D, K, page, sc, part_m.data(), part_l.data(), part_acc.data()};
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<float> s(std::max(page, kRun));
-    for (int64_t item = first_of_thread[t_begin]; item < first_of_thread[t_end]; ++item) {
-      const int64_t hg = items[item].hg, h = hg / G;
-      const float* qv = qp + hg * D;
-      float m = neg_inf, l = 0.f;
-      float* acc = part_acc.data() + item * D;
-      const int64_t lo = items[item].lo, hi = items[item].hi;
-      for (int64_t i = lo; i < hi;) {
-        if (chp && !chp[h * K + i]) {
-          ++i;
-          continue;
-        }
-        // a run of chosen pages that follow each other in the store, read as one block of rows
-        // (up to kRun): 16-row pages one at a time cost 3 us more per call at 700 rows per head
-        const int64_t first = pgp ? pgp[h * K + i] : i;
-        int64_t last = first;
-        for (++i; i < hi && (last - first + 2) * page <= kRun; ++i) {
-          if ((chp && !chp[h * K + i]) || (pgp ? pgp[h * K + i] : i) != last + 1) break;
-          ++last;
-        }
-        const int64_t start = first * page;
-        const int64_t n = std::min((last + 1) * page, lenp[h]) - start;
-        if (start < 0 || n <= 0) continue;
-        const float* kr = kp + (offp[h] + start) * D;
-        const float* vr = vp + (offp[h] + start) * D;
-        float pm = neg_inf;
-        for (int64_t j = 0; j < n; ++j) {
-          const float* krow = kr + j * D;
-          const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
-          s[j] = dot * sc;
-          pm = std::max(pm, s[j]);
-        }
-        const float nm = std::max(m, pm);
-        const float corr = std::exp(m - nm);
-        l *= corr;
-#pragma omp simd
-        for (int64_t c = 0; c < D; ++c) acc[c] *= corr;
-        for (int64_t j = 0; j < n; ++j) {
-          const float e = std::exp(s[j] - nm);
-          l += e;
-          const float* vrow = vr + j * D;
-#pragma omp simd
-          for (int64_t c = 0; c < D; ++c) acc[c] += e * vrow[c];
-        }
-        m = nm;
-      }
-      part_m[item] = m;
-      part_l[item] = l;
-    }
+    // the head dims models use, known at compile time: the running sum of values stays in
+    // registers and the dot products unroll (at run time it went through memory every row)
+    if (D == 64)
+      attend_items<64>(work, t_begin, t_end);
+    else if (D == 128)
+      attend_items<128>(work, t_begin, t_end);
+    else
+      attend_items<0>(work, t_begin, t_end);
   });
 
   for (int64_t hg = 0; hg < H * G; ++hg) {

@@ -63,7 +63,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
   }
   const int64_t n_ranked = static_cast<int64_t>(ranked.size());
   at::parallel_for(0, n_ranked, n_ranked > 1 ? 1 : n_ranked, [&](int64_t begin, int64_t end) {
-    std::vector<float> logit(G * P), est(P), key(P), mx(G);
+    std::vector<float> logit(G * P), est(P), key(P), mx(G), qsplit(2 * G * D);
     std::vector<int64_t> idx(P);
     std::vector<char> forced(P), take(P);
     for (int64_t r = begin; r < end; ++r) {
@@ -71,6 +71,12 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
       // pages outer, query heads inner: each page's summaries are read once for the g heads
       std::fill(mx.begin(), mx.end(), neg_inf);
       const float* qh = qp + h * G * D;
+      // max(a hi, a lo) = max(a, 0) hi + min(a, 0) lo (hi >= lo): two multiply-adds per dim
+      // instead of two products and a max
+      for (int64_t i = 0; i < G * D; ++i) {
+        qsplit[i] = std::max(qh[i], 0.f);
+        qsplit[G * D + i] = std::min(qh[i], 0.f);
+      }
       for (int64_t p = 0; p < P; ++p) {
         const int64_t at = (h * P + p) * stride;
         const int64_t c = count(h, p);
@@ -85,9 +91,10 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
         const float n = static_cast<float>(c), inv = 1.f / n, log_n = std::log(n);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict qv = qh + g * D;
+          const float* __restrict qpos = qsplit.data() + g * D;
+          const float* __restrict qneg = qpos + G * D;
           const float bounds = lane_sum(D, [&](int64_t i) {  // upper + lower bound, one sum
-            const float a = qv[i];
-            return std::max(a * hi[i], a * lo[i]) + a * sm[i] * inv;
+            return qpos[i] * hi[i] + qneg[i] * lo[i] + qv[i] * inv * sm[i];
           });
           const float v = bounds * half + log_n;
           logit[g * P + p] = v;
