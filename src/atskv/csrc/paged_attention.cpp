@@ -28,6 +28,7 @@
 namespace atskv {
 
 constexpr int64_t kRun = 128;  // rows read as one block, at most (unless a page is longer)
+constexpr int64_t kSlice = 512;  // rows of a slice of a head's pages, at most (or one page)
 
 struct Item {
   int64_t hg, lo, hi;  // query head (h * g + j), page slots lo .. hi of KV head h
@@ -124,15 +125,19 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
   };
   // the work is dealt by pages read, not by heads: heads are ragged (one head of a layer may hold
   // four times another's rows), and one item per query head left a thread idle while the other
-  // read the long heads. Each query head's slots are cut into slices of about `per` pages read
-  // (about 8 per thread in all); each thread takes the slices whose middle falls in its share.
+  // read the long heads. Each head's slots are cut into slices of about `per` pages read (about
+  // 8 per thread in all, at most kSlice rows); a slice is g items, one per query head, in turn;
+  // each thread takes the items whose middle falls in its share.
   std::vector<int64_t> n_read(H, 0);
   int64_t total = 0;
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t i = 0; i < K; ++i) n_read[h] += reads(h, i);
     total += G * n_read[h];
   }
-  const int64_t per = std::max<int64_t>(1, (total + 8 * threads - 1) / (8 * threads));
+  // slices of at most kSlice rows: a slice's rows stay in the core's L2 cache while the g query
+  // heads read them in turn (items are ordered head, slice, query head)
+  const int64_t per = std::clamp<int64_t>((total + 8 * threads - 1) / (8 * threads), 1,
+                                          std::max<int64_t>(1, kSlice / page));
   std::vector<int64_t> cuts, first_cut(H + 1);  // head h's slices: cuts[first_cut[h]] ..
   for (int64_t h = 0; h < H; ++h) {
     first_cut[h] = static_cast<int64_t>(cuts.size());
@@ -142,24 +147,23 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
   }
   first_cut[H] = static_cast<int64_t>(cuts.size());
   std::vector<Item> items;
-  std::vector<int64_t> first_item(H * G + 1), first_of_thread(threads + 1, -1);
+  std::vector<int64_t> first_of_thread(threads + 1, -1);
   int64_t done = 0;  // pages read by the items before
-  for (int64_t hg = 0; hg < H * G; ++hg) {
-    const int64_t h = hg / G;
-    first_item[hg] = static_cast<int64_t>(items.size());
+  for (int64_t h = 0; h < H; ++h) {
     for (int64_t c = first_cut[h]; c < first_cut[h + 1]; ++c) {
       const int64_t lo = cuts[c], hi = c + 1 < first_cut[h + 1] ? cuts[c + 1] : K;
       const int64_t work = std::min(per, n_read[h] - (c - first_cut[h]) * per);
-      const int64_t mid = 2 * done + work;  // twice the item's middle, in pages read
-      const int64_t t = std::min(threads - 1, mid * threads / (2 * std::max<int64_t>(total, 1)));
-      for (int64_t u = t; u >= 0 && first_of_thread[u] < 0; --u)
-        first_of_thread[u] = static_cast<int64_t>(items.size());
-      items.push_back({hg, lo, hi});
-      done += work;
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t mid = 2 * done + work;  // twice the item's middle, in pages read
+        const int64_t t = std::min(threads - 1, mid * threads / (2 * std::max<int64_t>(total, 1)));
+        for (int64_t u = t; u >= 0 && first_of_thread[u] < 0; --u)
+          first_of_thread[u] = static_cast<int64_t>(items.size());
+        items.push_back({h * G + j, lo, hi});
+        done += work;
+      }
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  first_item[H * G] = n_items;
   for (int64_t u = threads; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = n_items;
   std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D);
 
@@ -176,21 +180,23 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
       attend_items<0>(work, t_begin, t_end);
   });
 
-  for (int64_t hg = 0; hg < H * G; ++hg) {
-    float mx = neg_inf;
-    for (int64_t p = first_item[hg]; p < first_item[hg + 1]; ++p) mx = std::max(mx, part_m[p]);
+  // each query head's slices merged: rescaled to its largest max (no row read: zeros)
+  std::vector<float> mx(H * G, neg_inf), norm(H * G, 0.f);
+  for (int64_t p = 0; p < n_items; ++p) mx[items[p].hg] = std::max(mx[items[p].hg], part_m[p]);
+  std::fill(op, op + H * G * D, 0.f);
+  for (int64_t p = 0; p < n_items; ++p) {
+    const int64_t hg = items[p].hg;
+    if (part_m[p] == neg_inf) continue;
+    const float w = std::exp(part_m[p] - mx[hg]);
+    norm[hg] += part_l[p] * w;
+    const float* a = part_acc.data() + p * D;
     float* o = op + hg * D;
-    std::fill(o, o + D, 0.f);
-    if (mx == neg_inf) continue;  // no row read: zeros
-    float total = 0.f;
-    for (int64_t idx = first_item[hg]; idx < first_item[hg + 1]; ++idx) {
-      if (part_m[idx] == neg_inf) continue;
-      const float w = std::exp(part_m[idx] - mx);
-      total += part_l[idx] * w;
-      const float* a = part_acc.data() + idx * D;
-      for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
-    }
-    for (int64_t c = 0; c < D; ++c) o[c] /= total;
+    for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
+  }
+  for (int64_t hg = 0; hg < H * G; ++hg) {
+    if (mx[hg] == neg_inf) continue;
+    float* o = op + hg * D;
+    for (int64_t c = 0; c < D; ++c) o[c] /= norm[hg];
   }
 }
 
