@@ -11,8 +11,9 @@
 //
 // Each (query head, slice of page slots) keeps a running max, sum and value-weighted sum (online
 // softmax) over its pages; the slices are merged at the end (flash-decoding). The slices hold
-// about equal numbers of pages read, dealt to the threads in equal shares. (Reading each key row
-// once for all g query heads of a KV head measured slower on a 2-core EPYC than this loop.)
+// about equal numbers of pages read (at most kSlice rows), each read by its g query heads in turn
+// (from L2 after the first), dealt to the threads in equal shares. (Reading each key row once for
+// all g query heads of a KV head measured slower on a 2-core EPYC than this loop.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
