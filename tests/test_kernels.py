@@ -141,7 +141,7 @@ def both_rankings(method, store, q, scale):
     """The pages chosen by the kernel, then by the PyTorch ranking; the kernel's order."""
     assert store.kernel
     order, chosen = kernels.rank_pages(q, store.kmin, store.kmax, store.ksum, store.lens,
-                                       store.pinned, store.page, method.max_pages,
+                                       store.pinned, store.page, method.max_pages, method.fit(),
                                        method.min_pages, method.mass, scale)
     ref_order, ref_chosen = method.rank_pages(store, q, scale)
     assert order.shape == ref_order.shape and chosen.dtype == torch.bool
@@ -152,18 +152,23 @@ def both_rankings(method, store, q, scale):
 @pytest.mark.parametrize("page", [1, 4, 16])
 def test_the_ranking_kernel_chooses_the_pages_the_reference_chooses(seed, page):
     """Random ragged stores (heads whose pages all fit the cap and heads whose pages do not,
-    pinned pages, headroom slots holding no token yet) and random knobs."""
+    pinned pages, headroom slots holding no token yet) and random knobs: ``fit_pages`` by the
+    byte rule (None), above ``max_pages`` (heads between the two attend every page) and below it
+    (heads above it ranked by the mass rule alone)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 300 // page + 40, (3,), generator=g).tolist()
     store = ragged_store(lengths, page, headroom=page + 2, seed=seed)
     store.pinned[:] = torch.rand(store.pinned.shape, generator=g) < 0.05
-    for q_scale, max_pages, min_pages, mass in ((0.5, 12, 2, 0.9), (3.0, 20, 4, 0.999),
-                                                (1.0, 3, 1, 0.3), (2.0, 200, 1, 0.99)):
-        method = ATSKV(max_pages=max_pages, min_pages=min_pages, mass=mass)
+    for q_scale, max_pages, fit_pages, min_pages, mass in (
+            (0.5, 12, None, 2, 0.9), (3.0, 20, None, 4, 0.999), (1.0, 3, None, 1, 0.3),
+            (2.0, 200, None, 1, 0.99), (1.0, 8, 30, 2, 0.999), (1.0, 30, 8, 2, 0.9)):
+        method = ATSKV(max_pages=max_pages, fit_pages=fit_pages, min_pages=min_pages, mass=mass)
         q = torch.randn(3, 2, D, generator=g) * q_scale
         got, want, order = both_rankings(method, store, q, 0.25)
-        assert got == want, (q_scale, max_pages)
-        assert order.shape[1] == min(max_pages, store.n_pages)
+        assert got == want, (q_scale, max_pages, fit_pages)
+        assert order.shape[1] == min(max(max_pages, method.fit()), store.n_pages)
+        for chosen, used in zip(got, (store.lens + page - 1) // page):
+            assert len(chosen) == used if used <= method.fit() else len(chosen) <= max_pages
         for row in order:  # distinct slots
             assert row.unique().numel() == row.numel()
 
@@ -217,8 +222,8 @@ def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page,
     for step in range(2 * page + 3):
         q = torch.randn(3, 2, d, generator=g) * 2
         k, v = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
-        out, read = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.min_pages,
-                                        method.mass)
+        out, read = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.fit(),
+                                        method.min_pages, method.mass)
         ref.append(k, v)
         pages, chosen = method.rank_pages(ref, q, 0.3)
         want, want_read = ref.attend(q, 0.3, pages, chosen)
@@ -233,7 +238,7 @@ def test_the_decode_kernel_compiles_fullgraph_as_one_call_and_updates_the_store_
     tensors = {name: getattr(store, name) for name in ("k", "v", "summary", "index")}
 
     def step(s, q, k, v):
-        return s.decode_ranked(q, k, v, 0.3, 5, 2, 0.8)[0] * 2
+        return s.decode_ranked(q, k, v, 0.3, 5, 5, 2, 0.8)[0] * 2
 
     compiled = torch.compile(step, fullgraph=True)
     g = torch.Generator().manual_seed(3)
@@ -252,7 +257,7 @@ def test_the_decode_kernel_names_a_full_head(lengths, full):
     before = copy_store(store)
     q, k = torch.randn(2, 1, D), torch.randn(2, D)
     with pytest.raises(RuntimeError, match=f"head {full} is full"):
-        store.decode_ranked(q, k, k, 0.3, 1, 1, 0.9)
+        store.decode_ranked(q, k, k, 0.3, 1, 1, 1, 0.9)
     for name in ("k", "v", "summary", "index"):  # no head was written
         assert torch.equal(getattr(store, name), getattr(before, name)), name
 
@@ -262,10 +267,13 @@ def test_the_ranking_kernel_names_bad_inputs():
     q = torch.randn(1, 2, D)
     with pytest.raises(RuntimeError, match="float32 only"):
         kernels.rank_pages(q.double(), store.kmin, store.kmax, store.ksum, store.lens,
-                           store.pinned, 4, 3, 1, 0.9, 0.3)
+                           store.pinned, 4, 3, 3, 1, 0.9, 0.3)
     with pytest.raises(RuntimeError, match="do not match q"):
         kernels.rank_pages(torch.randn(1, 2, D + 1), store.kmin, store.kmax, store.ksum,
-                           store.lens, store.pinned, 4, 3, 1, 0.9, 0.3)
+                           store.lens, store.pinned, 4, 3, 3, 1, 0.9, 0.3)
+    with pytest.raises(RuntimeError, match="fit_pages must be >= 1"):
+        kernels.rank_pages(q, store.kmin, store.kmax, store.ksum, store.lens, store.pinned, 4,
+                           3, 0, 1, 0.9, 0.3)
 
 
 @pytest.mark.parametrize("name,kw", [("full", {}), ("sliding_window", {}),

@@ -111,16 +111,16 @@ def _shape(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor
 
 
 def _rank_shape(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor,
-                pinned: Tensor, page: int, max_pages: int, min_pages: int, mass: float,
-                scale: float) -> tuple[Tensor, Tensor]:
-    k = torch.sym_min(max_pages, pinned.shape[1])
+                pinned: Tensor, page: int, max_pages: int, fit_pages: int, min_pages: int,
+                mass: float, scale: float) -> tuple[Tensor, Tensor]:
+    k = torch.sym_min(max(max_pages, fit_pages), pinned.shape[1])
     return (q.new_empty((q.shape[0], k), dtype=torch.long),
             q.new_empty((q.shape[0], k), dtype=torch.bool))
 
 
 def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, summary: Tensor,
-                  index: Tensor, pinned: Tensor, page: int, max_pages: int, min_pages: int,
-                  mass: float, scale: float) -> Tensor:
+                  index: Tensor, pinned: Tensor, page: int, max_pages: int, fit_pages: int,
+                  min_pages: int, mass: float, scale: float) -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -147,22 +147,23 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, len
 
 
 def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor, pinned: Tensor,
-               page: int, max_pages: int, min_pages: int, mass: float,
+               page: int, max_pages: int, fit_pages: int, min_pages: int, mass: float,
                scale: float) -> tuple[Tensor, Tensor]:
     """atskv's page ranking (:meth:`ATSKV.rank_pages`, which documents it) for ``q`` ``(H, g, d)``
-    over page summaries ``(H, P, d)``: the ``min(max_pages, P)`` best page slots per head, in slot
-    order (so that attention reads the store front to back), and which of them to attend."""
+    over page summaries ``(H, P, d)``: the ``min(max(max_pages, fit_pages), P)`` best page slots
+    per head, in slot order (so that attention reads the store front to back), and which of them
+    to attend (every page of a head holding at most ``fit_pages``, unranked)."""
     return torch.ops.atskv.rank_pages(q, kmin, kmax, ksum, lens, pinned, page, max_pages,
-                                      min_pages, mass, scale)
+                                      fit_pages, min_pages, mass, scale)
 
 
 def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, summary: Tensor,
-                 index: Tensor, pinned: Tensor, page: int, max_pages: int, min_pages: int,
-                 mass: float, scale: float) -> Tensor:
+                 index: Tensor, pinned: Tensor, page: int, max_pages: int, fit_pages: int,
+                 min_pages: int, mass: float, scale: float) -> Tensor:
     """One layer's decode step over atskv's store (:meth:`StaticPagedKV.decode_ranked`), in
     place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``index[0, h] + index[1, h]``
     of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(H, P, 3, d)``), and
     its length ``index[1, h]`` grows by one; then :func:`rank_pages` and :func:`paged_attention`
     over the pages it chose. ``(H, g, d)``."""
     return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, summary, index, pinned, page,
-                                        max_pages, min_pages, mass, scale)
+                                        max_pages, fit_pages, min_pages, mass, scale)

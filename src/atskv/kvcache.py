@@ -425,15 +425,17 @@ class StaticPagedKV:
         return out, read
 
     def decode_ranked(self, q: Tensor, k: Tensor, v: Tensor, scale: float, max_pages: int,
-                      min_pages: int, mass: float) -> tuple[Tensor, int]:
+                      fit_pages: int, min_pages: int, mass: float) -> tuple[Tensor, int]:
         """:meth:`append` of ``k``, ``v`` ``(H, d)``, then the attention of ``q`` over the pages
-        atskv's ranking chooses (at most ``max_pages`` per head; ``ATSKV.rank_pages`` documents
-        it), in one call of the native kernel ``atskv::paged_decode``. Returns what
-        :meth:`attend` returns for the ranking's ``(H, min(max_pages, n_pages))`` pages."""
+        atskv's ranking chooses (every page of a head holding at most ``fit_pages``, at most
+        ``max_pages`` of the others; ``ATSKV.rank_pages`` documents it), in one call of the
+        native kernel ``atskv::paged_decode``. Returns what :meth:`attend` returns for the
+        ranking's ``(H, min(max(max_pages, fit_pages), n_pages))`` pages."""
         assert self.kernel and self.summary is not None, "the native kernel's path only"
         out = kernels.paged_decode(q, k, v, self.k, self.v, self.summary, self.index,
-                                   self.pinned, self.page, max_pages, min_pages, mass, scale)
-        slots = self.n_heads * torch.sym_min(max_pages, self.n_pages)
+                                   self.pinned, self.page, max_pages, fit_pages, min_pages, mass,
+                                   scale)
+        slots = self.n_heads * torch.sym_min(max(max_pages, fit_pages), self.n_pages)
         return out, slots * self.page * self.token_bytes()
 
     def total_tokens(self) -> int:

@@ -27,7 +27,9 @@ Three components, each with an ablation switch:
    estimated mass reaches ``mass`` is attended exactly, at least ``min_pages`` and at most
    ``max_pages``; the first page (sinks), the newest page and the pages holding the
    ``pin_chunks`` most relevant chunks of the prefill are always included (the query-aware prior:
-   without it the needle's last digit was lost on some steps). (Ranking by
+   without it the needle's last digit was lost on some steps). A head is ranked only when that
+   can save bytes (see :meth:`ATSKV.fit`): one holding at most ``fit_pages`` pages attends all of
+   them, as attending densely would. (Ranking by
    the upper bound alone, as Quest does, captured only ~76% of the true attention mass at
    ``mass=0.95`` on SmolLM2; the two-sided estimate captured ~97% at 0.99.)
 
@@ -91,6 +93,7 @@ class ATSKV(ScoredSelection):
     sparse_decode: bool = True
     page_size: int = 16
     max_pages: int = 48
+    fit_pages: int | None = None  # None: the pages for which ranking cannot pay (see fit())
     min_pages: int = 16
     pin_chunks: int = 4
     mass: float = 0.999
@@ -114,6 +117,9 @@ class ATSKV(ScoredSelection):
                    f"is unknown; choose one of {', '.join(SIGNALS)}")
         for name in ("chunk", "page_size", "max_pages", "min_pages"):
             self.check(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
+        if self.fit_pages is not None:
+            self.check("fit_pages", self.fit_pages, self.fit_pages >= 1,
+                       "must be >= 1 (or null: the pages for which ranking cannot pay)")
         for name in ("n_sink", "span", "pin_chunks"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
         for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0)):
@@ -122,6 +128,23 @@ class ATSKV(ScoredSelection):
 
     def static_decode(self) -> bool:
         return self.static
+
+    def fit(self) -> int:
+        """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
+        default the most for which ranking cannot pay). Ranking a head of ``n`` pages reads its
+        page summaries, three key rows per page (min, max, sum), to skip the pages past
+        ``max_pages``, two rows (key and value) per token: it reads fewer bytes than attending all
+        the pages only when ``3 n < 2 page (n - max_pages)``. (At 4096 tokens and budget 0.2 on
+        SmolLM2 most ranked heads held 50-54 pages: ranking read their summaries, 9% of their
+        pages' bytes, and computed their bounds, to skip 2-6 pages of 48; it cost more per step
+        than it saved.) With ``page_size`` 1 ranking never pays in bytes, and every head is
+        ranked only if ``fit_pages`` says so."""
+        if self.fit_pages is not None:
+            return self.fit_pages
+        p = self.page_size
+        if 2 * p <= 3:
+            return EVERY_PAGE
+        return max(self.max_pages, 2 * p * self.max_pages // (2 * p - 3))
 
     def prompt_target(self, prompt_len: int) -> int:
         """Prompt tokens per head whose storage fits the prompt budget's bytes when the page
@@ -203,7 +226,7 @@ class ATSKV(ScoredSelection):
         if not self.sparse_decode:
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
         store = StaticPagedKV(keys, values, keep, rows, self.page_size)
-        state.dense = state.dense and store.n_pages <= max(self.min_pages, self.max_pages)
+        state.dense = state.dense and store.n_pages <= self.fit()
         if layer < len(state.pins) and state.pins[layer] is not None:
             for h, rows in enumerate(state.pins[layer]):
                 store.pinned[h, rows.to(keys.device) // self.page_size] = True
@@ -215,9 +238,10 @@ class ATSKV(ScoredSelection):
         assert isinstance(state, ATSKVState)
         if self.sparse_decode and self.static and store.kernel:
             # the append, the ranking and the attention in one native call
-            if state.dense:  # every page fits the cap: all are attended, none ranked (as attend)
-                return AttendResult(*store.decode_ranked(q, k, v, scale, EVERY_PAGE, 1, 1.0))
-            out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages),
+            if state.dense:  # no head is ranked: all pages are attended (as attend)
+                return AttendResult(*store.decode_ranked(q, k, v, scale, EVERY_PAGE, EVERY_PAGE,
+                                                         1, 1.0))
+            out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages), int(self.fit()),
                                             int(self.min_pages), float(self.mass))
             return AttendResult(out, read + store.summary_bytes())
         return super().decode_layer(state, layer, store, q, k, v, scale)
@@ -226,8 +250,7 @@ class ATSKV(ScoredSelection):
                scale: float) -> AttendResult:
         assert isinstance(state, ATSKVState)
         if not self.sparse_decode or state.dense:
-            # every page of every layer fits the cap: exact attention over all of them is
-            # cheaper than ranking
+            # no head of any layer holds more than fit() pages: exact attention over all of them
             return AttendResult(*store.attend(q, scale))
         pages, chosen = self.rank_pages(store, q, scale)
         meta = store.summary_bytes()
@@ -245,8 +268,10 @@ class ATSKV(ScoredSelection):
         return AttendResult(torch.cat(outs), read * store.token_bytes() + meta)
 
     def rank_pages(self, store: StaticPagedKV, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """The ``max_pages`` best pages per head ``(H, K)``, best first, and which of them the
-        adaptive rule attends ``(H, K)`` (fixed shapes, no host sync).
+        """The ``K = min(max(max_pages, fit()), n_pages)`` best pages per head ``(H, K)``, best
+        first, and which of them the adaptive rule attends ``(H, K)`` (fixed shapes, no host
+        sync): every page of a head holding at most :meth:`fit` pages, at most ``max_pages`` of
+        the others.
 
         A page's share of the attention is estimated from its log-sum-exp, approximated as the
         mean of an upper bound (Quest's ``q . kmax/kmin``, which overestimates) and a lower bound
@@ -271,8 +296,9 @@ class ATSKV(ScoredSelection):
         slot = torch.arange(store.n_pages, device=q.device)[None]
         used = live.sum(dim=1, keepdim=True)
         forced = (slot == 0) | (slot == used - 1) | store.pinned  # sinks, newest, most relevant
-        forced = forced | (used <= self.max_pages)  # a head whose pages all fit: all of them
-        k = torch.sym_min(self.max_pages, store.n_pages)  # no guard on the page count
+        fits = used <= self.fit()  # a head ranking cannot pay for: all of its pages
+        forced = forced | fits
+        k = torch.sym_min(max(self.max_pages, self.fit()), store.n_pages)  # no guard on it
         # forced pages rank first, slots holding no token last (a forced live page whose share
         # rounds away in ``2 + est`` must not tie with them)
         key = (est + forced * 2.0).masked_fill(~live, -1.0)
@@ -283,7 +309,7 @@ class ATSKV(ScoredSelection):
         # compiled step would leave as a library call)
         before = (est[:, None, :] * (rank[:, None, :] < rank[0, :, None])).sum(-1)
         chosen = ((before < self.mass) | (rank < self.min_pages) | forced.gather(1, order))
-        chosen = chosen & live.gather(1, order)
+        chosen = chosen & live.gather(1, order) & ((rank < self.max_pages) | fits)
         return order, chosen
 
 

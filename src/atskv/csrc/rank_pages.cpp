@@ -9,12 +9,13 @@
 // A page's estimated log-sum-exp is the mean of its upper bound sum_c max(q_c kmax_c, q_c kmin_c)
 // and its lower bound q . (ksum / count), times scale, plus log(count); its estimated share is the
 // softmax of that over the head's live pages, averaged over the g query heads. The first, the
-// newest and the pinned pages are forced (every page, when the head's pages fit max_pages).
+// newest and the pinned pages are forced (every page, when the head holds at most fit_pages).
 // Pages are ranked forced ones first (their share + 2, as the reference ranks them) and empty
-// slots last, ties to the lower slot. Returns pages (H, K), K = min(max_pages, P): the K
-// best-ranked page slots, in slot order (the reference returns them best first; attention over
-// them is the same up to rounding); and chosen (H, K): those that are live and whose better-ranked
-// pages' shares sum to less than `mass`, or are among the first `min_pages`, or are forced.
+// slots last, ties to the lower slot. Returns pages (H, K), K = min(max(max_pages, fit_pages), P):
+// the K best-ranked page slots, in slot order (the reference returns them best first; attention
+// over them is the same up to rounding); and chosen (H, K): those that are live and whose
+// better-ranked pages' shares sum to less than `mass`, or are among the first `min_pages`, or are
+// forced; at most the max_pages best of a head holding more than fit_pages.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,25 +35,26 @@ namespace atskv {
 // The ranking itself, on raw pointers: contiguous float32 q (H, g, d); page slot p of head h has
 // its key min, max and sum at lop, hip, sump + (h * P + p) * stride (stride d for three (H, P, d)
 // arrays, 3 d for atskv's packed (H, P, 3, d) store); int64 lens, bool pinned (H, P). Writes the
-// K = min(max_pages, P) page slots per head to op (H, K) and which of them are chosen to cp (H, K).
+// K = min(max(max_pages, fit_pages), P) page slots per head to op (H, K) and which of them are
+// chosen to cp (H, K).
 void rank_pages_into(const float* qp, const float* lop, const float* hip, const float* sump,
                      int64_t stride, const int64_t* lenp, const bool* pinp, int64_t H, int64_t G,
-                     int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t min_pages,
-                     double mass, double scale, int64_t* op, bool* cp) {
-  const int64_t K = std::min(max_pages, P);
+                     int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t fit_pages,
+                     int64_t min_pages, double mass, double scale, int64_t* op, bool* cp) {
+  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const auto count = [&](int64_t h, int64_t p) {
     return std::clamp<int64_t>(lenp[h] - p * page, 0, page);
   };
 
-  // a head whose pages all fit max_pages has every page forced: the K best are its live slots
+  // a head holding at most fit_pages pages has every page forced: the K best are its live slots
   // (a prefix), then empty ones (ties to the lower slot), and exactly the live ones are chosen,
   // so no summary need be read. The other heads are ranked, in parallel when two or more are.
   std::vector<int64_t> ranked, used(H);  // used: each head's page slots holding a token
   for (int64_t h = 0; h < H; ++h) {
     used[h] = std::clamp<int64_t>((lenp[h] + page - 1) / page, 0, P);
-    if (used[h] > max_pages) {
+    if (used[h] > fit_pages) {
       ranked.push_back(h);
       continue;
     }
@@ -123,7 +125,8 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
       float before = 0.f;  // estimated share of the better-ranked pages
       for (int64_t i = 0; i < K; ++i) {
         const int64_t p = idx[i];
-        take[p] = count(h, p) > 0 && (before < mass || i < min_pages || forced[p]);
+        take[p] = count(h, p) > 0 && i < max_pages &&
+                  (before < mass || i < min_pages || forced[p]);
         before += est[p];
       }
       // returned in slot order: the attention then reads the store front to back, which the
@@ -142,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& kmax, const at::Tensor& ksum,
                                                   const at::Tensor& lens, const at::Tensor& pinned,
                                                   int64_t page, int64_t max_pages,
-                                                  int64_t min_pages, double mass, double scale) {
+                                                  int64_t fit_pages, int64_t min_pages,
+                                                  double mass, double scale) {
   TORCH_CHECK(q.dim() == 3 && kmin.dim() == 3 && kmin.sizes() == kmax.sizes() &&
                   kmin.sizes() == ksum.sizes(),
               "atskv::rank_pages: q must be (H, g, d) and kmin, kmax, ksum (H, P, d); got ",
@@ -156,8 +160,9 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   TORCH_CHECK(lens.numel() == H && pinned.dim() == 2 && pinned.size(0) == H &&
                   pinned.size(1) == P,
               "atskv::rank_pages: lens must be (H,) and pinned (H, P)");
-  TORCH_CHECK(page >= 1 && max_pages >= 1, "atskv::rank_pages: page and max_pages must be >= 1");
-  const int64_t K = std::min(max_pages, P);
+  TORCH_CHECK(page >= 1 && max_pages >= 1 && fit_pages >= 1,
+              "atskv::rank_pages: page, max_pages and fit_pages must be >= 1");
+  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
   const auto qc = q.contiguous(), lo_c = kmin.contiguous(), hi_c = kmax.contiguous(),
              sum_c = ksum.contiguous();
   const auto lens_l = lens.to(at::kLong).contiguous();
@@ -166,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   auto chosen = at::empty({H, K}, q.options().dtype(at::kBool));
   rank_pages_into(qc.data_ptr<float>(), lo_c.data_ptr<float>(), hi_c.data_ptr<float>(),
                   sum_c.data_ptr<float>(), D, lens_l.data_ptr<int64_t>(), pin_b.data_ptr<bool>(),
-                  H, G, D, P, page, max_pages, min_pages, mass, scale,
+                  H, G, D, P, page, max_pages, fit_pages, min_pages, mass, scale,
                   order.data_ptr<int64_t>(), chosen.data_ptr<bool>());
   return {order, chosen};
 }
@@ -183,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
 at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
                             at::Tensor& k, at::Tensor& v, at::Tensor& summary, at::Tensor& index,
                             const at::Tensor& pinned, int64_t page, int64_t max_pages,
-                            int64_t min_pages, double mass, double scale) {
+                            int64_t fit_pages, int64_t min_pages, double mass, double scale) {
   TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && summary.dim() == 4 &&
                   summary.size(2) == 3 && index.dim() == 2 && index.size(0) == 3,
               "atskv::paged_decode: k, v must be (N, d), summary (H, P, 3, d) and index (3, H); "
@@ -206,8 +211,9 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
               "atskv::paged_decode: q must be (", H, ", g, ", D, "), the new keys and values (",
               H, ", ", D, ") and pinned (", H, ", ", P, "); got ", q.sizes(), ", ", knew.sizes(),
               ", ", vnew.sizes(), ", ", pinned.sizes());
-  TORCH_CHECK(page >= 1 && max_pages >= 1,
-              "atskv::paged_decode: page and max_pages must be >= 1, got ", page, ", ", max_pages);
+  TORCH_CHECK(page >= 1 && max_pages >= 1 && fit_pages >= 1,
+              "atskv::paged_decode: page, max_pages and fit_pages must be >= 1, got ", page, ", ",
+              max_pages, ", ", fit_pages);
   int64_t* offp = index.data_ptr<int64_t>();  // its rows: offsets, lens, caps
   int64_t* lenp = offp + H;
   const int64_t* capp = offp + 2 * H;
@@ -246,12 +252,12 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
     }
     lenp[h] = n + 1;
   }
-  const int64_t K = std::min(max_pages, P);
+  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
   std::vector<int64_t> pages(H * K);
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
   rank_pages_into(qp, lop, hip, sump, 3 * D, lenp, pinned.data_ptr<bool>(), H, G, D, P, page,
-                  max_pages, min_pages, mass, scale, pages.data(), chosen.get());
+                  max_pages, fit_pages, min_pages, mass, scale, pages.data(), chosen.get());
   auto out = at::empty({H, G, D}, q.options());
   attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
                static_cast<float>(scale), out.data_ptr<float>());
@@ -263,11 +269,12 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
 TORCH_LIBRARY_FRAGMENT(atskv, m) {
   m.def(
       "rank_pages(Tensor q, Tensor kmin, Tensor kmax, Tensor ksum, Tensor lens, Tensor pinned, "
-      "int page, int max_pages, int min_pages, float mass, float scale) -> (Tensor, Tensor)");
+      "int page, int max_pages, int fit_pages, int min_pages, float mass, float scale) -> "
+      "(Tensor, Tensor)");
   m.def(
       "paged_decode(Tensor q, Tensor knew, Tensor vnew, Tensor(a!) k, Tensor(b!) v, "
       "Tensor(c!) summary, Tensor(d!) index, Tensor pinned, int page, int max_pages, "
-      "int min_pages, float mass, float scale) -> Tensor");
+      "int fit_pages, int min_pages, float mass, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(atskv, CPU, m) {
