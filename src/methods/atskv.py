@@ -135,10 +135,11 @@ class ATSKV(ScoredSelection):
         page summaries, three key rows per page (min, max, sum), to skip the pages past
         ``max_pages``, two rows (key and value) per token: it reads fewer bytes than attending all
         the pages only when ``3 n < 2 page (n - max_pages)``. (At 4096 tokens and budget 0.2 on
-        SmolLM2 most ranked heads held 50-54 pages: ranking read their summaries, 9% of their
-        pages' bytes, and computed their bounds, to skip 2-6 pages of 48; it cost more per step
-        than it saved.) With ``page_size`` 1 ranking never pays in bytes, and every head is
-        ranked only if ``fit_pages`` says so."""
+        SmolLM2, 26 heads held 50-54 pages: ranking read their summaries, 9% of their pages'
+        bytes, and computed their bounds, to skip 2-6 pages of 48, and cost more per step than it
+        saved. This rule leaves 6 of them ranked; on a CPU even those cost more time than they
+        save, docs/decode_budget.md.) With ``page_size`` 1 ranking never pays in bytes: no head
+        is ranked unless ``fit_pages`` says so."""
         if self.fit_pages is not None:
             return self.fit_pages
         p = self.page_size
