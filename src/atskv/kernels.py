@@ -113,7 +113,7 @@ def _shape(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, lens: Tensor
 def _rank_shape(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor,
                 pinned: Tensor, page: int, max_pages: int, fit_pages: int, min_pages: int,
                 mass: float, scale: float) -> tuple[Tensor, Tensor]:
-    k = torch.sym_min(max(max_pages, fit_pages), pinned.shape[1])
+    k = page_slots(max_pages, fit_pages, pinned.shape[1])
     return (q.new_empty((q.shape[0], k), dtype=torch.long),
             q.new_empty((q.shape[0], k), dtype=torch.bool))
 
@@ -122,6 +122,14 @@ def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, s
                   index: Tensor, pinned: Tensor, page: int, max_pages: int, fit_pages: int,
                   min_pages: int, mass: float, scale: float) -> Tensor:
     return q.new_empty(q.shape)
+
+
+def page_slots(max_pages: int, fit_pages: int, n_pages: int) -> int:
+    """The page slots per head atskv's ranking returns (:func:`rank_pages`, and its reference
+    ``ATSKV.rank_pages``): room for every page of a head it does not rank (at most
+    ``fit_pages``) and for the ``max_pages`` of one it does, at most ``n_pages``. A symbolic min:
+    no guard on ``n_pages`` in a compiled step."""
+    return torch.sym_min(max(max_pages, fit_pages), n_pages)
 
 
 def usable(t: Tensor) -> bool:

@@ -435,7 +435,7 @@ class StaticPagedKV:
         out = kernels.paged_decode(q, k, v, self.k, self.v, self.summary, self.index,
                                    self.pinned, self.page, max_pages, fit_pages, min_pages, mass,
                                    scale)
-        slots = self.n_heads * torch.sym_min(max(max_pages, fit_pages), self.n_pages)
+        slots = self.n_heads * kernels.page_slots(max_pages, fit_pages, self.n_pages)
         return out, slots * self.page * self.token_bytes()
 
     def total_tokens(self) -> int:

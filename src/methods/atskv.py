@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atskv import kernels
 from atskv.kvcache import StaticPagedKV
 from atskv.methods.base import METHODS, AttendResult, PrefillContext, State, headroom
 from atskv.methods.pages import page_upper_bound
@@ -297,9 +298,10 @@ class ATSKV(ScoredSelection):
         slot = torch.arange(store.n_pages, device=q.device)[None]
         used = live.sum(dim=1, keepdim=True)
         forced = (slot == 0) | (slot == used - 1) | store.pinned  # sinks, newest, most relevant
-        fits = used <= self.fit()  # a head ranking cannot pay for: all of its pages
+        fit = self.fit()
+        fits = used <= fit  # a head ranking cannot pay for: all of its pages
         forced = forced | fits
-        k = torch.sym_min(max(self.max_pages, self.fit()), store.n_pages)  # no guard on it
+        k = kernels.page_slots(self.max_pages, fit, store.n_pages)
         # forced pages rank first, slots holding no token last (a forced live page whose share
         # rounds away in ``2 + est`` must not tie with them)
         key = (est + forced * 2.0).masked_fill(~live, -1.0)

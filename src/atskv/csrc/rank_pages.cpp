@@ -32,6 +32,12 @@
 
 namespace atskv {
 
+// The page slots per head the ranking returns: room for every page of a head it does not rank
+// (at most fit_pages) and for the max_pages of one it does, at most the P a head has.
+inline int64_t page_slots(int64_t max_pages, int64_t fit_pages, int64_t P) {
+  return std::min(std::max(max_pages, fit_pages), P);
+}
+
 // The ranking itself, on raw pointers: contiguous float32 q (H, g, d); page slot p of head h has
 // its key min, max and sum at lop, hip, sump + (h * P + p) * stride (stride d for three (H, P, d)
 // arrays, 3 d for atskv's packed (H, P, 3, d) store); int64 lens, bool pinned (H, P). Writes the
@@ -41,7 +47,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
                      int64_t stride, const int64_t* lenp, const bool* pinp, int64_t H, int64_t G,
                      int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t fit_pages,
                      int64_t min_pages, double mass, double scale, int64_t* op, bool* cp) {
-  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
+  const int64_t K = page_slots(max_pages, fit_pages, P);
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const auto count = [&](int64_t h, int64_t p) {
@@ -162,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
               "atskv::rank_pages: lens must be (H,) and pinned (H, P)");
   TORCH_CHECK(page >= 1 && max_pages >= 1 && fit_pages >= 1,
               "atskv::rank_pages: page, max_pages and fit_pages must be >= 1");
-  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
+  const int64_t K = page_slots(max_pages, fit_pages, P);
   const auto qc = q.contiguous(), lo_c = kmin.contiguous(), hi_c = kmax.contiguous(),
              sum_c = ksum.contiguous();
   const auto lens_l = lens.to(at::kLong).contiguous();
@@ -252,7 +258,7 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
     }
     lenp[h] = n + 1;
   }
-  const int64_t K = std::min(std::max(max_pages, fit_pages), P);
+  const int64_t K = page_slots(max_pages, fit_pages, P);
   std::vector<int64_t> pages(H * K);
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
