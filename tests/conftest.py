@@ -52,12 +52,21 @@ def tiny_cfg(**over):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(smollm2_path):
-    """A 3-layer random Llama (4 query / 2 KV heads, head dim 16) with SmolLM2's vocabulary."""
+def make_tiny_model(smollm2_path):
+    """make_tiny_model(**sizes) -> a new random tiny Llama (TINY's sizes, some overridden)."""
     from atskv.models import load_model
 
-    torch.manual_seed(0)
-    return load_model(tiny_cfg(), smollm2_path, "cpu", "float32")
+    def make(**over):
+        torch.manual_seed(0)
+        return load_model(tiny_cfg(**over), smollm2_path, "cpu", "float32")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_tiny_model):
+    """A 3-layer random Llama (4 query / 2 KV heads, head dim 16) with SmolLM2's vocabulary."""
+    return make_tiny_model()
 
 
 @pytest.fixture(scope="session")

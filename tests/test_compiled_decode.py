@@ -4,6 +4,8 @@ the same things that break CUDA-graph capture), and that compiled and eager deco
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -77,3 +79,65 @@ def test_one_row_products_are_compiled_as_fused_multiply_and_sum(tiny_model):
     assert out.stats["compiled"] is True
     layers = tiny_model.config.num_hidden_layers
     assert counters["inductor"]["decompose_mm"] + counters["inductor"]["decompose_addmm"] == 7 * layers
+
+
+def test_the_models_insides_are_not_guarded_and_the_rest_is(make_tiny_model, monkeypatch):
+    """The step's guards on the model's modules, hooks, config and weights are dropped (most of
+    its guards); those on the model's type, the method's state and stores, the token and the
+    position are kept."""
+    from atskv import engine
+
+    seen, filter_guards = [], engine.unguarded_model
+
+    def recording(guards):
+        keep = filter_guards(guards)
+        seen.extend((g.name, g.guard_type, k) for g, k in zip(guards, keep))
+        return keep
+
+    monkeypatch.setattr(engine, "unguarded_model", recording)
+    monkeypatch.setattr(engine, "_COMPILED", {})  # compiled afresh, through the recording filter
+    model = make_tiny_model()
+    out = Engine(model, None, compile=True).generate(PROMPT, METHODS.get("atskv")(budget=0.3), 4,
+                                                     stop_at_eos=False)
+    assert out.stats["compiled"] is True
+    inside = [(n, t) for n, t, keep in seen if not keep]
+    kept = [(n, t) for n, t, keep in seen if keep]
+    assert inside and all(re.search(r"\bmodel\b", n) and n != "model" for n, _ in inside)
+    assert not [n for n, _ in kept if re.search(r"\bmodel\b", n) and n != "model"]
+    assert ("model", "TYPE_MATCH") in kept
+    assert {t for n, t in inside} >= {"TENSOR_MATCH", "TYPE_MATCH"}  # weights, modules
+    stores = [n for n, t in kept if t == "TENSOR_MATCH" and ".stores[" in n]
+    assert len(stores) == 5 * model.config.num_hidden_layers  # k, v, summary, index, pinned
+    assert {"ids", "positions"} <= {n for n, t in kept if t == "TENSOR_MATCH"}
+    assert len(inside) > len(kept)
+
+
+def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_model):
+    """Nothing guards the model's insides, so two kinds of model must not share a compiled step:
+    each class, config, device and dtype compiles its own. The other model here differs in its
+    MLP only, so that its KV stores, which are guarded, have the same shapes. Models of one kind
+    share a step, which reads each one's weights: a twin with other weights decodes as it does
+    eagerly."""
+    from atskv import engine
+
+    other = make_tiny_model(intermediate_size=192)
+    twin = make_tiny_model()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.25)
+    assert type(other) is type(tiny_model)
+    assert engine.compiled_step(other) is not engine.compiled_step(tiny_model)
+    assert engine.compiled_step(twin) is engine.compiled_step(tiny_model)
+    method = METHODS.get("sliding_window")(budget=0.3)
+    tokens = []
+    for model in (tiny_model, other, twin, tiny_model):
+        eager = Engine(model, None).generate(PROMPT, method, 6, stop_at_eos=False,
+                                             return_logits=True)
+        compiled = Engine(model, None, compile=True).generate(PROMPT, method, 6,
+                                                              stop_at_eos=False,
+                                                              return_logits=True)
+        assert compiled.stats["compiled"] is True
+        assert compiled.token_ids == eager.token_ids
+        assert max_diff(compiled.stats["logits"], eager.stats["logits"]) < 1e-4
+        tokens.append(eager.stats["logits"][-1])
+    assert max_diff(tokens[2:3], tokens[:1]) > 1e-3  # the twin's weights made a difference
