@@ -114,7 +114,7 @@ def test_the_models_insides_are_not_guarded_and_the_rest_is(make_tiny_model, mon
 
 def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_model):
     """Nothing guards the model's insides, so two kinds of model must not share a compiled step:
-    each class, config, device and dtype compiles its own. The other model here differs in its
+    each kind (class, config, device, dtype) compiles its own. The other model here differs in its
     MLP only, so that its KV stores, which are guarded, have the same shapes. Models of one kind
     share a step, which reads each one's weights: a twin with other weights decodes as it does
     eagerly."""
@@ -129,7 +129,7 @@ def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_mod
     assert engine.compiled_step(other) is not engine.compiled_step(tiny_model)
     assert engine.compiled_step(twin) is engine.compiled_step(tiny_model)
     method = METHODS.get("sliding_window")(budget=0.3)
-    tokens = []
+    last_logits = []
     for model in (tiny_model, other, twin, tiny_model):
         eager = Engine(model, None).generate(PROMPT, method, 6, stop_at_eos=False,
                                              return_logits=True)
@@ -139,5 +139,5 @@ def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_mod
         assert compiled.stats["compiled"] is True
         assert compiled.token_ids == eager.token_ids
         assert max_diff(compiled.stats["logits"], eager.stats["logits"]) < 1e-4
-        tokens.append(eager.stats["logits"][-1])
-    assert max_diff(tokens[2:3], tokens[:1]) > 1e-3  # the twin's weights made a difference
+        last_logits.append(eager.stats["logits"][-1])
+    assert max_diff(last_logits[2:3], last_logits[:1]) > 1e-3  # the twin's weights count

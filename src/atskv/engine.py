@@ -372,8 +372,9 @@ def unguarded_model(guards: Sequence[Any]) -> list[bool]:
     model's insides (its modules, hooks, config and weights; the model argument's type is kept).
 
     Those are most of a step's guards (5,180 of 6,184 for SmolLM2 and sliding_window: every
-    module's hooks dicts and attributes, each weight's sizes and strides) and took 0.4-0.7 ms of
-    every step, 1-2% of a step at 4096 tokens on a 2-core CPU; the rest take 70-160 us. What they
+    module's hooks dicts and attributes, each weight's sizes and strides). Checking them took
+    0.4-0.8 ms in a loop and 1.1-1.4 ms of a decode step at 4096 tokens on a 2-core CPU (a paired
+    A/B, 3-4% of the step); the rest take 70-160 us in a loop. What they
     would catch is a model changed between steps, which nothing here does, or another model
     passed to the same step: a step is compiled per :func:`model_key` instead, and the weights
     are its inputs, read at every call (so models of one kind share a step). The guards on the
