@@ -148,3 +148,50 @@ def test_sweep_section_compares_shared_and_unshared_prefill(quick):
     assert row["identical"] is True and row["different"] == []
     assert row["speedup"] == row["unshared_s"] / row["shared_s"]
     assert "## Sweep with a shared prefill" in (out / "bench.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory, smollm2_path):
+    out = tmp_path_factory.mktemp("bench_paired")
+    rc = bench.main(["--quick", "--sections", "paired", "--methods", "sliding_window,atskv",
+                     "--paired-ref", "sliding_window", "--context-lens", "256", "--out", str(out),
+                     "hardware.threads=1"])
+    return rc, out, json.loads((out / "bench.json").read_text())
+
+
+def test_paired_section_pairs_each_step_with_the_references(paired):
+    import statistics
+
+    rc, out, data = paired
+    assert rc == 0 and "rows" not in data  # the main section did not run
+    section = data["paired"]
+    assert section["reference"] == "sliding_window" and section["rounds"] == 2
+    rows = {r["method"]: r for r in section["rows"]}
+    assert set(rows) == {"full", "sliding_window", "atskv"}
+    ref = rows["sliding_window"]
+    assert ref["minus_reference_ms"] == 0 and ref["rate_x_reference"] == 1
+    for r in rows.values():
+        assert len(r["step_s"]) == 2 and all(len(rd) == 3 for rd in r["step_s"])
+        diffs = [(b - a) * 1e3 for ra, rb in zip(ref["step_s"], r["step_s"])
+                 for a, b in zip(ra, rb)]
+        assert r["minus_reference_ms"] == pytest.approx(statistics.median(diffs))
+        assert r["interval_ms"][0] <= r["interval_ms"][1]
+    md = (out / "bench.md").read_text()
+    assert "## Paired decode steps" in md and "| atskv | 256 |" in md and "(reference)" in md
+
+
+def test_paired_interval_resamples_rounds():
+    from atskv.bench_paired import round_interval
+
+    assert round_interval([[1.0, 1.0], [1.0, 1.0, 1.0]], 0) == (1.0, 1.0)
+    lo, hi = round_interval([[0.0] * 5, [2.0] * 5, [4.0] * 5], 0)
+    assert lo == 0.0 and hi == 4.0  # whole rounds move together: no interval narrower than them
+
+
+def test_paired_bad_input_fails_before_loading(tmp_path, capsys):
+    assert bench.main(["--quick", "--sections", "paired", "--methods", "atskv",
+                       "--paired-ref", "sliding_window", "--out", str(tmp_path)]) == 2
+    assert "--paired-ref='sliding_window'" in capsys.readouterr().err
+    assert bench.main(["--quick", "--sections", "paired", "--paired-rounds", "1",
+                       "--out", str(tmp_path)]) == 2
+    assert "--paired-rounds=1" in capsys.readouterr().err

@@ -67,7 +67,7 @@ CUDA_LENS = [4096, 8192, 16384, 32768]
 CUDA_LONG_LENS = [65536, 131072]
 QUICK_LENS = [256, 512]
 QUICK_MODEL = "tiny_random"
-SECTIONS = ("main", "sweep")
+SECTIONS = ("main", "paired", "sweep")
 MIB = float(2**20)
 # (row field, what a larger value means for growth) - the metrics ratios and growth cover
 METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
@@ -105,8 +105,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None,
                    help="tokens generated per sample (default 32)")
     p.add_argument("--sections", type=_csv, default=["main", "sweep"],
-                   help="main (every method vs full), sweep (a sweep with and without a shared "
-                        "prefill); default both")
+                   help="main (every method vs full), paired (every method's decode steps "
+                        "paired with a reference method's, with an interval), sweep (a sweep "
+                        "with and without a shared prefill); default main,sweep")
+    p.add_argument("--paired-ref", default=FULL,
+                   help="the paired section's reference method, one of --methods (default full)")
+    p.add_argument("--paired-rounds", type=int, default=None,
+                   help="the paired section's rounds per context length (default 10)")
+    p.add_argument("--paired-steps", type=int, default=None,
+                   help="the paired section's decode steps per method and round (default 30)")
     p.add_argument("--sweep-methods", type=_csv, default=None,
                    help="methods of the sweep section (default: "
                         "full,sliding_window,snapkv,rocket_kv,dynamic_kv,atskv)")
@@ -127,6 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reps = 1 if args.quick else 3
     if args.new_tokens is None:
         args.new_tokens = 8 if args.quick else 32
+    if args.paired_rounds is None:
+        args.paired_rounds = 2 if args.quick else 10
+    if args.paired_steps is None:
+        args.paired_steps = 3 if args.quick else 30
     return args
 
 
@@ -195,6 +206,12 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[int] | None, dic
         raise ConfigError(f"--reps={args.reps} must be >= 1")
     if args.new_tokens < 2:
         raise ConfigError(f"--new-tokens={args.new_tokens} must be >= 2 (decode needs a step)")
+    if args.paired_ref not in names:
+        raise ConfigError(f"--paired-ref={args.paired_ref!r}: choose one of the methods run: "
+                          f"{', '.join(names)}")
+    if args.paired_rounds < 2 or args.paired_steps < 1:
+        raise ConfigError(f"--paired-rounds={args.paired_rounds} must be >= 2 (the interval "
+                          f"resamples rounds) and --paired-steps={args.paired_steps} >= 1")
     lens = args.context_lens if args.context_lens else (QUICK_LENS if args.quick else None)
     if lens is not None and any(c <= 0 for c in lens):
         raise ConfigError(f"--context-lens={lens}: lengths must be positive")
@@ -411,7 +428,12 @@ def _x(x: float | None) -> str:
 
 
 def render_md(data: dict[str, Any]) -> str:
-    lines = render_main(data) if "rows" in data else ["# atskv performance benchmark"]
+    lines = (render_main(data) if "rows" in data
+             else ["# atskv performance benchmark", "", f"{_setting(data)}."])
+    if "paired" in data:
+        from atskv.bench_paired import render as render_paired
+
+        lines += render_paired(data["paired"])
     if "sweep" in data:
         from atskv.bench_sweep import render
 
@@ -429,16 +451,22 @@ def render_md(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_main(data: dict[str, Any]) -> list[str]:
+def _setting(data: dict[str, Any]) -> str:
+    """The model, the machine and the budget of a run, for the head of its report."""
     p, mach = data["protocol"], data["machine"]
     budget = (f"kv_size {p['kv_size']}" if p.get("kv_size") else
               f"budget {p['budget']:g} of the prompt's KV" if p.get("budget") else "budget n/a")
+    return (f"Model `{p['model']}` ({p['dtype']}) on "
+            f"{mach['cpu_model'] if p['device'] == 'cpu' else mach['device_name']} "
+            f"({p['device']}); {budget}")
+
+
+def render_main(data: dict[str, Any]) -> list[str]:
+    p = data["protocol"]
     lines = [
         "# atskv performance benchmark",
         "",
-        f"Model `{p['model']}` ({p['dtype']}) on "
-        f"{mach['cpu_model'] if p['device'] == 'cpu' else mach['device_name']} ({p['device']}); "
-        f"{budget}; {p['new_tokens']} new tokens per sample (no early stop); "
+        f"{_setting(data)}; {p['new_tokens']} new tokens per sample (no early stop); "
         f"median of {p['reps']} interleaved rep(s); ratios (×full) are median(method) / "
         f"median(full) at the same context length, in this run. step tok/s = 1 / the median "
         f"of every timed decode step of every rep (robust to bursts of machine noise). KV = "
@@ -554,6 +582,21 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     peak_memory_kind=", ".join(sorted({str(s.get("peak_memory_kind"))
                                                        for s in samples
                                                        if s.get("peak_memory_kind")})) or "n/a")
+    if "paired" in args.sections:
+        from atskv.bench_paired import run_paired
+        from atskv.engine import Engine
+
+        lens, notes = context_lens(args, explicit, setup)
+        engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
+        log(f"paired section: {', '.join(names)} against {args.paired_ref} at {lens}; warming up")
+        for m in names:
+            engine.warmup(methods[m])
+        rows = run_paired(engine, {m: methods[m] for m in names}, args.paired_ref,
+                          {c: prompt(setup.tokenizer, c, setup.cfg.seed) for c in lens},
+                          args.paired_rounds, args.paired_steps, setup.cfg.seed, log)
+        data["paired"] = {"reference": args.paired_ref, "rounds": args.paired_rounds,
+                          "steps": args.paired_steps, "context_lens": lens, "rows": rows}
+        data["notes"] += [n for n in notes if n not in data["notes"]]
     if sweep_jobs:
         from atskv.bench_sweep import SWEEP_LENS, run_sweep
         from atskv.engine import Engine

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,6 +322,21 @@ class Engine:
             synchronize(self.device)
             decode_s = time.perf_counter() - t1
         return tokens, read_bytes, step_s, decode_s, step
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """The context in which :meth:`stepper`'s steps (and the compressions they start from)
+        run: inference mode, the engine's attention in the model."""
+        with torch.inference_mode(), hf_seam.use_engine_attention(self.model):
+            yield
+
+    def stepper(self, method: Method, state: State, prompt_len: int) -> Callable[[int], Tensor]:
+        """Single decode steps over a compressed ``state``, as :meth:`decode` runs them (compiled
+        or graph-captured where it would be), for harnesses that interleave several methods'
+        steps: ``step(token)`` feeds ``token`` at the next position and returns the logits.
+        Call it inside :meth:`stepping`."""
+        step = self._stepper(method, _DecodeSession(method, state, prompt_len))
+        return lambda token: step(token)[0]
 
     def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
         static = method.static_decode() and all(s.static for s in session.state.stores)
