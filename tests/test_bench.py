@@ -195,3 +195,6 @@ def test_paired_bad_input_fails_before_loading(tmp_path, capsys):
     assert bench.main(["--quick", "--sections", "paired", "--paired-rounds", "1",
                        "--out", str(tmp_path)]) == 2
     assert "--paired-rounds=1" in capsys.readouterr().err
+    assert bench.main(["--quick", "--sections", "paired", "--context-lens", "8180",
+                       "--paired-steps", "10", "--new-tokens", "2", "--out", str(tmp_path)]) == 2
+    assert "--context-lens [8180]" in capsys.readouterr().err

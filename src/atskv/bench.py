@@ -583,10 +583,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                                        for s in samples
                                                        if s.get("peak_memory_kind")})) or "n/a")
     if "paired" in args.sections:
-        from atskv.bench_paired import run_paired
+        from atskv.bench_paired import UNTIMED, run_paired
         from atskv.engine import Engine
 
         lens, notes = context_lens(args, explicit, setup)
+        positions = args.paired_steps + UNTIMED + 1  # after the prompt
+        too_long = [c for c in lens if c + positions > setup.max_positions]
+        if too_long:
+            raise ConfigError(f"--context-lens {too_long}: prompt + {positions} positions of the "
+                              f"paired section exceed {setup.model_name}'s "
+                              f"{setup.max_positions} positions")
         engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
         log(f"paired section: {', '.join(names)} against {args.paired_ref} at {lens}; warming up")
         for m in names:
