@@ -228,19 +228,20 @@ def load(args: argparse.Namespace) -> Setup:
     return Setup(cfg, model, tokenizer, torch.device(hw.device), models.max_positions(cfg.model, path))
 
 
-def context_lens(args: argparse.Namespace, explicit: list[int] | None, setup: Setup
-                 ) -> tuple[list[int], list[str]]:
-    """The lengths to run: explicit ones must fit the model; defaults that do not are dropped
-    with a note."""
-    fits = [c + args.new_tokens <= setup.max_positions for c in (explicit or [])]
+def context_lens(args: argparse.Namespace, explicit: list[int] | None, setup: Setup,
+                 after: int | None = None) -> tuple[list[int], list[str]]:
+    """The lengths to run, with ``after`` positions after the prompt (default: the new tokens):
+    explicit ones must fit the model; defaults that do not are dropped with a note."""
+    after = args.new_tokens if after is None else after
+    fits = [c + after <= setup.max_positions for c in (explicit or [])]
     if explicit:
         if not all(fits):
             bad = [c for c, ok in zip(explicit, fits) if not ok]
-            raise ConfigError(f"--context-lens {bad}: prompt + {args.new_tokens} new tokens exceed "
+            raise ConfigError(f"--context-lens {bad}: prompt + {after} new tokens exceed "
                               f"{setup.model_name}'s {setup.max_positions} positions")
         return explicit, []
     lens = CPU_LENS if setup.device.type == "cpu" else CUDA_LENS + (CUDA_LONG_LENS if args.long else [])
-    keep = [c for c in lens if c + args.new_tokens <= setup.max_positions]
+    keep = [c for c in lens if c + after <= setup.max_positions]
     notes = []
     if len(keep) < len(lens):
         notes.append(f"Default context lengths {[c for c in lens if c not in keep]} do not fit "
@@ -586,13 +587,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from atskv.bench_paired import UNTIMED, run_paired
         from atskv.engine import Engine
 
-        lens, notes = context_lens(args, explicit, setup)
-        positions = args.paired_steps + UNTIMED + 1  # after the prompt
-        too_long = [c for c in lens if c + positions > setup.max_positions]
-        if too_long:
-            raise ConfigError(f"--context-lens {too_long}: prompt + {positions} positions of the "
-                              f"paired section exceed {setup.model_name}'s "
-                              f"{setup.max_positions} positions")
+        lens, notes = context_lens(args, explicit, setup, after=args.paired_steps + UNTIMED + 1)
         engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
         log(f"paired section: {', '.join(names)} against {args.paired_ref} at {lens}; warming up")
         for m in names:

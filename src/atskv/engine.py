@@ -390,11 +390,11 @@ def unguarded_model(guards: Sequence[Any]) -> list[bool]:
     Those are most of a step's guards (5,180 of 6,184 for SmolLM2 and sliding_window: every
     module's hooks dicts and attributes, each weight's sizes and strides). Checking them took
     0.4-0.8 ms in a loop and 1.1-1.4 ms of a decode step at 4096 tokens on a 2-core CPU (a paired
-    A/B, 3-4% of the step); the rest take 70-160 us in a loop. What they
-    would catch is a model changed between steps, which nothing here does, or another model
-    passed to the same step: a step is compiled per :func:`model_key` instead, and the weights
-    are its inputs, read at every call (so models of one kind share a step). The guards on the
-    method's state and stores, the token and position tensors and the globals are all kept."""
+    A/B, 3-4% of the step); the rest take 70-160 us in a loop. What they would catch is a model
+    changed between steps, which nothing here does, or another model passed to the same step: a
+    step is compiled per :func:`model_key` instead, and the weights are its inputs, read at every
+    call (so models of one kind share a step). The guards on the method's state and stores, the
+    token and position tensors and the globals are all kept."""
     from torch._dynamo.source import get_local_source_name
 
     keep = []
@@ -423,11 +423,11 @@ def compiled_step(model: Any) -> Any:
     no guard on the model's insides tells two kinds apart. Guards re-specialise a step per
     method; tensor sizes that vary between generations (cache capacities) become dynamic after
     their first change."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     key = model_key(model)
     if key not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # a code object of its own (equal to the original, so that inductor's on-disk cache of
         # compiled graphs, keyed by their contents, still serves it)
         fn = hf_seam.step_logits
