@@ -3,6 +3,8 @@
 // with lane_sum.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX512F__)
@@ -30,6 +32,31 @@ inline float lane_sum(int64_t d, Term term) {
 #endif
   for (; c < d; ++c) total += term(c);
   return total;
+}
+
+// e^x for x <= 0 (a softmax's exponents, less their max), within a few ulp of std::exp,
+// denormal results included, and exactly 0 below e^-104 and at -inf. Plain float and integer
+// arithmetic, so that GCC vectorises a loop of it: std::exp is a library call per element, and
+// those calls took a quarter of the attention's time and most of the ranking's in a perf profile.
+// Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 and n an integer, e^r by a degree-7 polynomial,
+// times 2^n, as two powers of two so that n down to -150 (denormal results) stays exact.
+inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -104.f);  // -inf and below: 0 (the select at the end)
+  // n: x log2(e) rounded to the nearest integer, by adding and taking away 1.5 * 2^23 (what
+  // GCC vectorises; std::floor it does not)
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts: exact n ln2
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const int32_t ni = static_cast<int32_t>(n), half = ni / 2;  // n in [-150, 0]: both halves
+  const float a = __builtin_bit_cast(float, (half + 127) << 23);  // are normal powers of two
+  const float b = __builtin_bit_cast(float, (ni - half + 127) << 23);
+  return x < -104.f ? 0.f : y * a * b;
 }
 
 void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,

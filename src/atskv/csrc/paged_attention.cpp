@@ -94,10 +94,9 @@ void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
       l *= corr;
 #pragma omp simd
       for (int64_t c = 0; c < D; ++c) acc[c] *= corr;
-      for (int64_t j = 0; j < n; ++j) {  // apart from the values' loop: a call there spilled
-        s[j] = std::exp(s[j] - nm);       // the running sum to memory every row
-        l += s[j];
-      }
+      float* __restrict e = s.data();  // apart from the values' loop, which it slowed
+      for (int64_t j = 0; j < n; ++j) e[j] = exp_nonpos(e[j] - nm);  // vectorised
+      l += lane_sum(n, [&](int64_t j) { return e[j]; });
       for (int64_t j = 0; j < n; ++j) {
         const float e = s[j];
         const float* vrow = vr + j * D;

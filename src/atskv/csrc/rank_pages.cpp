@@ -50,6 +50,8 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
   const int64_t K = page_slots(max_pages, fit_pages, P);
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float inv_page = 1.f / static_cast<float>(page);
+  const float log_page = std::log(static_cast<float>(page));
   const auto count = [&](int64_t h, int64_t p) {
     return std::clamp<int64_t>(lenp[h] - p * page, 0, page);
   };
@@ -96,7 +98,9 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
         const float* __restrict hi = hip + at;
         const float* __restrict lo = lop + at;
         const float* __restrict sm = sump + at;
-        const float n = static_cast<float>(c), inv = 1.f / n, log_n = std::log(n);
+        // every page but a head's newest is full: its count's log and inverse computed once
+        const float inv = c == page ? inv_page : 1.f / static_cast<float>(c);
+        const float log_n = c == page ? log_page : std::log(static_cast<float>(c));
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict qv = qh + g * D;
           const float* __restrict qpos = qsplit.data() + g * D;
@@ -110,14 +114,12 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
         }
       }
       std::fill(est.begin(), est.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* lg = logit.data() + g * P;
-        float total = 0.f;
-        for (int64_t p = 0; p < P; ++p) {
-          lg[p] = count(h, p) ? std::exp(lg[p] - mx[g]) : 0.f;
-          total += lg[p];
-        }
-        for (int64_t p = 0; p < P; ++p) est[p] += lg[p] / total;
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the pages (an empty one's logit: -inf)
+        float* __restrict lg = logit.data() + g * P;
+        const float top = mx[g];
+        for (int64_t p = 0; p < P; ++p) lg[p] = exp_nonpos(lg[p] - top);
+        const float inv_total = 1.f / lane_sum(P, [&](int64_t p) { return lg[p]; });
+        for (int64_t p = 0; p < P; ++p) est[p] += lg[p] * inv_total;
       }
       for (int64_t p = 0; p < P; ++p) {
         est[p] /= static_cast<float>(G);
