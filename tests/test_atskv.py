@@ -174,27 +174,29 @@ def test_bad_signal_is_rejected():
         ATSKV(signal="keys")
 
 
-def test_a_head_is_ranked_only_when_that_reads_fewer_bytes():
+def test_a_head_is_ranked_only_when_that_takes_less_time():
     """fit(): the most pages a head may hold and still be attended whole, unranked. Ranking a
-    head of n pages reads 3 summary rows per page and then at most max_pages pages of 2 rows (key
-    and value) per token; attending it whole reads its n pages: ranking must read fewer bytes
-    exactly above fit()."""
+    head of n pages costs RANK_TOKENS tokens' attention per page and then attends at most
+    max_pages pages of page tokens; attending it whole attends its n pages: ranking must cost
+    less exactly above fit()."""
+    from atskv.methods.atskv import RANK_TOKENS
     from atskv.types import ConfigError
 
-    def rows_read(n, page, max_pages):  # ranked, attended whole
-        return 3 * n + 2 * page * max_pages, 2 * page * n
+    def cost(n, page, max_pages):  # ranked, attended whole (in tokens' attention)
+        return RANK_TOKENS * n + page * max_pages, page * n
 
-    for page in (2, 4, 16, 64):
+    for page in (RANK_TOKENS + 1, 8, 16, 64):
         for max_pages in (1, 3, 48):
             fit = ATSKV(page_size=page, max_pages=max_pages).fit()
             assert fit >= max_pages
             for n in range(1, fit + 1):
-                ranked, whole = rows_read(n, page, max_pages)
+                ranked, whole = cost(n, page, max_pages)
                 assert ranked >= whole, (page, max_pages, n)
-            ranked, whole = rows_read(fit + 1, page, max_pages)
+            ranked, whole = cost(fit + 1, page, max_pages)
             assert ranked < whole, (page, max_pages)
-    assert ATSKV().fit() == 52  # the defaults: 16-token pages, max_pages 48
-    assert ATSKV(page_size=1).fit() > 2**40  # 3 summary rows to skip 2: never ranked
+    assert ATSKV().fit() == 69  # the defaults: 16-token pages, max_pages 48
+    for page in (1, RANK_TOKENS):  # a page's ranking costs as much as attending it: never ranked
+        assert ATSKV(page_size=page).fit() > 2**40
     assert ATSKV(fit_pages=40).fit() == 40
     with pytest.raises(ConfigError, match="fit_pages=0"):
         ATSKV(fit_pages=0)

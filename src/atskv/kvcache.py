@@ -370,13 +370,15 @@ class StaticPagedKV:
         """Page slots per head (the longest head's pages)."""
         return self.pinned.shape[1]
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        """Append one token per head (``(H_kv, d)``), on the device, without a host sync.
+    def append(self, k: Tensor, v: Tensor, bounds: bool = True) -> None:
+        """Append one token per head (``(H_kv, d)``), on the device, without a host sync, and
+        take its key into its page's summary (unless ``bounds`` is false: for a generation that
+        never reads the summaries, which then no longer describe the pages past the prompt).
         Writing past a head's capacity is the caller's error (the engine sizes the headroom)."""
         rows = self.offsets + self.lens
         self.k.index_copy_(0, rows, k)
         self.v.index_copy_(0, rows, v)
-        if self.summary is not None:
+        if bounds and self.summary is not None:
             self._update_bounds(k)
         self.index[1] += 1
 

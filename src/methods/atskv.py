@@ -28,8 +28,9 @@ Three components, each with an ablation switch:
    ``max_pages``; the first page (sinks), the newest page and the pages holding the
    ``pin_chunks`` most relevant chunks of the prefill are always included (the query-aware prior:
    without it the needle's last digit was lost on some steps). A head is ranked only when that
-   can save bytes (see :meth:`ATSKV.fit`): one holding at most ``fit_pages`` pages attends all of
-   them, as attending densely would. (Ranking by
+   can save time (see :meth:`ATSKV.fit`): one holding at most ``fit_pages`` pages attends all of
+   them, as attending densely would; when every head of every layer fits, the decode is dense
+   and the page summaries are neither read nor updated. (Ranking by
    the upper bound alone, as Quest does, captured only ~76% of the true attention mass at
    ``mass=0.95`` on SmolLM2; the two-sided estimate captured ~97% at 0.99.)
 
@@ -73,6 +74,10 @@ class ATSKVState(State):
 
 #: a page cap no store reaches: every head's pages fit, so the kernel attends all of them unranked
 EVERY_PAGE = 2**62
+#: what ranking one page of a head costs, in tokens' attention: about 4-5 for the CPU kernel,
+#: measured on SmolLM2's stores at 4096 tokens, in a loop and inside decode steps
+#: (docs/decode_budget.md), not the 1.5 that its bytes alone (3 key rows a page) would cost
+RANK_TOKENS = 5
 
 
 @METHODS.register("atskv")
@@ -132,21 +137,22 @@ class ATSKV(ScoredSelection):
 
     def fit(self) -> int:
         """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
-        default the most for which ranking cannot pay). Ranking a head of ``n`` pages reads its
-        page summaries, three key rows per page (min, max, sum), to skip the pages past
-        ``max_pages``, two rows (key and value) per token: it reads fewer bytes than attending all
-        the pages only when ``3 n < 2 page (n - max_pages)``. (At 4096 tokens and budget 0.2 on
-        SmolLM2, 26 heads held 50-54 pages: ranking read their summaries, 9% of their pages'
-        bytes, and computed their bounds, to skip 2-6 pages of 48, and cost more per step than it
-        saved. This rule leaves 6 of them ranked; on a CPU even those cost more time than they
-        save, docs/decode_budget.md.) With ``page_size`` 1 ranking never pays in bytes: no head
-        is ranked unless ``fit_pages`` says so."""
+        default the most for which ranking cannot pay). Ranking a head of ``n`` pages costs
+        about :data:`RANK_TOKENS` tokens' attention per page, to skip the pages past
+        ``max_pages``: it takes less time than attending all ``page`` tokens of every page only
+        when ``RANK_TOKENS n + page max_pages < page n``. (At 16-token pages and ``max_pages``
+        48 that is 70 pages or more. The rule before it counted bytes alone, 1.5 tokens a page,
+        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked up to 20
+        heads of 53-56 pages to skip 5-8 pages each, and those steps took 0.3-0.5 ms longer
+        than attending every page, docs/decode_budget.md.) With pages of at most
+        ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages`` says
+        so."""
         if self.fit_pages is not None:
             return self.fit_pages
         p = self.page_size
-        if 2 * p <= 3:
+        if p <= RANK_TOKENS:
             return EVERY_PAGE
-        return max(self.max_pages, 2 * p * self.max_pages // (2 * p - 3))
+        return max(self.max_pages, p * self.max_pages // (p - RANK_TOKENS))
 
     def prompt_target(self, prompt_len: int) -> int:
         """Prompt tokens per head whose storage fits the prompt budget's bytes when the page
@@ -238,11 +244,14 @@ class ATSKV(ScoredSelection):
     def decode_layer(self, state: State, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
                      v: Tensor, scale: float) -> AttendResult:
         assert isinstance(state, ATSKVState)
-        if self.sparse_decode and self.static and store.kernel:
+        if state.dense or not self.sparse_decode:
+            # no head is ranked in this generation: the page summaries are neither read nor
+            # updated, and a compiled step takes the keys, values and index, as sliding_window's
+            # takes its three tensors (each tensor a step takes is checked before every call)
+            store.append(k, v, bounds=False)
+            return AttendResult(*store.attend(q, scale))
+        if self.static and store.kernel:
             # the append, the ranking and the attention in one native call
-            if state.dense:  # no head is ranked: all pages are attended (as attend)
-                return AttendResult(*store.decode_ranked(q, k, v, scale, EVERY_PAGE, EVERY_PAGE,
-                                                         1, 1.0))
             out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages), int(self.fit()),
                                             int(self.min_pages), float(self.mass))
             return AttendResult(out, read + store.summary_bytes())
