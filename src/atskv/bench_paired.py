@@ -4,11 +4,12 @@ method, paired step by step, with a confidence interval.
 The main section's rates come from a few repetitions of whole generations; on a noisy machine
 they move by more than 5% between runs, which hides a 1-2% difference. Here, per context length
 and round, every method compresses the same prefill afresh (the methods in a random order) and
-then decodes ``steps`` steps, the methods' steps interleaved in a random order, so that a burst of machine noise hits every
-method alike. Step ``i`` of a method is paired with step ``i`` of the reference in the same
-round. Reported per method: its median step, the median of its paired differences with the
-reference, and a 95% bootstrap interval of that median that resamples whole rounds (a round's
-steps share its compression and its stretch of machine noise, so they are not independent).
+then decodes ``steps`` steps, the methods' steps interleaved in a random order, so that a burst
+of machine noise hits every method alike. Step ``i`` of a method is paired with step ``i`` of the
+reference in the same round. Reported per method: its median step, the median of its paired
+differences with the reference, and a 95% bootstrap interval of that median that resamples whole
+rounds (a round's steps share its compression and its stretch of machine noise, so they are not
+independent).
 """
 
 from __future__ import annotations
@@ -94,10 +95,9 @@ def render(section: dict[str, Any]) -> list[str]:
              f"Per context length, {section['rounds']} rounds: every method compresses the same "
              f"prefill afresh, in a random order, then {section['steps']} decode steps of each, "
              f"interleaved in a random order. A method's step i is paired with {ref}'s step i of "
-             "the same round; "
-             f"the interval is a {LEVEL:.0%} bootstrap of the median difference, resampling "
-             "rounds. rate ×ref = the reference's median step over (it + the median difference); "
-             "an interval that contains 0 is no evidence of a difference.",
+             f"the same round; the interval is a {LEVEL:.0%} bootstrap of the median difference, "
+             "resampling rounds. rate ×ref = the reference's median step over (it + the median "
+             "difference); an interval that contains 0 is no evidence of a difference.",
              "",
              f"| Method | ctx | median step ms | minus {ref} ms | {LEVEL:.0%} interval "
              "| rate ×ref |",

@@ -74,9 +74,9 @@ class ATSKVState(State):
 
 #: a page cap no store reaches: every head's pages fit, so the kernel attends all of them unranked
 EVERY_PAGE = 2**62
-#: what ranking one page of a head costs, in tokens' attention: about 4-5 for the CPU kernel,
-#: measured on SmolLM2's stores at 4096 tokens, in a loop and inside decode steps
-#: (docs/decode_budget.md), not the 1.5 that its bytes alone (3 key rows a page) would cost
+#: what ranking one page of a head costs, in tokens' attention: 2-4 in a loop and 4.8 inside
+#: decode steps for the CPU kernel on SmolLM2's stores at 4096 tokens (docs/decode_budget.md),
+#: not the 1.5 that its bytes alone (3 key rows a page) would cost
 RANK_TOKENS = 5
 
 
@@ -142,9 +142,10 @@ class ATSKV(ScoredSelection):
         ``max_pages``: it takes less time than attending all ``page`` tokens of every page only
         when ``RANK_TOKENS n + page max_pages < page n``. (At 16-token pages and ``max_pages``
         48 that is 70 pages or more. The rule before it counted bytes alone, 1.5 tokens a page,
-        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked up to 20
-        heads of 53-56 pages to skip 5-8 pages each, and those steps took 0.3-0.5 ms longer
-        than attending every page, docs/decode_budget.md.) With pages of at most
+        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked 6 heads at
+        the first step, and more as generated tokens filled new pages, to skip 5-8 pages each,
+        and those steps took 0.35-0.5 ms longer than attending every page,
+        docs/decode_budget.md.) With pages of at most
         ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages`` says
         so."""
         if self.fit_pages is not None:
@@ -246,8 +247,8 @@ class ATSKV(ScoredSelection):
         assert isinstance(state, ATSKVState)
         if state.dense or not self.sparse_decode:
             # no head is ranked in this generation: the page summaries are neither read nor
-            # updated, and a compiled step takes the keys, values and index, as sliding_window's
-            # takes its three tensors (each tensor a step takes is checked before every call)
+            # updated, and a compiled step does not take them (each tensor a step takes is
+            # checked before every call)
             store.append(k, v, bounds=False)
             return AttendResult(*store.attend(q, scale))
         if self.static and store.kernel:

@@ -34,10 +34,10 @@ inline float lane_sum(int64_t d, Term term) {
   return total;
 }
 
-// e^x for x <= 0 (a softmax's exponents, less their max), within a few ulp of std::exp,
-// denormal results included, and exactly 0 below e^-104 and at -inf. Plain float and integer
-// arithmetic, so that GCC vectorises a loop of it: std::exp is a library call per element, and
-// those calls took a quarter of the attention's time and most of the ranking's in a perf profile.
+// e^x for x <= 0 (a softmax's exponents, less their max): within 1 ulp of std::exp over every
+// float in (-110, 0], denormal results included, and exactly 0 below e^-104 and at -inf. Plain
+// float and integer arithmetic, so that GCC vectorises a loop of it: std::exp is a library call
+// per element, and those calls took a quarter of the attention's time in a perf profile.
 // Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 and n an integer, e^r by a degree-7 polynomial,
 // times 2^n, as two powers of two so that n down to -150 (denormal results) stays exact.
 inline float exp_nonpos(float x) {
