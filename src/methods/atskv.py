@@ -142,10 +142,10 @@ class ATSKV(ScoredSelection):
         ``max_pages``: it takes less time than attending all ``page`` tokens of every page only
         when ``RANK_TOKENS n + page max_pages < page n``. (At 16-token pages and ``max_pages``
         48 that is 70 pages or more. The rule before it counted bytes alone, 1.5 tokens a page,
-        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked 6 heads at
-        the first step, and more as generated tokens filled new pages, to skip 5-8 pages each,
-        and those steps took 0.35-0.5 ms longer than attending every page,
-        docs/decode_budget.md.) With pages of at most
+        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked 13 of 90
+        heads at the first step and 26 at the 40th, to skip 5-8 pages each, and those steps took
+        0.35-0.5 ms longer than attending every page, docs/decode_budget.md.) With pages of at
+        most
         ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages`` says
         so."""
         if self.fit_pages is not None:
