@@ -250,7 +250,7 @@ class ATSKV(ScoredSelection):
             # updated, and a compiled step does not take them (each tensor a step takes is
             # checked before every call)
             store.append(k, v, bounds=False)
-            return AttendResult(*store.attend(q, scale))
+            return self.attend(state, layer, store, q, scale)
         if self.static and store.kernel:
             # the append, the ranking and the attention in one native call
             out, read = store.decode_ranked(q, k, v, scale, int(self.max_pages), int(self.fit()),
