@@ -40,7 +40,7 @@ def test_files_and_one_row_per_method_and_length(quick, capsys):
     assert all(s["decode_tokens"] >= 1 for s in data["samples"])
     md = (out / "bench.md").read_text()
     assert ("| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | step tok/s "
-            "| step ×full | KV MiB |") in md
+            "| step ×full | floor ×full | step/floor | KV MiB |") in md
     main = md.split("## Sweep")[0]
     table = [ln for ln in main.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
     assert sum(ln.split(" | ")[1].isdigit() for ln in table) == len(METHODS) * 2
@@ -54,7 +54,7 @@ def test_full_ratios_are_exactly_one(quick):
     for r in data["rows"]:
         if r["method"] == "full":
             for ratio in ("ttft_x_full", "decode_x_full", "decode_step_x_full", "kv_x_full",
-                          "kv_read_x_full", "peak_memory_x_full"):
+                          "kv_read_x_full", "peak_memory_x_full", "floor_x_full"):
                 assert r[ratio] == 1.0, (ratio, r)
 
 
@@ -94,6 +94,24 @@ def test_step_rate_is_one_over_the_pooled_median_step(quick):
         full = rows[("full", ctx)]["decode_step_tokens_per_s"]
         assert r["decode_step_x_full"] == pytest.approx(r["decode_step_tokens_per_s"] / full)
 
+
+def test_read_floor_per_sample_and_its_ratios(quick):
+    _, _, data = quick
+    for s in data["samples"]:  # each rep of our engine timed its floor; generate() has none
+        assert (s.get("read_floor_s", 0) > 0) == (s["method"] != bench.HF), s["method"]
+    rows = {(r["method"], r["context_len"]): r for r in data["rows"]}
+    weights = {s["step_bytes"] - s["kv_read_bytes_per_step"] for s in data["samples"]
+               if "step_bytes" in s}
+    assert len(weights) == 1 and weights.pop() > 0  # every method reads the same weights
+    for (m, ctx), r in rows.items():
+        got = [s for s in data["samples"] if (s["method"], s["context_len"]) == (m, ctx)]
+        assert r["step_of_floor"] == pytest.approx(bench._median(
+            [s["read_floor_s"] / bench._median(s["decode_step_s"]) for s in got]))
+        full = rows[("full", ctx)]
+        assert r["floor_x_full"] == pytest.approx(full["step_bytes"] / r["step_bytes"])
+        # fewer KV bytes read, a higher floor; but never above what the KV alone would give
+        if r["kv_read_x_full"] < 1:
+            assert 1 < r["floor_x_full"] < 1 / r["kv_read_x_full"]
 
 def test_growth_and_overhead(quick):
     _, out, data = quick

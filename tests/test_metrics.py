@@ -80,3 +80,55 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
         results.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def _llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_floor_reads_the_weights_a_step_reads_whole(tie):
+    from atskv.metrics.floor import step_weights
+
+    model = _llama(tie)
+    emb = model.get_input_embeddings().weight
+    every = {p.data_ptr(): p.numel() for p in model.parameters()}
+    read = step_weights(model)
+    assert len({t.data_ptr() for t in read}) == len(read)  # none read twice
+    assert model.lm_head.weight.data_ptr() in {t.data_ptr() for t in read}
+    # untied: the embedding table is skipped (a step reads one row of it); tied: it is the head
+    assert sum(t.numel() for t in read) == sum(every.values()) - (0 if tie else emb.numel())
+
+
+def test_the_floors_kv_blocks_hold_the_bytes_written():
+    from atskv.metrics.floor import kv_blocks
+
+    blocks = kv_blocks(30 * 1000 * 4 + 7, 30, torch.float32, "cpu")
+    assert [b.numel() for b in blocks] == [1000] * 30
+    assert all(float(b.sum()) == 1000.0 for b in blocks)  # written, not fresh zero pages
+    half = kv_blocks(4000, 2, torch.bfloat16, "cpu")
+    assert [b.numel() for b in half] == [1000, 1000] and half[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="n_blocks=0"):
+        kv_blocks(4000, 0, torch.float32, "cpu")
+
+
+def test_the_floor_is_a_positive_time_and_rejects_no_passes():
+    from atskv.metrics.floor import read_floor_s
+
+    assert read_floor_s([torch.ones(1000)], [torch.ones(10)], passes=3) > 0
+    with pytest.raises(ValueError, match="passes=0"):
+        read_floor_s([torch.ones(10)], [], passes=0)
+
+
+@pytest.mark.gpu
+def test_the_floor_on_cuda_reads_in_fused_passes():
+    from atskv.metrics.floor import kv_blocks, read_floor_s
+
+    weights = [torch.ones(1 << 20, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
+    kv = kv_blocks(1 << 22, 4, torch.bfloat16, "cuda")
+    assert [b.numel() for b in kv] == [1 << 19] * 4
+    assert read_floor_s(weights, kv, passes=3) > 0

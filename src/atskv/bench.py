@@ -293,6 +293,13 @@ class Entrant:
                    peak_memory_since_reset=mem.since_reset,
                    peak_memory_delta_bytes=(mem.peak_bytes - level)
                    if mem.peak_bytes is not None and level is not None else None)
+        if self.engine is not None and rec.get("kv_read_bytes_per_step"):
+            # after the memory window: the floor's KV blocks are not the method's memory
+            from atskv.metrics.floor import step_bytes, step_floor_s
+
+            kv = rec["kv_read_bytes_per_step"]
+            rec["step_bytes"] = step_bytes(self.setup.model, kv)
+            rec["read_floor_s"] = step_floor_s(self.setup.model, kv, self.engine.dims["n_layers"])
         return rec
 
     def _engine(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
@@ -355,7 +362,7 @@ def aggregate(samples: list[dict], methods: list[str], lens: list[int]) -> list[
     """Median per (method, context length) and the ratios to full at the same length."""
     fields = [m for m, _ in METRICS] + ["decode_s", "kv_bytes_after_compression",
                                         "kv_bytes_prefill", "kv_bytes_uncompressed",
-                                        "peak_memory_delta_bytes"]
+                                        "peak_memory_delta_bytes", "step_bytes"]
     rows = []
     for ctx in lens:
         med: dict[str, dict] = {}
@@ -368,10 +375,17 @@ def aggregate(samples: list[dict], methods: list[str], lens: list[int]) -> list[
             # not the median
             step = _median([x for s in got for x in s.get("decode_step_s") or []])
             med[m]["decode_step_tokens_per_s"] = 1.0 / step if step else None
+            # each rep's floor against that rep's steps, timed next to them: the machine's
+            # drift between reps moves both
+            med[m]["step_of_floor"] = _median([_ratio(s["read_floor_s"],
+                                                      _median(s.get("decode_step_s") or []))
+                                               for s in got if s.get("read_floor_s")])
         for m in methods:
             row = {"method": m, "context_len": ctx, **med[m]}
             for f, r in RATIO_NAMES.items():
                 row[r] = 1.0 if m == FULL and med[m][f] else _ratio(med[m][f], med[FULL][f])
+            # the speed-up over full that the bytes allow (a step reading at the bandwidth)
+            row["floor_x_full"] = _ratio(med[FULL]["step_bytes"], med[m]["step_bytes"])
             rows.append(row)
     return rows
 
@@ -472,18 +486,24 @@ def render_main(data: dict[str, Any]) -> list[str]:
         f"median(full) at the same context length, in this run. step tok/s = 1 / the median "
         f"of every timed decode step of every rep (robust to bursts of machine noise). KV = "
         f"bytes the cache held "
-        f"(peak over decoding); KV read/step = bytes one decode step reads (mean); peak mem = "
+        f"(peak over decoding); KV read/step = bytes one decode step reads (mean); floor ×full = "
+        f"full's bytes per step / the method's (the weights and the KV read/step): the speed-up "
+        f"over full those bytes allow a step that reads at the machine's bandwidth; step/floor = "
+        f"the time torch took to read those bytes once / the median step (per rep, timed after "
+        f"its steps; median of the reps): how close the steps came to that; peak mem = "
         f"{data['peak_memory_kind']}.",
         "",
         "| Method | ctx | TTFT s | TTFT ×full | decode tok/s | decode ×full | step tok/s "
-        "| step ×full | KV MiB | KV ×full | KV read/step MiB | peak mem ×full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step ×full | floor ×full | step/floor | KV MiB | KV ×full | KV read/step MiB "
+        "| peak mem ×full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['method']} | {r['context_len']} | {_f(r['ttft_s'], 3)} | {_x(r['ttft_x_full'])} "
             f"| {_f(r['decode_tokens_per_s'], 2)} | {_x(r['decode_x_full'])} "
             f"| {_f(r['decode_step_tokens_per_s'], 2)} | {_x(r['decode_step_x_full'])} "
+            f"| {_x(r['floor_x_full'])} | {_x(r['step_of_floor'])} "
             f"| {_f(_mib(r['kv_bytes']), 2)} | {_x(r['kv_x_full'])} "
             f"| {_f(_mib(r['kv_read_bytes_per_step']), 3)} | {_x(r['peak_memory_x_full'])} |")
     ov = data["overhead"]
