@@ -194,6 +194,20 @@ def test_paired_section_pairs_each_step_with_the_references(paired):
                  for a, b in zip(ra, rb)]
         assert r["minus_reference_ms"] == pytest.approx(statistics.median(diffs))
         assert r["interval_ms"][0] <= r["interval_ms"][1]
+    # the floor: the reference's bytes per step (weights + KV read) over the method's
+    assert ref["floor_x_reference"] == 1
+    full = rows["full"]
+    assert full["kv_read_bytes_per_step"] > ref["kv_read_bytes_per_step"] > 0
+    x = full["floor_x_reference"]  # = (W + ref's KV) / (W + full's KV): solve for W
+    weights = (ref["kv_read_bytes_per_step"] - x * full["kv_read_bytes_per_step"]) / (x - 1)
+    model = bench.load(bench.parse_args(["--quick"])).model  # the same tiny model, rebuilt
+    emb = model.get_input_embeddings().weight
+    expect = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:  # a step reads one row of untied embeddings
+        expect -= emb.numel() * emb.element_size()
+    assert weights == pytest.approx(expect, rel=1e-6)
+    assert 1 / full["floor_x_reference"] < full["kv_read_bytes_per_step"] / ref[
+        "kv_read_bytes_per_step"]  # the weights, read by both, narrow the KV's ratio
     md = (out / "bench.md").read_text()
     assert "## Paired decode steps" in md and "| atskv | 256 |" in md and "(reference)" in md
 

@@ -330,13 +330,13 @@ class Engine:
         with torch.inference_mode(), hf_seam.use_engine_attention(self.model):
             yield
 
-    def stepper(self, method: Method, state: State, prompt_len: int) -> Callable[[int], Tensor]:
+    def stepper(self, method: Method, state: State,
+                prompt_len: int) -> Callable[[int], tuple[Tensor, int]]:
         """Single decode steps over a compressed ``state``, as :meth:`decode` runs them (compiled
         or graph-captured where it would be), for harnesses that interleave several methods'
-        steps: ``step(token)`` feeds ``token`` at the next position and returns the logits.
-        Call it inside :meth:`stepping`."""
-        step = self._stepper(method, _DecodeSession(method, state, prompt_len))
-        return lambda token: step(token)[0]
+        steps: ``step(token)`` feeds ``token`` at the next position and returns the logits and
+        the KV bytes the step read. Call it inside :meth:`stepping`."""
+        return self._stepper(method, _DecodeSession(method, state, prompt_len))
 
     def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
         static = method.static_decode() and all(s.static for s in session.state.stores)
