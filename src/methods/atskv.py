@@ -145,9 +145,8 @@ class ATSKV(ScoredSelection):
         and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked 13 of 90
         heads at the first step and 26 at the 40th, to skip 5-8 pages each, and those steps took
         0.35-0.5 ms longer than attending every page, docs/decode_budget.md.) With pages of at
-        most
-        ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages`` says
-        so."""
+        most ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages``
+        says so."""
         if self.fit_pages is not None:
             return self.fit_pages
         p = self.page_size
