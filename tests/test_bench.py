@@ -113,6 +113,7 @@ def test_read_floor_per_sample_and_its_ratios(quick):
         if r["kv_read_x_full"] < 1:
             assert 1 < r["floor_x_full"] < 1 / r["kv_read_x_full"]
 
+
 def test_growth_and_overhead(quick):
     _, out, data = quick
     full = next(g for g in data["growth"] if g["method"] == "full")
