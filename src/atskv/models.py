@@ -177,4 +177,48 @@ def load_model(cfg: Any, path: str | Path, device: str, dtype: str, device_map: 
         if not device_map:
             model = model.to(device)
     model.eval()
+    if torch.device(device).type == "cpu" and not device_map:
+        moved = to_huge_pages(model)
+        log.info("weights in memory advised for huge pages: %d bytes", moved)
     return model
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def to_huge_pages(model: torch.nn.Module) -> int:
+    """Move a CPU model's weights into one anonymous mapping advised for transparent huge pages
+    (Linux; elsewhere, or where the advice is refused, the weights stay where they are) and
+    return the bytes moved.
+
+    A decode step reads every weight once. In 4 KiB pages that is a page-table walk every 4 KiB;
+    in 2 MiB pages, one every 2 MiB. SmolLM2's steps at 4096 tokens took 3.2 ms (9%) less on the
+    2-core Xeon this was measured on (docs/decode_budget.md). The values are copied exactly;
+    tied weights are one parameter and move once. The mapping lives as long as the tensors that
+    view it."""
+    import ctypes
+    import mmap
+    import sys
+
+    params = [p for p in model.parameters() if p.device.type == "cpu"]
+    if sys.platform != "linux" or not params:
+        return 0
+    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned
+    total = sum(sizes)
+    span = -(-total // HUGE_PAGE) * HUGE_PAGE  # whole huge pages
+    region = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    skip = -start % HUGE_PAGE  # to the first 2 MiB boundary
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(start + skip), ctypes.c_size_t(span), MADV_HUGEPAGE) != 0:
+        return 0  # a kernel without transparent huge pages
+    flat = torch.frombuffer(region, dtype=torch.uint8, count=total, offset=skip)  # keeps it alive
+    at = 0
+    with torch.no_grad():
+        for p, size in zip(params, sizes):
+            view = flat[at : at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+            view.copy_(p)
+            p.data = view
+            at += size
+    return total
