@@ -44,3 +44,15 @@ def generate(model, method, prompt, n, tokenizer=None, **kw):
 
     kw.setdefault("stop_at_eos", False)
     return Engine(model, tokenizer).generate(prompt, method, n, **kw)
+
+
+def small_llama(tie: bool = True):
+    """A 2-layer random Llama (vocabulary 96) built in-process with seed 0, in eval mode; its
+    input embeddings tied to its output layer or not."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()

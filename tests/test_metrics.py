@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from helpers import small_llama
 
 from atskv import results
 from atskv.metrics import PeakMemory, Timer
@@ -82,19 +83,11 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
-def _llama(tie: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_floor_reads_the_weights_a_step_reads_whole(tie):
     from atskv.metrics.floor import step_weights
 
-    model = _llama(tie)
+    model = small_llama(tie)
     emb = model.get_input_embeddings().weight
     every = {p.data_ptr(): p.numel() for p in model.parameters()}
     read = step_weights(model)

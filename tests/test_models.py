@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import small_llama
 
 from atskv.models import HUGE_PAGE, to_huge_pages
 
@@ -28,15 +29,6 @@ def _mapping(addr: int) -> tuple[tuple[int, int], list[str]]:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-def _llama(tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @linux
 def test_loaded_cpu_weights_share_one_mapping_advised_for_huge_pages(tiny_model):
     params = list(tiny_model.parameters())
@@ -53,7 +45,7 @@ def test_loaded_cpu_weights_share_one_mapping_advised_for_huge_pages(tiny_model)
 @linux
 @pytest.mark.parametrize("tie", [True, False])
 def test_moving_the_weights_keeps_every_value_and_the_tie(tie):
-    model = _llama(tie)
+    model = small_llama(tie)
     before = copy.deepcopy(model)
     x = torch.tensor([[1, 5, 7, 3]])
     moved = to_huge_pages(model)
