@@ -30,11 +30,11 @@ sweep: $(STAMP) ## the methods compared at 2048 tokens (ARGS='...' adds override
 	$(PY) run.py -m method=full,sliding_window context_len=2048 budget=0.25 $(ARGS)
 
 tune: $(STAMP) ## tune METHOD=<name> on the dev split -> conf/method/tuned/ (TRIALS=n, ARGS='...')
-	$(PY) -m atskv.tune --method "$(METHOD)" $(if $(TRIALS),--trials $(TRIALS)) $(ARGS)
+	$(PY) -m atskv.experiments.tune --method "$(METHOD)" $(if $(TRIALS),--trials $(TRIALS)) $(ARGS)
 
 tune-all: $(STAMP) ## tune every registered method, the same trial budget each (TRIALS=, ARGS=)
-	set -e; for m in $$($(PY) -m atskv.tune --list); do \
-	  $(PY) -m atskv.tune --method $$m $(if $(TRIALS),--trials $(TRIALS)) $(ARGS); done
+	set -e; for m in $$($(PY) -m atskv.experiments.tune --list); do \
+	  $(PY) -m atskv.experiments.tune --method $$m $(if $(TRIALS),--trials $(TRIALS)) $(ARGS); done
 
 test: $(STAMP) ## the whole test suite (offline, CPU; real-model tests included)
 	$(PY) -m pytest -q $(ARGS)
@@ -46,16 +46,16 @@ lint: $(STAMP) ## ruff
 	$(PY) -m ruff check src tests run.py
 
 results: $(STAMP) ## the reference matrix on the test split (paper + tuned) -> results/<date>/, docs/results.md
-	$(PY) -m atskv.results_matrix $(ARGS)
+	$(PY) -m atskv.experiments.matrix $(ARGS)
 
 report: $(STAMP) ## tables and plots from every outputs/**/result.json
-	$(PY) -m atskv.report --results outputs $(ARGS)
+	$(PY) -m atskv.analysis.report --results outputs $(ARGS)
 
 bench: $(STAMP) ## the performance protocol (ratios to full in the same run)
 	$(PY) -m atskv.bench $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: gpu tests + bench with/without the CUDA graph -> outputs/gpu/
-	$(PY) -m atskv.gpu_check $(ARGS)
+	$(PY) -m atskv.bench.gpu_check $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from atskv.config import register_configs
-from atskv.types import ConfigError
+from atskv.core.types import ConfigError
+from atskv.experiments.config import register_configs
 
 register_configs()
 log = logging.getLogger("atskv")
@@ -53,8 +53,8 @@ def group_members(cfg: DictConfig) -> list:
     config and run folder, composed exactly as if Hydra had launched it alone."""
     from omegaconf import open_dict
 
-    from atskv.compose import compose_run_config
-    from atskv.runner import Job
+    from atskv.experiments.compose import compose_run_config
+    from atskv.experiments.runner import Job
     from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, member_key
 
     hc = HydraConfig.get()
@@ -73,14 +73,14 @@ def group_members(cfg: DictConfig) -> list:
         with open_dict(member):
             del member["hydra"]
         member.sweep_id = cfg.sweep_id
-        jobs.append(Job(member, out_dir, preset))
+        jobs.append(Job(member, out_dir, preset, [*task, *own]))
     return jobs
 
 
 def objective(result: dict | None, out_dir: Path) -> float:
     """What a sweeper optimises: the run's accuracy (a finished run that was skipped reports the
     accuracy in its result.json; a failed run NaN)."""
-    from atskv import results
+    from atskv.experiments import results
 
     result = result or results.read_result(out_dir) or {}
     acc = result.get("accuracy") if result.get("status") == "ok" else None
@@ -91,14 +91,15 @@ def objective(result: dict | None, out_dir: Path) -> float:
 def main(cfg: DictConfig) -> float | list[float]:
     """One job, or the members of a prefill-sharing group. Returns the objective (accuracy) of
     each: a float for one job, a list (in member order) for a group."""
-    from atskv.runner import Job, run_group
+    from atskv.experiments.runner import Job, run_group
 
     if _interrupted:
         raise KeyboardInterrupt
     hc = HydraConfig.get()
     try:
         jobs = group_members(cfg) if cfg.atskv_group else [
-            Job(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("method"))]
+            Job(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("method"),
+                list(hc.overrides.task))]
         results = run_group(jobs)
     except ConfigError as e:
         if hc.mode == RunMode.MULTIRUN:

@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from atskv.models import ensure_smollm2_folder
+    from atskv.experiments.models import ensure_smollm2_folder
 
     return ensure_smollm2_folder()
 
@@ -54,7 +54,7 @@ def tiny_cfg(**over):
 @pytest.fixture(scope="session")
 def make_tiny_model(smollm2_path):
     """make_tiny_model(**sizes) -> a new random tiny Llama (TINY's sizes, some overridden)."""
-    from atskv.models import load_model
+    from atskv.experiments.models import load_model
 
     def make(**over):
         torch.manual_seed(0)
@@ -71,7 +71,7 @@ def tiny_model(make_tiny_model):
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_path):
-    from atskv.models import load_model
+    from atskv.experiments.models import load_model
 
     return load_model(SimpleNamespace(source="smollm2_pypi"), smollm2_path, "cpu", "float32")
 
@@ -82,7 +82,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from atskv.config import register_configs
+    from atskv.experiments.config import register_configs
 
     register_configs()
 

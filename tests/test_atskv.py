@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atskv.engine import Engine
-from atskv.kvcache import StaticPagedKV
+from atskv.core.engine import Engine
+from atskv.core.stores import StaticPagedKV, page_minmax
 from atskv.methods import METHODS
 from atskv.methods.atskv import ATSKV, allocate, chunk_sum
-from atskv.methods.pages import page_minmax
 
 PROMPT = list(range(100, 400))  # 300 tokens
 
@@ -168,7 +167,7 @@ def test_ablation_switches_are_config_fields(compose):
 
 
 def test_bad_signal_is_rejected():
-    from atskv.types import ConfigError
+    from atskv.core.types import ConfigError
 
     with pytest.raises(ConfigError, match="signal='keys'.*attn, attn_vnorm, vnorm"):
         ATSKV(signal="keys")
@@ -179,8 +178,8 @@ def test_a_head_is_ranked_only_when_that_takes_less_time():
     head of n pages costs RANK_TOKENS tokens' attention per page and then attends at most
     max_pages pages of page tokens; attending it whole attends its n pages: ranking must cost
     less exactly above fit()."""
+    from atskv.core.types import ConfigError
     from atskv.methods.atskv import RANK_TOKENS
-    from atskv.types import ConfigError
 
     def cost(n, page, max_pages):  # ranked, attended whole (in tokens' attention)
         return RANK_TOKENS * n + page * max_pages, page * n

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from atskv.engine import Engine
+from atskv.core import dynamo
+from atskv.core.engine import Engine
 from atskv.methods import METHODS
 
 PROMPT = list(range(100, 400))  # 300 tokens
@@ -85,17 +86,16 @@ def test_the_models_insides_are_not_guarded_and_the_rest_is(make_tiny_model, mon
     """The step's guards on the model's modules, hooks, config and weights are dropped (most of
     its guards); those on the model's type, the method's state and stores, the token and the
     position are kept."""
-    from atskv import engine
 
-    seen, filter_guards = [], engine.unguarded_model
+    seen, filter_guards = [], dynamo.unguarded_model
 
     def recording(guards):
         keep = filter_guards(guards)
         seen.extend((g.name, g.guard_type, k) for g, k in zip(guards, keep))
         return keep
 
-    monkeypatch.setattr(engine, "unguarded_model", recording)
-    monkeypatch.setattr(engine, "_COMPILED", {})  # compiled afresh, through the recording filter
+    monkeypatch.setattr(dynamo, "unguarded_model", recording)
+    monkeypatch.setattr(dynamo, "_COMPILED", {})  # compiled afresh, through the recording filter
     model = make_tiny_model()
     out = Engine(model, None, compile=True).generate(PROMPT, METHODS.get("atskv")(budget=0.3), 4,
                                                      stop_at_eos=False)
@@ -121,7 +121,6 @@ def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_mod
     MLP only, so that its KV stores, which are guarded, have the same shapes. Models of one kind
     share a step, which reads each one's weights: a twin with other weights decodes as it does
     eagerly."""
-    from atskv import engine
 
     other = make_tiny_model(intermediate_size=192)
     twin = make_tiny_model()
@@ -129,8 +128,8 @@ def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_mod
         for p in twin.parameters():
             p.mul_(1.25)
     assert type(other) is type(tiny_model)
-    assert engine.compiled_step(other) is not engine.compiled_step(tiny_model)
-    assert engine.compiled_step(twin) is engine.compiled_step(tiny_model)
+    assert dynamo.compiled_step(other) is not dynamo.compiled_step(tiny_model)
+    assert dynamo.compiled_step(twin) is dynamo.compiled_step(tiny_model)
     method = METHODS.get("sliding_window")(budget=0.3)
     last_logits = []
     for model in (tiny_model, other, twin, tiny_model):

@@ -9,15 +9,15 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from atskv.config import CONTEXT_LENGTHS, validate
-from atskv.runner import prepare
-from atskv.types import ConfigError
+from atskv.core.types import ConfigError
+from atskv.experiments.config import CONTEXT_LENGTHS, validate
+from atskv.experiments.runner import prepare
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group: str) -> list[str]:
-    from atskv.compose import group_choices
+    from atskv.experiments.compose import group_choices
 
     return group_choices(group)
 
@@ -72,7 +72,7 @@ def test_budget_out_of_range(compose, budget):
 
 
 def test_budget_and_kv_size(compose):
-    from atskv.config import build_method, resolved_budget
+    from atskv.experiments.config import build_method, resolved_budget
 
     cfg = compose("method=snapkv")
     assert resolved_budget(cfg) == {"budget": 0.25, "kv_size": None}  # the default
@@ -102,23 +102,49 @@ def test_every_hardware_and_model_field_is_checked_before_loading(compose, overr
 
 def test_run_folder_names_say_what_the_budget_means(compose):
     """pb<fraction>: a budget of the prompt's KV; kv<tokens>; non-default method
-    hyperparameters are in the name whether they came from the command line or a preset."""
-    from hydra.core.hydra_config import HydraConfig  # noqa: F401
-
-    from atskv.config import budget_tag, method_variant, overrides_suffix
+    hyperparameters (from the command line or a preset) and the other overrides make a short
+    hash, spelt out in full in the run key."""
+    from atskv.experiments.config import budget_tag, key_hash, method_variant, run_key
 
     assert budget_tag(None, None) == "pb0.25" and budget_tag(0.2, None) == "pb0.2"
     assert budget_tag(None, 512) == "kv512"
-    assert method_variant(compose("method=snapkv").method) == ""
-    assert method_variant(compose("method=snapkv", "method.window=16").method) == "_window=16"
-    assert overrides_suffix(["method=snapkv", "method.window=16", "budget=0.2",
-                             "benchmark.n_samples=4", "hardware.threads=1"]) == (
-        "_benchmark.n_samples=4,hardware.threads=1")
+    snapkv = compose("method=snapkv").method
+    narrow = compose("method=snapkv", "method.window=16").method
+    assert method_variant(snapkv) == [] and method_variant(narrow) == ["window=16"]
+    tuned = compose("method=tuned/snapkv").method
+    assert method_variant(tuned) and all(k.split("=")[0] in {"window", "kernel", "pooling"}
+                                         for k in method_variant(tuned))
+    over = ["method=snapkv", "method.window=16", "budget=0.2", "hardware.threads=1",
+            "benchmark.n_samples=4", "benchmark.data_dir=/home/someone/data", "wandb.mode=disabled"]
+    assert run_key(narrow, over) == {
+        "method": ["window=16"],
+        "overrides": ["benchmark.data_dir=/home/someone/data", "benchmark.n_samples=4",
+                      "hardware.threads=1"]}
+    assert key_hash(snapkv, ["method=snapkv", "budget=0.2", "seed=0"]) == ""
+    short = key_hash(narrow, over)
+    assert len(short) == 9 and short.startswith("_") and "/" not in short
+    assert short != key_hash(snapkv, over) != key_hash(narrow, over[:-3])
+    assert key_hash(narrow, list(reversed(over))) == short  # the order of overrides is not a run
+
+
+def test_run_folders_are_short_and_hold_no_path():
+    from hydra.core.hydra_config import HydraConfig
+
+    from atskv.experiments.compose import compose_run_config
+
+    cfg = compose_run_config(["method=tuned/atskv", "context_len='131072'", "kv_size=512",
+                              "benchmark.data_dir=/very/long/absolute/path/to/the/data/folder",
+                              "benchmark.tasks=[single_needle,multi_key,multi_value]"],
+                             return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as inside run.py, where ${hydra:...} resolves
+    name = str(cfg.hydra.run.dir).rsplit("/", 1)[-1]
+    assert name.startswith("ctx131072_kv512_s0_") and len(name) <= 40
+    assert "very" not in str(cfg.hydra.run.dir)
 
 
 def test_a_bad_cpu_kernel_switch_fails_before_loading(compose, monkeypatch):
     monkeypatch.setenv("ATSKV_CPU_KERNEL", "maybe")
-    with pytest.raises(ConfigError, match="ATSKV_CPU_KERNEL='maybe': use 1 .the default. or 0"):
+    with pytest.raises(ConfigError, match="ATSKV_CPU_KERNEL='maybe': use 1 .the default., 0 .off. or no-avx512"):
         prepare(compose())
 
 

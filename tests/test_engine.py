@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import generate
 
-from atskv import hf_seam
-from atskv.engine import Engine, StopStrings
-from atskv.kvcache import PackedKV, tensor_bytes
+from atskv.core import seam
+from atskv.core.engine import Engine, StopStrings
+from atskv.core.stores import PackedKV, tensor_bytes
 from atskv.methods import METHODS, Method, PrefillContext, State
 
 PROMPT = list(range(100, 160))  # 60 tokens
@@ -25,7 +25,7 @@ def max_diff(a, b):
 
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_full_matches_transformers_generate(tiny_model, chunk):
-    ref_tokens, ref_logits = hf_seam.reference_greedy(tiny_model, torch.tensor([PROMPT]), 8)
+    ref_tokens, ref_logits = seam.reference_greedy(tiny_model, torch.tensor([PROMPT]), 8)
     eng = Engine(tiny_model, None, prefill_chunk=chunk)
     out = eng.generate(PROMPT, METHODS.get("full")(), 8, stop_at_eos=False, return_logits=True)
     assert out.token_ids == ref_tokens
@@ -35,7 +35,7 @@ def test_full_matches_transformers_generate(tiny_model, chunk):
     assert out.kv_bytes_peak - out.kv_bytes_uncompressed == (
         8 * cfg.num_hidden_layers * cfg.num_key_value_heads)
     # the attention implementation is restored afterwards
-    assert tiny_model.config._attn_implementation != hf_seam.ATTN_NAME
+    assert tiny_model.config._attn_implementation != seam.ATTN_NAME
 
 
 def test_budget_one_sliding_window_equals_full(tiny_model):

@@ -8,23 +8,30 @@ tokens and logits decoding without them gives."""
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_attention_close, attention_rel_bound
 
-from atskv import kernels
-from atskv.engine import Engine
-from atskv.kvcache import StaticKV, StaticPagedKV
+from atskv.core import kernels
+from atskv.core.engine import Engine
+from atskv.core.stores import StaticKV, StaticPagedKV
+from atskv.core.types import ConfigError
 from atskv.methods import METHODS
 from atskv.methods.atskv import ATSKV
-from atskv.types import ConfigError
 
 D = 16
 
 
 def test_the_kernel_builds_on_this_machine():
     assert kernels.load() is True, kernels.status()
-    assert kernels.status() == "atskv::paged_attention, atskv::paged_decode"
+    assert kernels.status().startswith("atskv::paged_attention, atskv::paged_decode")
     x = torch.zeros(2, 3)
     assert kernels.usable(x)
     assert not kernels.usable(x.double())  # fp32 only: other dtypes keep PyTorch's path
@@ -39,15 +46,33 @@ def ragged_store(lengths, page, headroom=0, seed=0, d=D):
     return StaticPagedKV(keys, values, keep, [headroom] * len(lengths), page)
 
 
-def both(store, *args):
-    """The store's attention through the kernel, then through PyTorch's path."""
+def float64(store, q, *args, magnitudes=False):
+    """The store's attention in float64 (its PyTorch path over a float64 twin of it); with
+    ``magnitudes``, over the values' absolute values (what an error bound is relative to)."""
+    twin = copy.copy(store)
+    twin.kernel = False
+    twin.k = store.k.double()
+    twin.v = (store.v.abs() if magnitudes else store.v).double()
+    return twin.attend(q.double(), *args)[0]
+
+
+def check_both(store, q, scale, *args, exact_logits=False):
+    """The store's attention through the kernel and through PyTorch's path: the same bytes read,
+    and each within float32's error bound (:func:`attention_rel_bound`) of the float64
+    attention over the same rows."""
     assert store.kernel
-    out, read = store.attend(*args)
+    out, read = store.attend(q, scale, *args)
     store.kernel = False
-    ref, ref_read = store.attend(*args)
+    ref, ref_read = store.attend(q, scale, *args)
     store.kernel = True
     assert read == ref_read  # the same bytes are reported whichever path runs
-    return out, ref
+    want = float64(store, q, scale, *args)
+    mags = float64(store, q, scale, *args, magnitudes=True)
+    rows = store.k.shape[0] if store.k.dim() == 2 else store.k.shape[1]  # at least any head's
+    rel = attention_rel_bound(q, store.k, scale, rows, exact_logits)
+    assert_attention_close(out, want, mags, rel)
+    assert_attention_close(ref, want, mags, rel)
+    return out
 
 
 @pytest.mark.parametrize("d", [D, 64, 128])
@@ -63,29 +88,28 @@ def test_every_page_equals_sdpa(lengths, page, g, threads, d):
     try:
         store = ragged_store(lengths, page, headroom=3, d=d)
         q = torch.randn(len(lengths), g, d)
-        out, ref = both(store, q, 0.3)
+        check_both(store, q, 0.3)
     finally:
         torch.set_num_threads(before)
-    assert (out - ref).abs().max() < 1e-5
 
 
 def test_attention_is_exact_when_scores_span_the_float_range():
     """The kernel's softmax takes its exponentials in a vectorised polynomial (decode.h): scores
-    that fall 0-260 below the head's largest give weights from 1 down through the denormal range
-    (e^-87 to e^-104) to exactly 0. The output equals SDPA's in float32 to a few ulp, and float64
-    attention as closely as SDPA does."""
+    that fall hundreds below the head's largest give weights from 1 down through the denormal
+    range (e^-87 to e^-104) to exactly 0. Keys and queries of small integers make every logit and
+    every difference of logits exact in float32, so the output must be within the rounding of
+    the exponentials and the sums (:func:`attention_rel_bound` with exact logits) of float64
+    attention, as PyTorch's must."""
     g = torch.Generator().manual_seed(3)
     store = ragged_store([300, 77, 150], page=16, d=64)
-    q = torch.randn(3, 2, 64, generator=g)
-    q = q / q.norm(dim=-1, keepdim=True) * 40  # scores spread over hundreds
-    out, ref = both(store, q, 1.0)
-    assert (out - ref).abs().max() < 1e-6
+    store.k.copy_(torch.randint(-4, 5, store.k.shape, generator=g).float())
+    q = 3.0 * torch.randint(-2, 3, (3, 2, 64), generator=g).float()  # scores spread over hundreds
+    check_both(store, q, 1.0, exact_logits=True)
     tiny = 0
     for h in range(3):
         rows = slice(int(store.offsets[h]), int(store.offsets[h] + store.lens[h]))
         weights = torch.softmax(q[h].double() @ store.k[rows].double().T, dim=-1)
         tiny += int(((weights > 0) & (weights < torch.finfo(torch.float32).tiny)).sum())
-        assert (out[h].double() - weights @ store.v[rows].double()).abs().max() < 1e-5
     assert tiny > 100  # weights in float32's denormal range were taken
 
 
@@ -94,8 +118,7 @@ def test_chosen_pages_equal_sdpa_over_the_gathered_pages():
     pages = torch.tensor([[0, 8, 3, 5], [4, 0, 2, 1], [12, 0, 7, 9]])  # 4: past head 1's rows
     chosen = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
     q = torch.randn(3, 2, D)
-    out, ref = both(store, q, 0.25, pages, chosen)
-    assert (out - ref).abs().max() < 1e-5
+    check_both(store, q, 0.25, pages, chosen)
 
 
 @pytest.mark.parametrize("d", [D, 64])
@@ -117,9 +140,10 @@ def test_rows_not_asked_for_are_never_read(d):
     assert torch.isfinite(out).all()
     for h, rs in rows.items():
         idx = int(store.offsets[h]) + torch.tensor(rs)
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q[h][None], keep_k[idx][None], keep_v[idx][None], scale=0.5)[0]
-        assert (out[h] - want).abs().max() < 1e-5
+        k, v = keep_k[idx].double(), keep_v[idx].double()
+        weights = torch.softmax(q[h].double() @ k.T * 0.5, dim=-1)
+        assert_attention_close(out[h], weights @ v, weights @ v.abs(),
+                               attention_rel_bound(q[h], keep_k[idx], 0.5, len(rs)))
 
 
 @pytest.mark.parametrize("sinks", [None, 2])
@@ -131,11 +155,7 @@ def test_static_kv_equals_sdpa_before_and_after_its_ring_wraps(sinks):
     assert store.kernel
     q = torch.randn(2, 4, D)
     for step in range(8):  # with sinks the ring wraps at once: the count passes the capacity
-        out = store.attend(q, 0.2)
-        store.kernel = False
-        ref = store.attend(q, 0.2)
-        store.kernel = True
-        assert (out - ref).abs().max() < 1e-5, step
+        check_both(store, q, 0.2)
         if sinks or step < 5:
             store.append(torch.randn(2, D, generator=g), torch.randn(2, D, generator=g))
 
@@ -239,15 +259,17 @@ def test_the_decode_kernel_equals_the_pytorch_append_ranking_and_attention(page,
     ref = copy_store(store)
     ref.kernel = False
     method = ATSKV(max_pages=6, min_pages=2, mass=0.95)
-    for step in range(2 * page + 3):
+    for _ in range(2 * page + 3):
         q = torch.randn(3, 2, d, generator=g) * 2
         k, v = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
         out, read = store.decode_ranked(q, k, v, 0.3, method.max_pages, method.fit(),
                                         method.min_pages, method.mass)
         ref.append(k, v)
         pages, chosen = method.rank_pages(ref, q, 0.3)
-        want, want_read = ref.attend(q, 0.3, pages, chosen)
-        assert (out - want).abs().max() < 1e-5, step
+        want_read = ref.attend(q, 0.3, pages, chosen)[1]
+        assert_attention_close(out, float64(ref, q, 0.3, pages, chosen),
+                               float64(ref, q, 0.3, pages, chosen, magnitudes=True),
+                               attention_rel_bound(q, ref.k, 0.3, ref.k.shape[0]))
         assert read == want_read
         assert_same_state(store, ref)
 
@@ -343,3 +365,45 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
     with pytest.warns(UserWarning, match="no compiler here"):
         assert kernels.load() is False
     assert "no compiler here" in kernels.status()
+
+
+def built(env: dict) -> tuple[str, Path]:
+    """The kernels' status and build folder in a fresh process with ``env``."""
+    code = ("from atskv.core import kernels; kernels.load(); print(kernels.status()); "
+            "print(kernels._build_dir())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status, folder = out.stdout.strip().splitlines()[-2:]
+    return status, Path(folder)
+
+
+def uses_avx512(folder: Path) -> bool:
+    """Whether the library built in ``folder`` has instructions on AVX-512's zmm registers."""
+    so = next(folder.glob("*.so"))
+    asm = subprocess.run([shutil.which("objdump"), "-d", str(so)], capture_output=True,
+                         text=True, check=True).stdout
+    return "%zmm" in asm
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX-512 is x86-64's")
+@pytest.mark.skipif(os.environ.get("ATSKV_CPU_KERNEL") == kernels.NO_AVX512,
+                    reason="this is the run without AVX-512")
+def test_the_kernels_built_without_avx512_pass_these_tests_too():
+    """``ATSKV_CPU_KERNEL=no-avx512`` builds the kernels for this CPU less AVX-512: the code that
+    every x86-64 CPU without it runs (decode.h's portable lane sums among it), checked here on any
+    machine. Every other test of this file passes with that build, whose machine code touches no
+    AVX-512 register (and, where the CPU has AVX-512, the default build's does: the check can
+    fail)."""
+    env = {**os.environ, "ATSKV_CPU_KERNEL": kernels.NO_AVX512}
+    status, folder = built(env)
+    assert status.endswith(f"({kernels.NO_AVX512})")
+    if shutil.which("objdump"):
+        assert not uses_avx512(folder)
+        if "avx512f" in Path("/proc/cpuinfo").read_text():
+            assert uses_avx512(built({**os.environ, "ATSKV_CPU_KERNEL": "1"})[1])
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__], env=env, capture_output=True, text=True, timeout=1200,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout.strip().splitlines()[-1]

@@ -18,9 +18,9 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from atskv.lm_eval_adapter import AtsKVLM, greedy_gen_kwargs, split_until  # noqa: E402
-from atskv.lm_eval_tasks import TASK_DIR, export_samples  # noqa: E402
-from atskv.types import ConfigError  # noqa: E402
+from atskv.core.types import ConfigError  # noqa: E402
+from atskv.integrations.lm_eval import AtsKVLM, greedy_gen_kwargs, split_until  # noqa: E402
+from atskv.integrations.lm_eval_tasks import TASK_DIR, export_samples  # noqa: E402
 
 FILLER = "The sky is blue and the grass is green. " * 20
 
@@ -121,7 +121,7 @@ def test_synthetic_task_from_include_path():
 
 def test_export_roundtrip_and_chat_template(tmp_path, local_task, snap_lm, smollm2_tokenizer):
     from atskv.benchmarks.synthetic import SyntheticBenchmark
-    from atskv.lm_eval_tasks.export import record_sample, score_doc
+    from atskv.integrations.lm_eval_tasks.export import record_sample, score_doc
 
     samples = SyntheticBenchmark(None).load(smollm2_tokenizer, 200, 1, 0)
     names = export_samples(samples, smollm2_tokenizer, "synthetic", tmp_path)
@@ -153,7 +153,7 @@ def test_cli_console_script(tmp_path, local_task):
     to cpu when CUDA is missing)."""
     script = Path(sys.executable).with_name("atskv-lm-eval")
     cmd = ([str(script)] if script.exists()
-           else [sys.executable, "-c", "from atskv.lm_eval_adapter import main; main()"])
+           else [sys.executable, "-c", "from atskv.integrations.lm_eval import main; main()"])
     cmd += ["--model", "atskv", "--model_args", "model=tiny_random,method=snapkv,budget=0.5",
             "--tasks", "tiny_local", "--include_path", str(local_task), "--limit", "1",
             "--output_path", str(tmp_path / "out")]
@@ -241,7 +241,7 @@ def test_until_stops_generation_in_the_engine(full_lm, tmp_path):
     assert len(out.token_ids) < 24 and out.token_ids == free_out.token_ids[: len(out.token_ids)]
     assert out.kv_bytes_peak < free_out.kv_bytes_peak
     # an exported benchmark task keeps its samples' stop strings in its YAML
-    from atskv.types import Sample
+    from atskv.core.types import Sample
 
     s = Sample(id="t/0", task="trec", input_ids=[1, 2, 3], references=["x"], max_new_tokens=8,
                stop=["\n"])

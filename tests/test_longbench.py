@@ -22,7 +22,7 @@ from atskv.benchmarks.longbench import (
     task_spec,
 )
 from atskv.benchmarks.textmetrics import encode, middle_truncate, prompt_wrapper
-from atskv.types import ConfigError
+from atskv.core.types import ConfigError
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench"
 TREC_CLASSES = ["Abbreviation", "Animal", "Entity", "Description", "Human", "Location"]

@@ -13,12 +13,11 @@ import pytest
 import torch
 from helpers import generate
 
-from atskv.kvcache import PackedKV
+from atskv.core.stores import PackedKV, page_minmax
 from atskv.methods import METHODS, PrefillContext
 from atskv.methods.pages import (
     PageBounds,
     attend_tokens,
-    page_minmax,
     page_upper_bound,
     sparq_page_scores,
 )
@@ -425,7 +424,7 @@ def test_kept_sets_keep_the_window(tiny_model, name):
 
 
 def test_every_method_has_a_config(compose):
-    from atskv.config import build_method
+    from atskv.experiments.config import build_method
 
     for name in METHODS:
         cfg = compose(f"method={name}")
@@ -434,7 +433,7 @@ def test_every_method_has_a_config(compose):
 
 
 def test_budget_and_kv_size_are_exclusive_and_checked():
-    from atskv.types import ConfigError
+    from atskv.core.types import ConfigError
 
     with pytest.raises(ConfigError, match="budget=0.2 and kv_size=64 are both set"):
         METHODS.get("snapkv")(budget=0.2, kv_size=64)

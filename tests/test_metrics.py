@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import small_llama
 
-from atskv import results
+from atskv.experiments import results
 from atskv.metrics import PeakMemory, Timer
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import small_llama
 
-from atskv.models import HUGE_PAGE, to_huge_pages
+from atskv.experiments.models import HUGE_PAGE, to_huge_pages
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are Linux's")
 

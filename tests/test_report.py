@@ -1,4 +1,4 @@
-"""Tests for atskv.report: numbers against hand-computed values, and the rendered files."""
+"""Tests for atskv.analysis.report: numbers against hand-computed values, and the rendered files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from atskv import report
+from atskv.analysis import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -665,7 +665,7 @@ def test_geomean_tasks_interval_from_score_parts(tmp_path):
 def test_scatter_labels_of_coinciding_points_do_not_overlap():
     import matplotlib.pyplot as plt
 
-    from atskv import report_plots
+    from atskv.analysis import plots
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pts = [(80.0, 100.0, "atskv"), (80.0, 100.0, "sliding_window"), (80.0, 100.0, "snapkv"),
@@ -673,7 +673,7 @@ def test_scatter_labels_of_coinciding_points_do_not_overlap():
     ax.scatter([p[0] for p in pts], [p[1] for p in pts])
     ax.set_xlim(-5, 105)
     ax.set_ylim(0, 110)
-    anns = report_plots.place_labels(ax, pts)
+    anns = plots.place_labels(ax, pts)
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     boxes = [a.get_window_extent(r) for a in anns]
@@ -685,7 +685,7 @@ def test_scatter_labels_of_coinciding_points_do_not_overlap():
     fig2, ax2 = plt.subplots(figsize=(8, 5.5))
     ax2.set_xlim(-5, 105)
     ax2.set_ylim(0, 110)
-    again = report_plots.place_labels(ax2, pts)
+    again = plots.place_labels(ax2, pts)
     assert [a.xyann for a in again] == [a.xyann for a in anns]
     assert anns[0].xyann != anns[1].xyann
     plt.close(fig)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from atskv.compose import compose_run_config
+from atskv.experiments.compose import compose_run_config
+from atskv.experiments.runner import Job, run_group
 from atskv.methods import METHODS
-from atskv.runner import Job, run_group
 from hydra_plugins.atskv_sweeper.grouped_sweeper import GROUP_KEY, decode, group_jobs
 
 TINY = ["model=tiny_random", "warmup=false", "hardware.threads=1", "hardware.compile=false",

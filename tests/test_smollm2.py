@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from atskv.benchmarks.synthetic import SyntheticBenchmark
-from atskv.engine import Engine
+from atskv.core.engine import Engine
 from atskv.methods import METHODS
 
 pytestmark = pytest.mark.slow

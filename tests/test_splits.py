@@ -20,7 +20,7 @@ from atskv.benchmarks.synthetic import (
 )
 from atskv.benchmarks.textmetrics import hash_split
 from atskv.benchmarks.zeroscrolls import ZeroScrolls
-from atskv.types import ConfigError
+from atskv.core.types import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ESSAYS = SHARED / "haystack" / "paul_graham_essays"

@@ -1,4 +1,4 @@
-"""Tests for atskv.stats: exact bootstrap distributions against hand-computed ones, and the
+"""Tests for atskv.analysis.stats: exact bootstrap distributions against hand-computed ones, and the
 properties (pairing, stratification, geomean aggregate) a wrong implementation would miss."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from atskv import stats
+from atskv.analysis import stats
 
 
 def _s(task: str, scores, prefix: str = "", parts=None) -> list[dict]:

@@ -5,6 +5,7 @@ complete files. Plus composition of the launcher and hardware configs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "context_len=512", "benchmark.n_samples=1", "warmup=false",
         "hardware.threads=1", "hardware.compile=false", "wandb.mode=disabled"]
-# the overrides that name the folder
-SUFFIX = "benchmark.n_samples=1,hardware.compile=false,hardware.threads=1"
+# the overrides that name the folder (through its key)
+KEYED = ["benchmark.n_samples=1", "hardware.compile=false", "hardware.threads=1"]
 
 
 def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -31,8 +32,12 @@ def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def job_dir(method: str, extra: str = "") -> str:
-    return f"synthetic/tiny_random/cpu/{method}/ctx512_pb0.25_s0_{SUFFIX}{extra}"
+def job_dir(method: str, extra: tuple[str, ...] = (), variant: tuple[str, ...] = ()) -> str:
+    """The folder of a TINY job: its key is 8 hex digits of the SHA-1 of the method's variant
+    and the other overrides, as result.json's run_key spells them (docs/outputs.md)."""
+    key = {"method": list(variant), "overrides": sorted([*KEYED, *extra])}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"synthetic/tiny_random/cpu/{method}/ctx512_pb0.25_s0_{digest}"
 
 
 def results(folder: Path) -> dict[str, dict]:
@@ -47,7 +52,7 @@ def snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
 
 
 def hydra_compose(*overrides: str):
-    from atskv.config import register_configs
+    from atskv.experiments.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -120,7 +125,9 @@ def test_grouped_members_differing_in_hyperparameters_write_their_own_folders(tm
     res = results(tmp_path)
     assert len(res) == 2
     for folder, r in res.items():
-        assert folder.endswith(f"_window={r['config']['method']['window']}_{SUFFIX}")
+        window = f"window={r['config']['method']['window']}"
+        assert r["run_key"] == {"method": [window], "overrides": KEYED}
+        assert folder == job_dir("snapkv", variant=(window,))
         assert r["prefill_shared"] is True
 
 
@@ -140,7 +147,7 @@ def test_failed_job_is_recorded_the_rest_goes_on_and_rerun_resumes(tmp_path):
     # (a 2^20-wide tiny Llama's embedding alone needs ~200 GB), so building it runs out of
     # memory, as a real OOM in a sweep would.
     args = ["-m", "model.tiny.hidden_size=1048576,64,32", *TINY, f"hydra.sweep.dir={tmp_path}"]
-    bad, good, also_good = (job_dir("full", f",model.tiny.hidden_size={n}")
+    bad, good, also_good = (job_dir("full", (f"model.tiny.hidden_size={n}",))
                             for n in (1048576, 64, 32))
     proc = run_py(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]  # the sweep finishes; the failure is a record

@@ -10,7 +10,7 @@ from helpers import bench_cfg
 
 from atskv.benchmarks.base import BENCHMARKS
 from atskv.benchmarks.synthetic import TASKS, SyntheticBenchmark, essay_files
-from atskv.types import ConfigError, Sample
+from atskv.core.types import ConfigError, Sample
 
 ESSAYS = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "haystack", "paul_graham_essays"

@@ -5,6 +5,7 @@ composes as ``method=tuned/<name>``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -15,12 +16,18 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from omegaconf import OmegaConf
 
-from atskv import tune
-from atskv.compose import compose_run_config, conf_dir
-from atskv.config import build_method, method_fields, register_configs
+from atskv.experiments import tune
+from atskv.experiments.compose import compose_run_config, conf_dir
+from atskv.experiments.config import build_method, method_fields, register_configs
 from atskv.methods import METHODS
 
 TINY = ["model=tiny_random", "context_len=512", "warmup=false", "hardware.threads=1"]
+
+
+def key_hash_of(result: dict) -> str:
+    """The run folder's key of a result (its run_key hashed, docs/outputs.md)."""
+    digest = hashlib.sha1(json.dumps(result["run_key"], sort_keys=True).encode()).hexdigest()
+    return "_" + digest[:8]
 
 
 def space_values(sweep) -> list:
@@ -39,7 +46,7 @@ def compose_tuned(conf: Path, name: str):
     import shutil
     from unittest import mock
 
-    from atskv.compose import conf_dir
+    from atskv.experiments.compose import conf_dir
 
     merged = conf.parent / "conf_merged"
     shutil.copytree(conf_dir(), merged, dirs_exist_ok=True)
@@ -199,10 +206,9 @@ def test_two_trial_sweep_on_the_tiny_model_writes_a_tuned_preset(tmp_path):
     # every trial's result sits in the folder its own hyperparameters name
     for folder, r in folders.items():
         assert folder.parent.name == "snapkv"
-        for field, value in r["config"]["method"].items():
-            default = getattr(METHODS.get("snapkv")(), field, None)
-            if field != "name" and value != default:
-                assert f"{field}={value}" in folder.name
+        differs = [f"{field}={value}" for field, value in r["config"]["method"].items()
+                   if field != "name" and value != getattr(METHODS.get("snapkv")(), field, None)]
+        assert r["run_key"]["method"] == differs and folder.name.endswith(key_hash_of(r))
     text = (out / "snapkv.yaml").read_text()
     assert "# objective: accuracy" in text and "defaults:\n  - snapkv_schema\n" in text
     method = build_method(compose_tuned(tmp_path / "conf", "snapkv"))

@@ -21,7 +21,7 @@ from atskv.benchmarks.zeroscrolls import (
     rouge_geometric_mean,
     score_prediction,
 )
-from atskv.types import ConfigError, Sample
+from atskv.core.types import ConfigError, Sample
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zero_scrolls"
 SEP = "... [The rest of the story is omitted]\n\n"

@@ -24,8 +24,8 @@ from atskv.benchmarks.textmetrics import (
     requested_tasks,
     subset_indices,
 )
-from atskv.registry import Registry
-from atskv.types import ConfigError, Sample
+from atskv.core.registry import Registry
+from atskv.core.types import ConfigError, Sample
 
 AGGREGATIONS: tuple[str, ...] = ("mean", "geomean_of_part_means")
 """How a task's score is computed from per-sample rows (see :func:`aggregate_rows`)."""
@@ -59,7 +59,7 @@ class Benchmark(ABC):
 
     Subclasses are registered with ``@BENCHMARKS.register("name")`` and constructed with the
     composed ``benchmark`` config (an object with the fields of
-    :class:`atskv.config.BenchmarkConfig`; ``None`` or missing fields mean the defaults).
+    :class:`atskv.experiments.config.BenchmarkConfig`; ``None`` or missing fields mean the defaults).
     """
 
     higher_is_better: bool = True
@@ -93,7 +93,7 @@ class Benchmark(ABC):
 
     def validate(self) -> None:
         """Check inputs (split, files, task names, ...) cheaply, before any model is loaded.
-        Raise :class:`atskv.types.ConfigError` naming the bad value and the valid choices.
+        Raise :class:`atskv.core.types.ConfigError` naming the bad value and the valid choices.
         Subclasses extend it and call ``super().validate()``."""
         self.split()
         self.max_new_tokens_override()

@@ -51,7 +51,7 @@ from atskv.benchmarks.textmetrics import (
     middle_truncate,
     prompt_wrapper,
 )
-from atskv.types import ConfigError, Sample
+from atskv.core.types import ConfigError, Sample
 
 TASKS: tuple[str, ...] = (
     "narrativeqa",

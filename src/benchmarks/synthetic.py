@@ -39,7 +39,7 @@ from typing import Any
 
 from atskv.benchmarks.base import BENCHMARKS, Benchmark
 from atskv.benchmarks.textmetrics import cfg_get, hash_split
-from atskv.types import ConfigError, Sample
+from atskv.core.types import ConfigError, Sample
 
 TASKS: dict[str, int] = {  # task name -> default max_new_tokens
     "single_needle": 16,

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
-from atskv.types import ConfigError
+from atskv.core.types import ConfigError
 
 _SENTINEL = "\u2063ATSKV_CONTENT\u2063"
 

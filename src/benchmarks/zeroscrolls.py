@@ -57,7 +57,7 @@ from atskv.benchmarks.textmetrics import (
     prompt_wrapper,
     qa_f1,
 )
-from atskv.types import ConfigError, Sample
+from atskv.core.types import ConfigError, Sample
 
 TASKS: tuple[str, ...] = (
     "gov_report",

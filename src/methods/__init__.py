@@ -4,7 +4,7 @@ method class in ``METHODS`` (``@METHODS.register("name")``): a new method is a n
 import importlib
 import pkgutil
 
-from atskv.methods.base import METHODS, AttendResult, Method, PrefillContext, State
+from atskv.core.method import METHODS, AttendResult, Method, PrefillContext, State
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):

@@ -34,7 +34,7 @@ Three components, each with an ablation switch:
    the upper bound alone, as Quest does, captured only ~76% of the true attention mass at
    ``mass=0.95`` on SmolLM2; the two-sided estimate captured ~97% at 0.99.)
 
-The decode state lives in :class:`atskv.kvcache.StaticPagedKV`: preallocated, on the device.
+The decode state lives in :class:`atskv.core.stores.StaticPagedKV`: preallocated, on the device.
 With ``static=True`` the step has fixed shapes (always ``max_pages`` pages gathered, the ones
 beyond the adaptive count masked) and no host sync, so ``hardware.cuda_graph`` captures it; with
 ``static=False`` the same selection is computed with data-dependent shapes (exactly the chosen
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv import kernels
-from atskv.kvcache import StaticPagedKV
-from atskv.methods.base import METHODS, AttendResult, PrefillContext, State, headroom
+from atskv.core import kernels
+from atskv.core.method import METHODS, AttendResult, PrefillContext, State, headroom
+from atskv.core.stores import StaticPagedKV
 from atskv.methods.pages import page_upper_bound
 from atskv.methods.scoring import ScoredSelection, window_scores
 
@@ -75,20 +75,16 @@ class ATSKVState(State):
 #: a page cap no store reaches: every head's pages fit, so the kernel attends all of them unranked
 EVERY_PAGE = 2**62
 #: what ranking one page of a head costs, in tokens' attention: 2-4 in a loop and 4.8 inside
-#: decode steps for the CPU kernel on SmolLM2's stores at 4096 tokens (docs/decode_budget.md),
+#: decode steps for the CPU kernel on SmolLM2's stores at 4096 tokens (docs/performance.md),
 #: not the 1.5 that its bytes alone (3 key rows a page) would cost
 RANK_TOKENS = 5
 
 
 @METHODS.register("atskv")
 @dataclass(frozen=True)
-class ATSKV(ScoredSelection):
+class ATSKV(ScoredSelection[ATSKVState]):
     # window, chunk, consensus and min_share: what atskv's own dev tuning chose (the same 12
-    # trials as every baseline; conf/method/tuned/atskv.yaml, rounded to two decimals). The
-    # hand-set values before it were 48, 16, 0.5 and 0.2.
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
+    # trials as every baseline; conf/method/tuned/atskv.yaml, rounded to two decimals)
     signal: str = "attn_vnorm"
     chunk: int = 8
     consensus: float = 0.94
@@ -140,13 +136,11 @@ class ATSKV(ScoredSelection):
         default the most for which ranking cannot pay). Ranking a head of ``n`` pages costs
         about :data:`RANK_TOKENS` tokens' attention per page, to skip the pages past
         ``max_pages``: it takes less time than attending all ``page`` tokens of every page only
-        when ``RANK_TOKENS n + page max_pages < page n``. (At 16-token pages and ``max_pages``
-        48 that is 70 pages or more. The rule before it counted bytes alone, 1.5 tokens a page,
-        and ranked from 53 pages: at 4096 tokens and budget 0.2 on SmolLM2 it ranked 13 of 90
-        heads at the first step and 26 at the 40th, to skip 5-8 pages each, and those steps took
-        0.35-0.5 ms longer than attending every page, docs/decode_budget.md.) With pages of at
-        most ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages``
-        says so."""
+        when ``RANK_TOKENS n + page max_pages < page n`` (at 16-token pages and ``max_pages``
+        48: 70 pages or more; counting a page's bytes alone, 1.5 tokens, ranks heads whose
+        ranking costs more time than it saves, docs/performance.md). With pages of at most
+        ``RANK_TOKENS`` tokens ranking never pays: no head is ranked unless ``fit_pages`` says
+        so."""
         if self.fit_pages is not None:
             return self.fit_pages
         p = self.page_size
@@ -181,8 +175,7 @@ class ATSKV(ScoredSelection):
                 s = s * v[:, n_sink : n - w].float().norm(dim=-1)
         return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
-    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
-        assert isinstance(state, ATSKVState)
+    def select(self, state: ATSKVState, ctx: PrefillContext) -> list[list[Tensor]] | None:
         n = ctx.prompt_len
         tokens = self.prompt_target(n)
         if state.keep >= n or tokens >= n:
@@ -227,9 +220,8 @@ class ATSKV(ScoredSelection):
         return keep
 
     # -- decode -------------------------------------------------------------------------------
-    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+    def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> StaticPagedKV:
-        assert isinstance(state, ATSKVState)
         rows = [headroom(state)] * len(keep)
         if not self.sparse_decode:
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
@@ -241,9 +233,8 @@ class ATSKV(ScoredSelection):
             state.pins[layer] = None  # consumed: the store's pinned pages hold it now
         return store
 
-    def decode_layer(self, state: State, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
+    def decode_layer(self, state: ATSKVState, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
                      v: Tensor, scale: float) -> AttendResult:
-        assert isinstance(state, ATSKVState)
         if state.dense or not self.sparse_decode:
             # no head is ranked in this generation: the page summaries are neither read nor
             # updated, and a compiled step does not take them (each tensor a step takes is
@@ -257,9 +248,8 @@ class ATSKV(ScoredSelection):
             return AttendResult(out, read + store.summary_bytes())
         return super().decode_layer(state, layer, store, q, k, v, scale)
 
-    def attend(self, state: State, layer: int, store: StaticPagedKV, q: Tensor,
+    def attend(self, state: ATSKVState, layer: int, store: StaticPagedKV, q: Tensor,
                scale: float) -> AttendResult:
-        assert isinstance(state, ATSKVState)
         if not self.sparse_decode or state.dense:
             # no head of any layer holds more than fit() pages: exact attention over all of them
             return AttendResult(*store.attend(q, scale))

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from atskv.methods.base import METHODS, PrefillContext, State
-from atskv.methods.scoring import ScoredSelection, fit_total
+from atskv.core.method import METHODS, PrefillContext, State
+from atskv.methods.scoring import ScoredSelection, fit_total, scoring_space
 
 
 @dataclass
@@ -30,21 +30,15 @@ class DynamicKVState(State):
 
 @METHODS.register("dynamic_kv")
 @dataclass(frozen=True)
-class DynamicKV(ScoredSelection):
-    window: int = 8
+class DynamicKV(ScoredSelection[DynamicKVState]):
     r_max: int = 10
-    kernel: int = 7
-    pooling: str = "max"
     interval: int = 4
 
+    defaults = {"window": 8}
     paper = "https://arxiv.org/abs/2412.14838"
     # DynamicKV varies r_max and the redistribution interval; + window, kernel (pooling stays max)
-    search_space = {
-        "window": "choice(8, 16, 32, 64)",
-        "kernel": "choice(1, 7, 15, 31)",
-        "r_max": "choice(2, 5, 10, 20)",
-        "interval": "choice(1, 2, 4, 8)",
-    }
+    search_space = {**scoring_space("window", "kernel"), "r_max": "choice(2, 5, 10, 20)",
+                    "interval": "choice(1, 2, 4, 8)"}
     state_type = DynamicKVState
 
     def __post_init__(self) -> None:
@@ -52,9 +46,8 @@ class DynamicKV(ScoredSelection):
         for name in ("r_max", "interval"):
             self.check(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
 
-    def budgets(self, state: State, ctx: PrefillContext, scores: list[Tensor],
+    def budgets(self, state: DynamicKVState, ctx: PrefillContext, scores: list[Tensor],
                 per_layer: int) -> list[int | list[int]]:
-        assert isinstance(state, DynamicKVState)
         n_layers, limit = ctx.n_layers, scores[0].shape[1]
         b_max = min(self.r_max * per_layer, limit)
         vals: list[Tensor] = []  # per layer (H, kept) scores, best first

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atskv.methods.base import METHODS, Method
+from atskv.core.method import METHODS, Method, State
 
 
 @METHODS.register("full")
 @dataclass(frozen=True)
-class Full(Method):
+class Full(Method[State]):
     compresses = False
     # no hyperparameters: nothing to tune
     search_space = {}

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, AttendResult, Method, PrefillContext, State
+from atskv.core.method import METHODS, AttendResult, Method, PrefillContext, State
+from atskv.core.stores import PackedKV
 from atskv.methods.pages import head_batches
 from atskv.methods.scoring import accumulated_attention, keep_topk_plus_window
 
@@ -46,7 +46,7 @@ class H2OState(State):
 
 @METHODS.register("h2o")
 @dataclass(frozen=True)
-class H2O(Method):
+class H2O(Method[H2OState]):
     heavy_fraction: float = 0.5
     prefill_window: int = 0
 
@@ -77,8 +77,7 @@ class H2O(Method):
         state.recent = state.keep - state.heavy
         return state
 
-    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
-        assert isinstance(state, H2OState)
+    def select(self, state: H2OState, ctx: PrefillContext) -> list[list[Tensor]] | None:
         if not state.active:
             return None
         keep = []
@@ -93,15 +92,13 @@ class H2O(Method):
             keep.append(kept)
         return keep
 
-    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+    def make_store(self, state: H2OState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> PackedKV:
-        assert isinstance(state, H2OState)
         if not state.active:
             return super().make_store(state, layer, keys, values, keep)
         return PackedKV.from_selection(keys, values, keep, [state.keep - len(k) for k in keep])
 
-    def before_append(self, state: State, layer: int, store: PackedKV) -> None:
-        assert isinstance(state, H2OState)
+    def before_append(self, state: H2OState, layer: int, store: PackedKV) -> None:
         if not state.active:
             return
         s = state.scores[layer]
@@ -115,9 +112,8 @@ class H2O(Method):
             s[h, i : n - 1] = s[h, i + 1 : n].clone()
             s[h, n - 1] = 0.0
 
-    def attend(self, state: State, layer: int, store: PackedKV, q: Tensor,
+    def attend(self, state: H2OState, layer: int, store: PackedKV, q: Tensor,
                scale: float) -> AttendResult:
-        assert isinstance(state, H2OState)
         if not state.active:
             return super().attend(state, layer, store, q, scale)
         outs = []

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV, page_minmax, unreached_pages  # noqa: F401 - part of this module's API
-from atskv.methods.base import State
+from atskv.core.method import State
+from atskv.core.stores import PackedKV, page_minmax, unreached_pages
 
 
 def page_upper_bound(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:

@@ -15,26 +15,19 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from atskv.methods.base import METHODS, PrefillContext, State
-from atskv.methods.scoring import ScoredSelection, pyramid_budgets
+from atskv.core.method import METHODS, PrefillContext, State
+from atskv.methods.scoring import SCORING_SPACE, ScoredSelection, pyramid_budgets
 
 
 @METHODS.register("pyramidkv")
 @dataclass(frozen=True)
-class PyramidKV(ScoredSelection):
-    window: int = 8
+class PyramidKV(ScoredSelection[State]):
     beta: int = 20
-    kernel: int = 7
-    pooling: str = "max"
 
+    defaults = {"window": 8}
     paper = "https://arxiv.org/abs/2406.02069"
     # SnapKV's knobs plus beta, the steepness of the pyramid PyramidKV varies
-    search_space = {
-        "window": "choice(8, 16, 32, 64)",
-        "kernel": "choice(1, 7, 15, 31)",
-        "pooling": "choice(max, avg)",
-        "beta": "choice(5, 10, 20, 40)",
-    }
+    search_space = {**SCORING_SPACE, "beta": "choice(5, 10, 20, 40)"}
 
     def __post_init__(self) -> None:
         super().__post_init__()

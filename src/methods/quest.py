@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, AttendResult, Method, State, headroom
+from atskv.core.method import METHODS, AttendResult, Method, headroom
+from atskv.core.stores import PackedKV
 from atskv.methods.pages import (
     BoundsState,
     PageBounds,
@@ -39,7 +39,7 @@ class QuestState(BoundsState):
 
 @METHODS.register("quest")
 @dataclass(frozen=True)
-class Quest(Method):
+class Quest(Method[QuestState]):
     token_budget: int | None = None
     page_size: int = 16
     dense_layers: int = 2
@@ -70,18 +70,16 @@ class Quest(Method):
         state.n_pages = max(1, state.tokens // self.page_size)
         return state
 
-    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+    def make_store(self, state: QuestState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> PackedKV:
-        assert isinstance(state, QuestState)
         store = PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
         longest = max(store.capacities)
         if layer >= self.dense_layers and longest > max(state.tokens, state.n_pages * self.page_size):
             state.bounds[layer] = PageBounds(store, self.page_size)
         return store
 
-    def attend(self, state: State, layer: int, store: PackedKV, q: Tensor,
+    def attend(self, state: QuestState, layer: int, store: PackedKV, q: Tensor,
                scale: float) -> AttendResult:
-        assert isinstance(state, QuestState)
         longest = max(store.lengths)
         if layer not in state.bounds or longest <= max(state.tokens, state.n_pages * self.page_size):
             return super().attend(state, layer, store, q, scale)

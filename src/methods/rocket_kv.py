@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from atskv.kvcache import PackedKV
-from atskv.methods.base import METHODS, AttendResult, State, headroom
+from atskv.core.method import METHODS, AttendResult, headroom
+from atskv.core.stores import PackedKV
 from atskv.methods.pages import (
     BoundsState,
     PageBounds,
@@ -40,7 +40,7 @@ from atskv.methods.pages import (
     head_batches,
     sparq_page_scores,
 )
-from atskv.methods.scoring import ScoredSelection, topk_sorted
+from atskv.methods.scoring import SCORING_SPACE, ScoredSelection, topk_sorted
 
 
 def token_budget_for(fraction: float, total: int) -> float:
@@ -60,19 +60,13 @@ class RocketState(BoundsState):
 
 @METHODS.register("rocket_kv")
 @dataclass(frozen=True)
-class RocketKV(ScoredSelection):
+class RocketKV(ScoredSelection[RocketState]):
     token_budget: int | None = None
-    window: int = 32
-    kernel: int = 63
-    pooling: str = "max"
 
+    defaults = {"kernel": 63}
     paper = "https://arxiv.org/abs/2502.14051"
     # RocketKV's SnapKV++ stage: observation window and its large pooling kernel (default 63)
-    search_space = {
-        "window": "choice(8, 16, 32, 64)",
-        "kernel": "choice(15, 31, 63, 127)",
-        "pooling": "choice(max, avg)",
-    }
+    search_space = {**SCORING_SPACE, "kernel": "choice(15, 31, 63, 127)"}
     sparse_reads = True
     state_type = RocketState
 
@@ -101,17 +95,15 @@ class RocketKV(ScoredSelection):
         return RocketState(prompt_len, max_new_tokens, keep, t=t, chunk=chunk,
                            r_frac=chunk / c2, top_k=max(1, int(t / 2)))
 
-    def make_store(self, state: State, layer: int, keys: Tensor, values: Tensor,
+    def make_store(self, state: RocketState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> PackedKV:
-        assert isinstance(state, RocketState)
         store = PackedKV.from_selection(keys, values, keep, [headroom(state)] * len(keep))
         if max(store.capacities) > state.t:  # stage 2 will run: page bounds are kept
             state.bounds[layer] = PageBounds(store, state.chunk)
         return store
 
-    def attend(self, state: State, layer: int, store: PackedKV, q: Tensor,
+    def attend(self, state: RocketState, layer: int, store: PackedKV, q: Tensor,
                scale: float) -> AttendResult:
-        assert isinstance(state, RocketState)
         if max(store.lengths) <= state.t:
             return super().attend(state, layer, store, q, scale)
         bounds = state.bounds[layer]

@@ -15,9 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atskv.methods.base import Method, PrefillContext, State
+from atskv.core.method import Method, PrefillContext, S
 
 POOLINGS = ("max", "avg")
+#: the search space of :class:`ScoredSelection`'s own knobs, as SnapKV varies them; subclasses
+#: take the entries that apply to them (:func:`scoring_space`)
+SCORING_SPACE: dict[str, str] = {
+    "window": "choice(8, 16, 32, 64)",
+    "kernel": "choice(1, 7, 15, 31)",
+    "pooling": "choice(max, avg)",
+}
+
+
+def scoring_space(*names: str) -> dict[str, str]:
+    """The entries ``names`` of :data:`SCORING_SPACE`."""
+    return {n: SCORING_SPACE[n] for n in names}
 
 
 def window_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -83,7 +95,7 @@ def topk_sorted(scores: Tensor, k: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ScoredSelection(Method):
+class ScoredSelection(Method[S]):
     """Keep, per layer and KV head, the top-scored prompt tokens plus the observation window
     (SnapKV and the methods built on it; kvpress's ScorerPress idea).
 
@@ -99,6 +111,9 @@ class ScoredSelection(Method):
     kernel: int = 7
     pooling: str = "max"
 
+    # SnapKV's knobs: the observation window and the pooling (kernel 1: none; max vs avg)
+    search_space = SCORING_SPACE
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check("window", self.window, self.window >= 1, "must be >= 1")
@@ -109,7 +124,7 @@ class ScoredSelection(Method):
     def queries_needed(self) -> int:
         return self.window
 
-    def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
+    def select(self, state: S, ctx: PrefillContext) -> list[list[Tensor]] | None:
         keep = state.keep
         if keep >= ctx.prompt_len:
             return None
@@ -123,7 +138,7 @@ class ScoredSelection(Method):
         return window_scores(ctx.queries[layer], ctx.keys[layer], ctx.scale, w, self.kernel,
                              self.pooling)
 
-    def budgets(self, state: State, ctx: PrefillContext, scores: list[Tensor],
+    def budgets(self, state: S, ctx: PrefillContext, scores: list[Tensor],
                 per_layer: int) -> list[int | list[int]]:
         """Tokens beyond the window each layer keeps (an int, or one per KV head), given the
         average ``per_layer``."""

@@ -4,7 +4,7 @@ Keeps the first ``n_sink`` tokens and the most recent ``keep - n_sink`` of the p
 the prompt budget), and evicts the oldest non-sink token as each generated token arrives, so the
 cache stays at its compressed size while decoding, as in the paper. When the budget covers the
 whole prompt nothing is compressed and nothing is evicted (the full cache). The cache is a ring
-buffer (:class:`atskv.kvcache.StaticKV` with ``sinks``): a new token overwrites the oldest
+buffer (:class:`atskv.core.stores.StaticKV` with ``sinks``): a new token overwrites the oldest
 non-sink row in place, so the decode step is static (compilable, capturable). Keys keep their
 original positions (the common comparison setting; the paper re-rotates keys to in-cache
 positions instead).
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from atskv.kvcache import StaticKV
-from atskv.methods.base import METHODS, Method, PrefillContext, State
+from atskv.core.method import METHODS, Method, PrefillContext, State
+from atskv.core.stores import StaticKV
 
 
 @METHODS.register("sliding_window")
 @dataclass(frozen=True)
-class SlidingWindow(Method):
+class SlidingWindow(Method[State]):
     n_sink: int = 4
 
     paper = "https://arxiv.org/abs/2309.17453"

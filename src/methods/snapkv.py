@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atskv.methods.base import METHODS
+from atskv.core.method import METHODS, State
 from atskv.methods.scoring import ScoredSelection
 
 
 @METHODS.register("snapkv")
 @dataclass(frozen=True)
-class SnapKV(ScoredSelection):
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
+class SnapKV(ScoredSelection[State]):
+    """SnapKV as :class:`ScoredSelection` defines it: its window, kernel, pooling and search
+    space are SnapKV's own."""
 
     paper = "https://arxiv.org/abs/2404.14469"
-    # SnapKV varies the observation window and the pooling (kernel 1: none; max vs avg)
-    search_space = {
-        "window": "choice(8, 16, 32, 64)",
-        "kernel": "choice(1, 7, 15, 31)",
-        "pooling": "choice(max, avg)",
-    }

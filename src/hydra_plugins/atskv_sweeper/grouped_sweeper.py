@@ -5,7 +5,7 @@ Jobs of a batch that differ only in ``method``, ``method.<hyperparameter>``, ``b
 ``kv_size`` (same model, benchmark, tasks, samples, context length, hardware, dtype, seed) form a
 group, and each group is handed to the configured launcher as **one** job: the first member's
 overrides plus ``atskv_group=<the members>``. ``run.py`` sees that key and runs the members
-together (:func:`atskv.runner.run_group`): one prefill per sample, each member compressing its
+together (:func:`atskv.experiments.runner.run_group`): one prefill per sample, each member compressing its
 own copy, each writing its own run folder exactly as if it had run alone. So every launcher
 (basic, joblib, submitit local, SLURM: one array element per group) works unchanged, resume and
 failure handling stay per member, and the command line does not change. ``share_prefill=false``

@@ -1,0 +1,86 @@
+"""``make gpu-check``: the checks that need a CUDA GPU, as one script of at most ~8 minutes for a
+machine with a GPU and no network (SmolLM2 comes from the PyPI wheel, as everywhere).
+
+1. the ``gpu``-marked tests (CUDA-graph replay equals eager decoding, CUDA peak memory);
+2. ``make bench`` on CUDA (bf16) with every registered method at 4096
+   and 8192 tokens, with the static decode step captured in a CUDA graph and without
+   (``hardware.cuda_graph=false``), each against transformers' ``generate()``;
+3. the same methods at 16K-64K tokens for speed only: SmolLM2 has 8192 positions, so the RoPE
+   is extrapolated there (``model.max_position_embeddings`` raised) and accuracy is not claimed.
+
+Writes ``outputs/gpu/``: ``tests.log``, ``bench.json`` (the three bench runs), ``bench.md`` and
+each run's own folder. Exit status 0 only when every part passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from atskv.experiments import results
+
+RUNS = [  # (name, context lengths, extra arguments, what it claims)
+    ("graph", "4096,8192", [], "decode step captured in a CUDA graph"),
+    ("eager", "4096,8192", ["hardware.cuda_graph=false"], "the same step, eager"),
+    ("long", "16384,32768,65536", ["model.max_position_embeddings=131072", "--reps", "1"],
+     "speed only: RoPE extrapolated past SmolLM2's 8192 positions, accuracy not claimed"),
+]
+
+
+def run(cmd: list[str], log: Path, timeout: int) -> int:
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\nTIMED OUT after {timeout} s\n")
+            rc = 124
+    print(f"[gpu-check] {' '.join(cmd[2:5])} ... rc={rc} in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atskv.bench.gpu_check", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="outputs/gpu")
+    p.add_argument("--new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("atskv.bench.gpu_check: error: no CUDA device here; run it on a machine with a GPU",
+              file=sys.stderr)
+        return 2
+    from atskv.methods import METHODS
+
+    methods = ",".join(METHODS.names())  # every registered method
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    rcs = {"tests": run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                        out / "tests.log", 240)}
+    merged: dict[str, object] = {"device": torch.cuda.get_device_name(0), "runs": {}}
+    md = [f"# GPU check on {merged['device']}", ""]
+    for name, lens, extra, claim in RUNS:
+        folder = out / f"bench_{name}"
+        cmd = [py, "-m", "atskv.bench", "--sections", "main", "--methods", methods,
+               "--context-lens", lens, "--new-tokens", str(args.new_tokens), "--out", str(folder),
+               "hardware=cuda", *extra]
+        rcs[name] = run(cmd, out / f"bench_{name}.log", 150)
+        bench = folder / "bench.json"
+        if bench.is_file():
+            merged["runs"][name] = {"claim": claim, **json.loads(bench.read_text())}  # type: ignore[index]
+            md += [f"## {name}: {claim}", "", (folder / "bench.md").read_text(), ""]
+    merged["exit_codes"] = rcs
+    results.write_json(out / "bench.json", merged)
+    results.atomic_write_text(out / "bench.md", "\n".join(md))
+    print(f"[gpu-check] wrote {out}; exit codes {rcs}")
+    return 0 if all(rc == 0 for rc in rcs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

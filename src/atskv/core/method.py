@@ -1,0 +1,263 @@
+"""The method interface every KV-cache strategy implements, and the registry.
+
+A method is a frozen dataclass of hyperparameters (typed, with the paper's defaults): settings
+only. Everything a method keeps during one generation lives in the :class:`State` that
+:meth:`Method.begin` returns and that every hook receives; the state owns every tensor the method
+keeps (its per-layer stores included), so the bytes a method stores are counted from it.
+
+The shared budget is a fraction of the **prompt's** KV cache (the field's definition: kvpress's
+``compression_ratio = 1 - budget``; the papers' "KV size" divided by the prompt length):
+``budget`` or, alternatively, ``kv_size`` (prompt tokens per layer and KV head, the LongBench
+papers' parameter). :meth:`Method.prompt_keep` turns either into prompt tokens kept per layer and
+KV head on average; every method translates that into its own knobs. Generated tokens come on
+top, as each paper treats them: methods that evict while decoding (``evicts_while_decoding``)
+stay at their compressed size, the others append every generated token.
+
+The engine calls, per generation:
+
+1. :meth:`Method.begin` with the prompt length and generation length -> a :class:`State`;
+2. :meth:`Method.select` once after prefill: which prompt tokens each layer/KV head keeps;
+3. :meth:`Method.make_store` per layer: the decode storage (headroom for generated tokens);
+4. per decode step and layer, :meth:`Method.decode_layer`: :meth:`Method.before_append` (evict
+   to make room), the store's ``append`` of the new token, then :meth:`Method.attend` (attention
+   of the new query over the kept tokens; sparse methods choose a subset here and report the
+   bytes they read). A method may do all three in one kernel (atskv on the CPU).
+
+Capabilities the runner or the tests need are declared once on the class (``compresses``,
+``evicts_while_decoding``, ``sparse_reads``) or answered by a method of the settings
+(:meth:`Method.queries_needed`, :meth:`Method.static_decode`); nothing is probed with getattr.
+No runner code knows which method it runs: a new method is one module in this package with a
+``@METHODS.register("name")`` class, discovered on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from torch import Tensor
+
+from atskv.core.registry import Registry
+from atskv.core.stores import StaticKV, StaticPagedKV, Store, tensor_bytes
+from atskv.core.types import ConfigError
+
+
+@dataclass
+class PrefillContext:
+    """Everything a method may look at when compressing after prefill (batch size 1).
+
+    keys, values: per layer ``(H_kv, L, d)``, keys after RoPE.
+    queries: per layer ``(H_q, w, d)``, the last ``w`` prompt queries after RoPE, ``w`` at least
+        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    queries: list[Tensor]
+    prompt_len: int
+    max_new_tokens: int
+    scale: float
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.queries[0].shape[0] // self.n_kv_heads if self.queries[0].numel() else 1
+
+
+@dataclass
+class AttendResult:
+    out: Tensor  # (H_kv, g, d)
+    read_bytes: int  # KV bytes this step read for this layer (selection metadata included)
+
+
+@dataclass
+class State:
+    """One generation's state: what a method keeps between its hooks.
+
+    ``stores`` (one per layer, built by :meth:`Method.make_store`) hold the kept keys/values and
+    whatever per-token or per-page metadata the store maintains. Subclasses add the method's own
+    per-generation fields; tensors among them are listed by :meth:`own_tensors`, so that
+    :meth:`nbytes` counts every byte the method keeps (a generic test walks every tensor reachable
+    from the state and checks the sum).
+    """
+
+    prompt_len: int
+    max_new_tokens: int
+    keep: int  # prompt tokens per layer and KV head the budget allows (average)
+    stores: list[Store] = field(default_factory=list)
+
+    def own_tensors(self) -> Iterator[Tensor]:
+        """The method's own tensors besides the stores (override in subclasses)."""
+        return iter(())
+
+    def tensors(self) -> Iterator[Tensor]:
+        for store in self.stores:
+            yield from store.tensors()
+        yield from self.own_tensors()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the state holds: K/V, page summaries, scores, index tensors."""
+        return tensor_bytes(*self.tensors())
+
+    def spare_bytes(self) -> int:
+        """Bytes of the method's own tensors reserved for generated tokens that were never made
+        (e.g. page bounds of headroom pages; override in subclasses, like :meth:`own_tensors`)."""
+        return 0
+
+    def nbytes(self) -> int:
+        """The stored KV footprint: :meth:`allocated_bytes` less the rows (and their page
+        metadata) reserved for generated tokens that were never made (decoding stopped early, or
+        not there yet)."""
+        return (self.allocated_bytes() - sum(s.spare_bytes() for s in self.stores)
+                - self.spare_bytes())
+
+
+S = TypeVar("S", bound=State)
+
+
+@dataclass(frozen=True)
+class Method(Generic[S]):
+    """Base class: the full cache. Subclasses override the phases they act in; a method is
+    generic over its own :class:`State` type (``class H2O(Method[H2OState])``), which every
+    hook receives as that type."""
+
+    budget: float | None = None  # fraction of the prompt's KV cache kept (None: all of it)
+    kv_size: int | None = None  # alternatively: prompt tokens kept per layer and KV head
+
+    #: the registered name (set by ``METHODS.register``)
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    #: keeps fewer prompt tokens than the full cache (False: stores everything)
+    compresses: ClassVar[bool] = True
+    #: evicts while decoding, so the cache stays at its compressed size
+    evicts_while_decoding: ClassVar[bool] = False
+    #: reads only a subset of the stored KV per decode step
+    sparse_reads: ClassVar[bool] = False
+    #: the per-generation state class :meth:`begin` creates
+    state_type: ClassVar[type[State]] = State
+    #: defaults of inherited hyperparameters that differ from the parent class's (e.g.
+    #: ``{"window": 8}``): applied to the inherited dataclass fields when the class is made, so
+    #: that each field is declared once, on the class that introduces it
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: hyperparameter field -> hydra-optuna-sweeper distribution (``"choice(8, 16)"``,
+    #: ``"interval(0.1, 0.9)"``) that ``python -m atskv.experiments.tune`` searches on the dev split
+    search_space: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("defaults")
+        if not own:
+            return
+        inherited = {f.name: f for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+                     for f in reversed(dataclasses.fields(base))}
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, value in own.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}.defaults names {name!r}, which no parent "
+                                f"class declares; declare a new field as a field")
+            # the parent's field, declared again with this default (the dataclass decorator,
+            # which runs next, keeps it in the parent's position)
+            annotations[name] = inherited[name].type
+            setattr(cls, name, value)
+        cls.__annotations__ = annotations
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.kv_size is not None:
+            raise ConfigError(f"budget={self.budget} and kv_size={self.kv_size} are both set; "
+                              f"give one (budget: fraction of the prompt's KV cache kept; "
+                              f"kv_size: prompt tokens kept per layer and KV head)")
+        if self.budget is not None and not 0.0 < float(self.budget) <= 1.0:
+            raise ConfigError(f"budget={self.budget} is outside (0, 1]: the fraction of the "
+                              f"prompt's KV cache a method keeps, e.g. budget=0.2")
+        if self.kv_size is not None and int(self.kv_size) < 1:
+            raise ConfigError(f"kv_size={self.kv_size} must be >= 1 (prompt tokens kept per layer "
+                              f"and KV head, e.g. kv_size=512)")
+
+    def check(self, name: str, value: Any, ok: bool, rule: str) -> None:
+        """Raise a :class:`ConfigError` naming ``method.<name>=<value>`` unless ``ok``."""
+        if not ok:
+            raise ConfigError(f"method.{name}={value!r} {rule}")
+
+    # -- capabilities -----------------------------------------------------------------------
+    def queries_needed(self) -> int:
+        """How many of the last prompt queries (per layer) :meth:`select` scores with."""
+        return 0
+
+    def static_decode(self) -> bool:
+        """Whether the decode step is static: fixed shapes, state in device tensors updated in
+        place, no host synchronisation, no data-dependent Python control flow, so that it can be
+        compiled (``torch.compile``, ``fullgraph=True``) or captured in a CUDA graph. True for
+        the default store (:class:`StaticKV`) and hooks."""
+        return True
+
+    # -- per generation ---------------------------------------------------------------------
+    def prompt_keep(self, prompt_len: int) -> int:
+        """Prompt tokens to keep per layer and KV head on average: ``kv_size``, or ``budget`` x
+        the prompt length, between 1 and the prompt length. Never depends on the generation
+        length."""
+        if self.kv_size is not None:
+            n = int(self.kv_size)
+        else:
+            n = round((1.0 if self.budget is None else float(self.budget)) * prompt_len)
+        return max(1, min(prompt_len, n))
+
+    def prompt_target(self, prompt_len: int) -> int:
+        """Prompt tokens per layer and KV head the method aims to keep: :meth:`prompt_keep`, less
+        what a method pays out of the budget for its own metadata (e.g. page summaries)."""
+        return self.prompt_keep(prompt_len)
+
+    def begin(self, prompt_len: int, max_new_tokens: int) -> S:
+        return self.state_type(prompt_len, max_new_tokens, self.prompt_keep(prompt_len))  # type: ignore[return-value]
+
+    # -- after prefill ----------------------------------------------------------------------
+    def select(self, state: S, ctx: PrefillContext) -> list[list[Tensor]] | None:
+        """Per layer, per KV head, the sorted prompt-token indices to keep (None: keep all)."""
+        return None
+
+    def make_store(self, state: S, layer: int, keys: Tensor, values: Tensor,
+                   keep: list[Tensor]) -> Store:
+        """The layer's decode storage from the prefill tensors ``(H_kv, L, d)`` (a copy of the
+        kept tokens; the prefill tensors are never modified). Default: a static store where every
+        generated token is appended, so each head gets a row for each generated token that is fed
+        back (all but the last). Heads keeping different numbers of tokens are packed without
+        padding (:class:`StaticPagedKV` with pages of one token)."""
+        if len({int(k.numel()) for k in keep}) == 1:
+            return StaticKV(keys, values, keep, headroom(state))
+        return StaticPagedKV(keys, values, keep, [headroom(state)] * len(keep), page=1,
+                             bounds=False)
+
+    # -- each decode step -------------------------------------------------------------------
+    def before_append(self, state: S, layer: int, store: Any) -> None:
+        """Evict tokens so that one more fits in every head (default: nothing)."""
+
+    def decode_layer(self, state: S, layer: int, store: Any, q: Tensor, k: Tensor, v: Tensor,
+                     scale: float) -> AttendResult:
+        """One layer of a decode step: the new token's key and value ``(H_kv, d)`` into the store
+        (after :meth:`before_append`), then :meth:`attend` of the query ``q`` ``(H_kv, g, d)``."""
+        self.before_append(state, layer, store)
+        store.append(k, v)
+        return self.attend(state, layer, store, q, scale)
+
+    def attend(self, state: S, layer: int, store: Any, q: Tensor, scale: float) -> AttendResult:
+        """Attention of one query step ``q`` ``(H_kv, g, d)`` over every stored token (the
+        store's own exact attention)."""
+        return AttendResult(*store.attend(q, scale))
+
+
+def headroom(state: State) -> int:
+    """Rows a head needs for the generated tokens fed back to the model: every one but the last
+    (the last token is sampled, never attended to)."""
+    return max(0, state.max_new_tokens - 1)
+
+
+METHODS: Registry[type[Method]] = Registry("method", set_name=True)

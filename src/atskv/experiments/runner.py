@@ -1,0 +1,294 @@
+"""Jobs: config -> benchmark samples -> model -> method -> generate and score -> result files.
+
+A job is one run configuration writing one run folder. Jobs that differ only in method, budget /
+kv_size and method hyperparameters can run as a **group** (:func:`run_group`): the model loads
+once and each sample is prefilled once; every member compresses its own copy of that prefill and
+decodes, and writes its own result files as if it had run alone (the generated tokens, scores and
+byte counters are the same; TTFT = the shared prefill's time + the member's own compression +
+first token). A single job is a group of one (:func:`run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from atskv.benchmarks import BENCHMARKS
+from atskv.core.engine import Engine
+from atskv.core.types import ConfigError, GenerationOutput, Sample
+from atskv.experiments import models, results, wandb_log
+from atskv.experiments.config import build_method, resolved_budget, run_key, validate
+from atskv.metrics import PeakMemory
+from atskv.metrics.needles import needle_recall
+
+log = logging.getLogger("atskv")
+_jobs_in_process = 0  # jobs this process has run: a CPU process peak is a job's own only for the first
+
+#: config keys that may differ inside a group (everything else must be equal)
+GROUP_FREE = ("method", "budget", "kv_size", "sweep_id", "overwrite", "wandb")
+
+
+def group_key(cfg: DictConfig) -> str:
+    """What jobs sharing a prefill must agree on: the config without method, budget, kv_size
+    and bookkeeping keys."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    for k in GROUP_FREE:
+        data.pop(k, None)
+    return repr(sorted(data.items()))
+
+
+@dataclass
+class Job:
+    cfg: DictConfig
+    out_dir: Path
+    #: the ``method`` config option chosen (e.g. ``snapkv`` or ``tuned/snapkv``)
+    preset: str | None = None
+    #: the command-line overrides the job was composed from (its run key)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Member:
+    """A job while its group runs."""
+
+    job: Job
+    base: dict[str, Any]
+    benchmark: Any = None
+    method: Any = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    traceback: str | None = None
+    peak: int | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+def prepare(cfg: DictConfig) -> tuple[Any, Any, Path, int]:
+    """Every check that needs no model weights; returns (benchmark, tokenizer, model path,
+    the model's position limit). Raises :class:`ConfigError` on bad input."""
+    validate(cfg)
+    benchmark = BENCHMARKS.get(cfg.benchmark.name)(cfg.benchmark)
+    benchmark.validate()
+    path = models.resolve_path(cfg.model)
+    limit = models.max_positions(cfg.model, path)
+    max_new = benchmark.max_new_tokens()
+    if cfg.context_len + max_new > limit:
+        raise ConfigError(f"context_len={cfg.context_len} (the prompt) + {max_new} new tokens "
+                          f"(the longest generation of the selected {cfg.benchmark.name} tasks) = "
+                          f"{cfg.context_len + max_new} exceeds model {cfg.model.name}'s {limit} "
+                          f"positions; choose a smaller context_len")
+    tokenizer = models.load_tokenizer(cfg.model, path)
+    return benchmark, tokenizer, path, limit
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """Run one job into ``out_dir``. Returns the result dict, or None when skipped.
+
+    Bad input raises :class:`ConfigError` before any model loads and writes nothing. A failure
+    after that is recorded as ``status: failed`` with the error (so a sweep goes on); results of
+    other runs are never touched. Ctrl-C propagates and leaves only complete files behind.
+    """
+    return run_group([Job(cfg, Path(out_dir))])[0]
+
+
+def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """Run jobs that differ only in method, budget / kv_size and method hyperparameters, sharing
+    each sample's prefill. Finished jobs are skipped (None). A member with bad input writes
+    nothing and its :class:`ConfigError` is raised after the others have run; a member that fails
+    later is recorded as failed and the others go on."""
+    global _jobs_in_process
+    keys = {group_key(j.cfg) for j in jobs}
+    if len(keys) > 1:
+        raise ValueError("run_group: the jobs differ in more than method, budget and kv_size")
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        if results.finished(job.out_dir) and not job.cfg.overwrite:
+            log.info("skipping: %s already has a finished result.json (overwrite=true reruns it)",
+                     job.out_dir)
+        else:
+            todo.append(i)
+    if not todo:
+        return out
+    bad: list[ConfigError] = []
+    members: dict[int, _Member] = {}
+    shared = None
+    for i in todo:
+        try:
+            if shared is None:
+                shared = prepare(jobs[i].cfg)
+            else:
+                validate(jobs[i].cfg)
+            members[i] = _Member(jobs[i], _base_record(jobs[i], len(todo)))
+            members[i].method = build_method(jobs[i].cfg)
+        except ConfigError as e:
+            if len(jobs) == 1:
+                raise
+            log.error("error in %s: %s (nothing written for it; the group goes on)", jobs[i].out_dir, e)
+            bad.append(e)
+            members.pop(i, None)
+    if members:
+        assert shared is not None
+        fresh = _jobs_in_process == 0 and len(members) == 1
+        _jobs_in_process += len(members)
+        for m in members.values():
+            m.benchmark = shared[0]
+        _run_members(list(members.values()), *shared, fresh=fresh)
+        for i, m in members.items():
+            out[i] = _finish(m)
+    if bad:
+        raise bad[0]
+    return out
+
+
+def _base_record(job: Job, group_size: int) -> dict[str, Any]:
+    cfg = job.cfg
+    budget = resolved_budget(cfg)
+    preset = job.preset or cfg.method.name
+    return {
+        "method": cfg.method.name, "method_preset": preset,
+        "tuned": preset.startswith("tuned/"),
+        "benchmark": cfg.benchmark.name, "model": cfg.model.name,
+        "context_len": cfg.context_len, "budget": budget["budget"], "kv_size": budget["kv_size"],
+        "budget_of": "prompt", "seed": cfg.seed, "hardware": cfg.hardware.name,
+        "dtype": cfg.hardware.dtype, "split": cfg.benchmark.get("split"),
+        "sweep_id": cfg.sweep_id, "prefill_shared": group_size > 1,
+        "run_key": run_key(cfg.method, job.overrides),
+        "started_at": results.now_iso(),
+        # the code that runs: read as the job starts (a sweep's later commits are not its own)
+        "provenance": results.provenance(cfg.hardware.device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: Path, limit: int,
+                 fresh: bool) -> None:
+    cfg = members[0].job.cfg
+    load_start = results.machine_load()
+    try:
+        samples = benchmark.load(tokenizer, cfg.context_len, cfg.benchmark.n_samples, cfg.seed)
+        if not samples:
+            raise ConfigError(f"benchmark {cfg.benchmark.name} produced no samples for tasks "
+                              f"{cfg.benchmark.tasks}")
+        too_long = [s.id for s in samples if len(s.input_ids) + s.max_new_tokens > limit]
+        if too_long:
+            raise ConfigError(f"samples {too_long[:3]} do not fit the model's {limit} positions")
+        if cfg.hardware.threads:
+            torch.set_num_threads(cfg.hardware.threads)
+        torch.manual_seed(cfg.seed)
+        model = models.load_model(cfg.model, path, cfg.hardware.device, cfg.hardware.dtype,
+                                  cfg.hardware.device_map)
+        engine = Engine.for_hardware(model, tokenizer, cfg.hardware)
+        if cfg.warmup:
+            for m in members:
+                engine.warmup(m.method)
+        per_member = engine.device.type == "cuda" and len(members) > 1
+        with PeakMemory(engine.device) as mem:
+            _loop(members, engine, benchmark, samples, per_member)
+        for m in members:
+            if not per_member:
+                m.peak = mem.peak_bytes
+            m.base.update(peak_memory_bytes=m.peak, peak_memory_kind=mem.kind,
+                          peak_memory_since_reset=mem.since_reset, fresh_process=fresh)
+    except Exception as e:  # noqa: BLE001 - recorded, so that the rest of a sweep goes on
+        for m in members:
+            if m.error is None:
+                m.error, m.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
+        log.error("run failed: %s: %s", type(e).__name__, e)
+    load_end = results.machine_load()
+    for m in members:
+        m.base["machine_load"] = results.load_summary(load_start, load_end)
+
+
+def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[Sample],
+          per_member_peak: bool) -> None:
+    """Each sample: one prefill, then every member still running compresses its own copy and
+    decodes."""
+    cfg = members[0].job.cfg
+    name = members[0].method.name if len(members) == 1 else f"{len(members)} jobs"
+    bar = tqdm(samples, desc=f"{name} {cfg.benchmark.name} ctx{cfg.context_len}", unit="sample",
+               dynamic_ncols=True)
+    for sample in bar:
+        alive = [m for m in members if m.error is None]
+        if not alive:
+            break
+        engine.check_fits(len(sample.input_ids), sample.max_new_tokens)
+        pre = engine.prefill(sample.input_ids, max(m.method.queries_needed() for m in alive))
+        for m in alive:
+            try:
+                if per_member_peak:  # CUDA: this member's compression and decoding alone
+                    with PeakMemory(engine.device) as mem:
+                        out = engine.generate_from(pre, m.method, sample.max_new_tokens,
+                                                   stop=sample.stop)
+                    m.peak = max(m.peak or 0, mem.peak_bytes or 0)
+                else:
+                    out = engine.generate_from(pre, m.method, sample.max_new_tokens,
+                                               stop=sample.stop, consume=len(alive) == 1)
+                m.rows.append(sample_row(sample, out, benchmark))
+                del out
+            except Exception as e:  # noqa: BLE001 - this member fails, the others go on
+                m.error, m.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
+                log.error("%s failed on sample %s: %s", m.job.out_dir, sample.id, m.error)
+        del pre
+        if len(members) == 1 and members[0].rows:
+            rows = members[0].rows
+            bar.set_postfix(acc=f"{sum(r['score'] for r in rows) / len(rows):.1f}")
+
+
+def _finish(m: _Member) -> dict[str, Any]:
+    """Write the member's files (samples first, result.json last: it marks the run complete)
+    and mirror it to W&B."""
+    cfg = m.job.cfg
+    summary = results.summarize(m.rows, m.benchmark)
+    if m.error is None:
+        result = {**m.base, "status": "ok", "error": None, "n_samples": len(m.rows), **summary}
+    else:
+        result = {**m.base, "status": "failed", "error": m.error, "traceback": m.traceback,
+                  "n_samples": len(m.rows), **summary}
+    result["finished_at"] = results.now_iso()
+    result["duration_s"] = time.perf_counter() - m.t_start
+    result["provenance"].update(results.run_facts())
+    results.write_samples(m.job.out_dir / results.SAMPLES, m.rows)
+    results.write_json(m.job.out_dir / results.RESULT, result)
+    where = wandb_log.log_run(result, m.rows, m.job.out_dir, cfg.wandb)
+    if where:
+        result["wandb"] = where
+    return result
+
+
+def sample_row(sample: Sample, out: GenerationOutput, benchmark: Any) -> dict[str, Any]:
+    """One line of samples.jsonl: the prediction, its score, timings and measured KV bytes."""
+    meta = sample.meta
+    recall = None
+    if meta.get("needle_spans"):
+        spans = meta["needle_spans"]
+        answer = meta.get("answer_needles")
+        recall = needle_recall(out.stats["kept_indices"],
+                               [spans[j] for j in answer] if answer is not None else spans)
+    return {
+        "id": sample.id, "task": sample.task,
+        "score": benchmark.score(out.text, sample),
+        "score_parts": benchmark.score_parts(out.text, sample),
+        "prediction": out.text, "reference": sample.references,
+        "prompt_tokens": out.prompt_tokens, "generated_tokens": len(out.token_ids),
+        "stopped_by": out.stats["stopped_by"],
+        "ttft_s": out.ttft_s, "prefill_s": out.stats["prefill_s"],
+        "compress_s": out.stats["compress_s"],
+        "decode_s": out.decode_s, "decode_tokens_per_s": out.decode_tokens_per_s,
+        "kv_cache_bytes": out.kv_bytes_peak,
+        "kv_cache_bytes_after_compression": out.kv_bytes_after_compression,
+        "kv_cache_bytes_uncompressed": out.kv_bytes_uncompressed,
+        "kv_cache_bytes_prefill": out.stats["kv_bytes_prefill"],
+        "decode_kv_read_bytes": out.decode_kv_read_bytes,
+        "prompt_tokens_kept": out.stats["prompt_tokens_kept"],
+        "needle_recall": recall,
+        "meta": {k: v for k, v in meta.items() if isinstance(v, (int, float, str))},
+    }

@@ -1,5 +1,0 @@
-"""``python -m atskv.lm_eval_tasks``: export a benchmark as lm-eval tasks (see ``--help``)."""
-
-from atskv.lm_eval_tasks.export import main
-
-main()
