@@ -66,9 +66,14 @@ def group_members(cfg: DictConfig) -> list:
     hydra = [o for o in hc.overrides.hydra
              if not o.lstrip("+~").startswith(("hydra.sweep.subdir=", "hydra.run.dir="))]
     jobs = []
+    running = HydraConfig.instance().cfg  # the group job's; a member's folder: its own
     for own in decode(cfg[GROUP_KEY]):
         member = compose_run_config([*hydra, *task, *own], return_hydra_config=True)
-        out_dir = Path(member.hydra.sweep.dir) / str(member.hydra.sweep.subdir)
+        HydraConfig.instance().set_config(member)  # ${hydra:overrides.task}: the member's own
+        try:
+            out_dir = Path(member.hydra.sweep.dir) / str(member.hydra.sweep.subdir)
+        finally:
+            HydraConfig.instance().set_config(running)
         preset = member.hydra.runtime.choices.get("method")
         with open_dict(member):
             del member["hydra"]

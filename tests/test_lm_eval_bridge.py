@@ -119,6 +119,35 @@ def test_synthetic_task_from_include_path():
     assert info["generated_tokens_mean"] <= 16
 
 
+def test_multi_question_task_by_position_in_both_protocols():
+    """The multi-question task through lm-eval: a task per question position; the atskv model
+    answers each context's four questions from one compression of it, as run.py does, and in
+    the question-agnostic protocol compresses the context alone. The full cache answers the same
+    in both protocols."""
+    tasks = [f"atskv_mq_q{j}" for j in range(4)]
+    meta = {"model": "tiny_random", "context_len": 256, "n_samples": 2}
+    answers = {}
+    for proto in ("question_aware", "question_agnostic"):
+        lm = AtsKVLM(model="tiny_random", method="full", device="cpu", protocol=proto)
+        res = lm_eval.simple_evaluate(model=lm, tasks=["atskv_multi_question"],
+                                      task_manager=tasks_in(TASK_DIR, metadata=meta),
+                                      log_samples=True)
+        assert all(res["results"][t]["sample_len"] == 2 for t in tasks)
+        assert res["config"]["atskv"]["protocol"] == proto
+        assert res["config"]["atskv"]["pretokenized_prompts"] == 8
+        answers[proto] = {t: [s["resps"] for s in res["samples"][t]] for t in tasks}
+    assert answers["question_aware"] == answers["question_agnostic"]
+
+
+def test_the_agnostic_protocol_needs_prompts_that_say_where_the_question_starts(local_task):
+    lm = AtsKVLM(model="tiny_random", method="snapkv", budget=0.5, device="cpu",
+                 protocol="question_agnostic")
+    with pytest.raises(ConfigError, match="protocol=question_agnostic needs every prompt split"):
+        lm.generate_until([gen_request("a prompt from no atskv export", max_gen_toks=4)])
+    with pytest.raises(ConfigError, match="protocol='sideways'.*question_aware"):
+        AtsKVLM(model="tiny_random", method="full", device="cpu", protocol="sideways")
+
+
 def test_export_roundtrip_and_chat_template(tmp_path, local_task, snap_lm, smollm2_tokenizer):
     from atskv.benchmarks.synthetic import SyntheticBenchmark
     from atskv.integrations.lm_eval_tasks.export import record_sample, score_doc
@@ -247,3 +276,21 @@ def test_until_stops_generation_in_the_engine(full_lm, tmp_path):
                stop=["\n"])
     (name,) = export_samples([s], full_lm.tokenizer, "longbench", tmp_path)
     assert 'until: ["\\n"]' in (tmp_path / f"{name}.yaml").read_text()
+
+
+def test_batch_size_decodes_requests_together_with_the_same_answers():
+    """--batch_size: requests decoded together, each answered as alone."""
+    meta = {"model": "tiny_random", "context_len": 256, "n_samples": 3}
+    answers = {}
+    for size in (1, 3):
+        lm = AtsKVLM.create_from_arg_obj({"model": "tiny_random", "method": "snapkv",
+                                          "budget": 0.5, "device": "cpu"}, {"batch_size": size})
+        assert lm.batch_size == size
+        res = lm_eval.simple_evaluate(model=lm, tasks=["atskv_niah_multikey"], log_samples=True,
+                                      task_manager=tasks_in(TASK_DIR, metadata=meta))
+        assert res["config"]["atskv"]["batch_size"] == size
+        answers[size] = [s["resps"] for s in res["samples"]["atskv_niah_multikey"]]
+        assert lm.last_output.stats["decode_batch_size"] == min(size, 3)
+    assert answers[1] == answers[3]
+    with pytest.raises(ConfigError, match="batch_size='x'"):
+        AtsKVLM.create_from_arg_obj({"model": "tiny_random", "method": "full"}, {"batch_size": "x"})

@@ -165,6 +165,11 @@ def test_load_truncates_whole_prompt_to_context_len(tmp_path, smollm2_tokenizer)
     assert body == full[: budget // 2] + full[-(budget - budget // 2) :]
     assert tok.decode(body).rstrip().endswith("Question: What is the capital of France?\nAnswer:")
     assert s.stop == [] and s.meta["split"] == "test" and "length_bucket" not in s.meta
+    # the question part: what the template puts after the context, whole (kvpress's split)
+    question = tok.decode(s.input_ids[s.question_start :])
+    assert question.startswith("\n\n") and "Question: What is the capital of France?" in question
+    assert question.endswith("Answer:" + tok.decode(post))
+    assert "Sentence number 399" in tok.decode(s.input_ids[: s.question_start])
 
 
 def test_no_chat_template_for_fewshot_and_code(tmp_path, smollm2_tokenizer):
@@ -309,6 +314,9 @@ def test_real_multi_news_at_512(smollm2_tokenizer):
         samples = bench.load(smollm2_tokenizer, 512, None, seed=0)
         for s in samples:
             assert s.max_new_tokens == 512 and s.references and s.stop == []
+            question = smollm2_tokenizer.decode(s.input_ids[s.question_start :])
+            assert question.lstrip("\n").startswith(  # a newline of the context may join it
+                "Now, write a one-page summary of all the news.\n\nSummary:")
             if s.meta["prompt_tokens_full"] > 512:
                 assert s.meta["truncated"] and len(s.input_ids) == 512
             else:

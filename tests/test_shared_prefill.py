@@ -127,3 +127,26 @@ def test_shared_prefill_is_bit_identical_on_smollm2(tmp_path, smollm2_path):
         rs, ra = _rows(Path(str(job.out_dir).replace("alone", "shared"))), _rows(job.out_dir)
         for key in COMPARED:
             assert rs[0][key] == ra[0][key], (job.out_dir.name, key)
+
+
+def test_samples_decoded_together_give_the_same_results(tmp_path, smollm2_path):
+    """benchmark.batch_size: samples (and the four questions of a multi-question context)
+    prefilled one after another and decoded together with every member of the group give each
+    member the rows it gets one sample at a time, in both protocols."""
+    methods = ["full", "snapkv", "h2o", "atskv"]
+    extra = ["benchmark.tasks=[single_needle,multi_question]"]
+    for proto in ("question_aware", "question_agnostic"):
+        one = run_group(_jobs(tmp_path / proto / "one", (0.2,), methods,
+                              [*extra, f"protocol={proto}"]))
+        two = run_group(_jobs(tmp_path / proto / "two", (0.2,), methods,
+                              [*extra, f"protocol={proto}", "benchmark.batch_size=2"]))
+        for a, b in zip(one, two, strict=True):
+            assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
+            assert b["decode_batch_size"] > a["decode_batch_size"] > 1
+            name = f"{a['method']}_0.2"
+            rows_a = _rows(tmp_path / proto / "one" / name)
+            rows_b = _rows(tmp_path / proto / "two" / name)
+            assert len(rows_a) == len(rows_b) == 2 + 2 * 4
+            for ra, rb in zip(rows_a, rows_b):
+                for key in COMPARED:
+                    assert ra[key] == rb[key], (proto, name, key)

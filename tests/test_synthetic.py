@@ -15,7 +15,7 @@ from atskv.core.types import ConfigError, Sample
 ESSAYS = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "haystack", "paul_graham_essays"
 )
-ALL_TASKS = list(TASKS)
+ALL_TASKS = [t for t in TASKS if t != "multi_question"]  # one sample per prompt (the other: below)
 
 
 def make(tasks=None, haystack="generated", max_new_tokens=None, n_samples=None, split=None):
@@ -53,6 +53,37 @@ def test_exact_length_every_task(smollm2_tokenizer, context_len):
             assert smollm2_tokenizer.decode(s.input_ids[a:b]).strip() == needle
         for ref in s.references:
             assert ref in text
+        # the context holds the instruction and every needle; the question part the rest
+        context = smollm2_tokenizer.decode(s.input_ids[: s.question_start])
+        question = smollm2_tokenizer.decode(s.input_ids[s.question_start :])
+        assert question.startswith("\n\n" + s.meta["question"])
+        assert all(needle in context for needle in s.meta["needles"])
+        assert max(b for _, b in s.meta["needle_spans"]) <= s.question_start
+
+
+def test_multi_question_asks_every_needle_of_one_context(smollm2_tokenizer):
+    """Four samples per context, one per needle in turn: the same context ids, consecutive,
+    their own question and answer; the first prompt has exactly context_len tokens."""
+    samples = make(["multi_question"]).load(smollm2_tokenizer, 1024, 2, seed=0)
+    assert len(samples) == 8 and {s.task for s in samples} == {"multi_question"}
+    for c in range(2):
+        group = samples[4 * c : 4 * c + 4]
+        assert len({s.meta["context_id"] for s in group}) == 1
+        assert [s.meta["question_position"] for s in group] == [0, 1, 2, 3]
+        assert len(group[0].input_ids) == 1024
+        start = group[0].question_start
+        assert all(s.question_start == start and s.input_ids[:start] == group[0].input_ids[:start]
+                   for s in group)
+        needles = group[0].meta["needles"]
+        assert sorted(s.meta["answer_needles"][0] for s in group) == [0, 1, 2, 3]
+        for s in group:
+            (ref,) = s.references
+            asked = needles[s.meta["answer_needles"][0]]
+            assert asked.endswith(ref + ".")
+            key = asked.split(" for ", 1)[1].split(" is: ")[0]
+            assert key in smollm2_tokenizer.decode(s.input_ids[start:])
+            assert s.meta["depth"] == s.meta["depths"][s.meta["answer_needles"][0]]
+    assert samples[4].meta["context_id"] != samples[0].meta["context_id"]
 
 
 def test_defaults_and_max_new_tokens(smollm2_tokenizer):

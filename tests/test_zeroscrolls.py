@@ -205,6 +205,9 @@ def test_truncation_keeps_query_and_inserts_separator(tmp_path, smollm2_tokenize
     assert text.index("On day 0") < text.index(SEP) < text.index(QUERY)
     assert "On day 299" not in text
     assert text.endswith("Answer:\n<|im_end|>\n<|im_start|>assistant\n")
+    # the question part: the query and what follows it; the separator ends the context
+    assert tok.decode(s.input_ids[s.question_start :]).startswith(QUERY)
+    assert tok.decode(s.input_ids[: s.question_start]).rstrip().endswith(SEP.strip())
 
 
 def test_generation_length_never_limits_the_prompt(tmp_path, smollm2_tokenizer):
@@ -223,6 +226,7 @@ def test_short_input_is_untouched(tmp_path, smollm2_tokenizer):
     (s,) = bench.load(tok, 1024, None, 0)
     assert not s.meta["truncated"] and not s.meta["chat_template"] and s.max_new_tokens == 4
     assert tok.decode(s.input_ids) == rec["input"]
+    assert tok.decode(s.input_ids[s.question_start :]).startswith(QUERY)
 
 
 def test_query_that_cannot_fit_is_a_config_error(tmp_path, smollm2_tokenizer):

@@ -44,8 +44,9 @@ from atskv.benchmarks.base import BENCHMARKS, TaskFileBenchmark
 from atskv.benchmarks.textmetrics import (
     check_fields,
     check_task_names,
-    encode,
+    encode_split,
     hub_load,
+    kept_index,
     lm_eval_longbench_metrics,
     max_over_references,
     middle_truncate,
@@ -180,6 +181,17 @@ def length_bucket(length: float) -> str:
     return "4-8k" if length < 8000 else "8k+"
 
 
+def render_split(template: str, record: dict[str, Any]) -> tuple[str, int]:
+    """:func:`render_prompt` and where its question part begins: the character after the
+    context (what follows ``{{context}}`` in the template is the question part, as kvpress
+    splits LongBench's prompts; the instruction before the context stays with it)."""
+    head, sep, _ = template.partition("{{context}}")
+    text = render_prompt(template, record)
+    if not sep:
+        raise ConfigError("LongBench prompt template has no {{context}}")
+    return text, len(render_prompt(head, record)) + len(record["context"])
+
+
 def render_prompt(template: str, record: dict[str, Any]) -> str:
     """Fill ``{{context}}`` and ``{{question}}`` (THUDM's ``input``) from a record."""
     values = {"context": record["context"], "question": record["input"], "input": record["input"]}
@@ -291,7 +303,8 @@ class LongBench(TaskFileBenchmark):
         spec = task_spec(task)
         base = base_task(task)
         pre, post, used_chat = wrappers[base not in NO_CHAT_TEMPLATE]
-        content = encode(tokenizer, render_prompt(spec.prompt, record))
+        text, at = render_split(spec.prompt, record)
+        content, question_at = encode_split(tokenizer, text, at)
         budget = context_len - len(pre) - len(post)
         if budget <= 0:
             raise ConfigError(
@@ -321,6 +334,7 @@ class LongBench(TaskFileBenchmark):
             max_new_tokens=self.task_max_new_tokens(task),
             meta=meta,
             stop=list(spec.until),
+            question_start=len(pre) + kept_index(question_at, len(content), budget),
         )
 
     # -- scoring ------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ Tasks (``cfg.tasks``; ``None`` means ``["single_needle"]``):
 * ``multi_value``: four numbers for the same key word; score = % of them in the answer.
 * ``variable_tracking``: ``VAR A = 12345``, ``VAR B = VAR A``, ... (four hops); the answer must
   list every variable holding the value; score = % of the names found.
+* ``multi_question``: four needles with different key words in one context, and four samples
+  that ask for each of them in turn (a random order): they share ``meta["context_id"]`` and carry
+  ``meta["question_position"]`` (0-3), so that a compressed context serves every question
+  (:mod:`atskv.experiments.protocol`); string match. ``n`` counts contexts, each giving four
+  samples; the first question's prompt has exactly ``context_len`` tokens, the others differ by
+  their question's length.
 
 ``cfg.haystack`` is ``"generated"`` (seeded pseudo-English, no external data) or a folder of
 ``.txt`` essays. Sample ``i`` of a task puts its target needle at depth ``i`` of an evenly spaced
@@ -31,6 +37,7 @@ of ``"atskv-split:" + file name`` (divisible by 3: dev, about a third; else test
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -46,12 +53,14 @@ TASKS: dict[str, int] = {  # task name -> default max_new_tokens
     "multi_key": 16,
     "multi_value": 48,
     "variable_tracking": 48,
+    "multi_question": 16,
 }
 METRIC_NAMES: dict[str, str] = {  # task name -> what its score measures, for report tables
     "single_needle": "string match",  # the gold number appears in the answer: 0 or 100
     "multi_key": "string match",
     "multi_value": "recall of values",  # share of the four numbers that appear
     "variable_tracking": "recall of variables",  # share of the chain's names that appear
+    "multi_question": "string match",
 }
 DEFAULT_TASKS = ["single_needle"]
 DEFAULT_N = 8
@@ -177,7 +186,7 @@ def _make_spec(task: str, rng: random.Random, split: str) -> _Spec:
     keys = rng.sample([f"{a}-{b}" for a in adjs for b in nouns], N_KEYS)
     nums = [str(x) for x in rng.sample(range(1_000_000, 10_000_000), max(N_KEYS, N_VALUES))]
     needle = "One of the special magic numbers for {} is: {}."
-    if task in ("single_needle", "multi_key"):
+    if task in ("single_needle", "multi_key", "multi_question"):
         k = 1 if task == "single_needle" else N_KEYS
         t = rng.randrange(k)
         return _Spec(
@@ -221,6 +230,17 @@ def _make_spec(task: str, rng: random.Random, split: str) -> _Spec:
         True,
         list(range(len(chain))),
     )
+
+
+def ask_for(spec: _Spec, j: int) -> _Spec:
+    """``spec`` (a multi-key context) asking for needle ``j``'s number."""
+    key = spec.needles[j].split(" for ", 1)[1].split(" is: ", 1)[0]
+    number = spec.needles[j].rsplit(" ", 1)[1].rstrip(".")
+    return dataclasses.replace(
+        spec,
+        question=f"What is the special magic number for {key} mentioned in the provided text?",
+        answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
+        references=[number], target=j, answer_needles=[j])
 
 
 def essay_files(folder: str, split: str) -> list[str]:
@@ -332,29 +352,42 @@ class SyntheticBenchmark(Benchmark):
                     depths.sort()
                 ids, spans = self._assemble(head, tail, filler, needles, depths)
                 assert len(ids) == context_len, (len(ids), context_len)
-                samples.append(
-                    Sample(
-                        id=f"synthetic/{split}/{task}/{context_len}/{seed}/{i}",
-                        task=task,
-                        input_ids=ids,
-                        references=list(spec.references),
-                        max_new_tokens=self.task_max_new_tokens(task),
-                        meta={
-                            "depth": grid[i],
-                            "depths": depths,
-                            "needles": list(spec.needles),
-                            "needle_spans": spans,
-                            "answer_needles": list(spec.answer_needles),
-                            "answer_prefix": spec.answer_prefix,
-                            "question": spec.question,
-                            "haystack": self.haystack(),
-                            "context_len": context_len,
-                            "seed": seed,
-                            "split": split,
-                        },
-                        stop=[],
+                sample_id = f"synthetic/{split}/{task}/{context_len}/{seed}/{i}"
+                asks = [(spec, tail)]
+                if task == "multi_question":  # every needle in turn, the grid's first
+                    order = [spec.target] + rng.sample(
+                        [j for j in range(len(needles)) if j != spec.target], len(needles) - 1)
+                    asks = [(q, self._frame(tokenizer, q)[1])
+                            for q in (ask_for(spec, j) for j in order)]
+                context = ids[: len(ids) - len(tail)]
+                for position, (q, q_tail) in enumerate(asks):
+                    meta = {
+                        "depth": depths[q.target],
+                        "depths": depths,
+                        "needles": list(spec.needles),
+                        "needle_spans": spans,
+                        "answer_needles": list(q.answer_needles),
+                        "answer_prefix": q.answer_prefix,
+                        "question": q.question,
+                        "haystack": self.haystack(),
+                        "context_len": context_len,
+                        "seed": seed,
+                        "split": split,
+                    }
+                    if task == "multi_question":
+                        meta.update(context_id=sample_id, question_position=position)
+                    samples.append(
+                        Sample(
+                            id=sample_id + (f"/q{position}" if task == "multi_question" else ""),
+                            task=task,
+                            input_ids=context + q_tail,
+                            references=list(q.references),
+                            max_new_tokens=self.task_max_new_tokens(task),
+                            meta=meta,
+                            stop=[],
+                            question_start=len(context),
+                        )
                     )
-                )
         return samples
 
     def score(self, prediction: str, sample: Sample) -> float:

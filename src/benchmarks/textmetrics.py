@@ -65,6 +65,19 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_split(tokenizer: Any, text: str, at: int) -> tuple[list[int], int]:
+    """``encode(text)`` and the index of its first token that lies at or after character ``at``
+    (a token straddling ``at`` belongs to the second part): where a prompt's question part
+    begins, found without tokenizing the two parts apart (which could change the ids at the
+    seam). Tokenizers without offsets fall back to the length of ``text[:at]``'s ids."""
+    if not getattr(tokenizer, "is_fast", False):
+        return encode(tokenizer, text), len(encode(tokenizer, text[:at]))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    index = next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > at), len(ids))
+    return ids, index
+
+
 def _find_sublist(haystack: Sequence[int], needle: Sequence[int]) -> int:
     n = len(needle)
     for i in range(len(haystack) - n + 1):
@@ -105,6 +118,17 @@ def middle_truncate(ids: Sequence[int], budget: int) -> list[int]:
     head = budget // 2
     tail = budget - head
     return ids[:head] + (ids[-tail:] if tail else [])
+
+
+def kept_index(index: int, n: int, budget: int) -> int:
+    """Where token ``index`` of ``n`` lands after :func:`middle_truncate` to ``budget`` (an index
+    in the dropped middle goes to the start of the kept tail)."""
+    if n <= budget:
+        return index
+    head, tail = budget // 2, budget - budget // 2
+    if index >= n - tail:
+        return head + index - (n - tail)
+    return min(index, head)
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from atskv.benchmarks.textmetrics import (
     check_fields,
     check_task_names,
     encode,
+    encode_split,
     hub_load,
     max_over_references,
     prompt_wrapper,
@@ -276,20 +277,23 @@ def group_by_id(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], lis
 
 def truncate_input(
     tokenizer: Any, record: dict[str, Any], context_len: int, template_tokens: int = 0
-) -> tuple[list[int], bool, int]:
-    """``(ids, truncated, full_length)`` for a record's ``input`` within ``context_len`` minus
-    ``template_tokens`` tokens: the whole input when it fits, else instruction + document head +
-    separator + query and rest, exactly filling the room. Raises :class:`ConfigError` when the
-    instruction, separator and query alone do not fit."""
+) -> tuple[list[int], bool, int, int]:
+    """``(ids, truncated, full_length, question_start)`` for a record's ``input`` within
+    ``context_len`` minus ``template_tokens`` tokens: the whole input when it fits, else
+    instruction + document head + separator + query and rest, exactly filling the room.
+    ``question_start`` is the index of the first id of the query and what follows it (the
+    question part; the instruction, the document and, when cut, the separator are the context).
+    Raises :class:`ConfigError` when the instruction, separator and query alone do not fit."""
     budget = context_len - template_tokens
     text = record["input"]
-    full = encode(tokenizer, text)
-    if len(full) <= budget:
-        return full, False, len(full)
     ds, de, qs = (record[k] for k in _INDEX_FIELDS[:3])
+    full, question_at = encode_split(tokenizer, text, max(de, qs))
+    if len(full) <= budget:
+        return full, False, len(full), question_at
     head = encode(tokenizer, text[:ds])
     doc = encode(tokenizer, text[ds:de])
-    rest = encode(tokenizer, record["truncation_seperator"] + text[max(de, qs) :])
+    sep = record["truncation_seperator"]
+    rest, rest_at = encode_split(tokenizer, sep + text[max(de, qs) :], len(sep))
     keep = budget - len(head) - len(rest)
     if keep < 0:
         raise ConfigError(
@@ -297,7 +301,7 @@ def truncate_input(
             f"the instruction and query alone take {len(head) + len(rest)} tokens "
             f"(with the separator) and the chat template {template_tokens}"
         )
-    return head + doc[:keep] + rest, True, len(full)
+    return head + doc[:keep] + rest, True, len(full), len(head) + keep + rest_at
 
 
 @BENCHMARKS.register("zeroscrolls")
@@ -359,7 +363,7 @@ class ZeroScrolls(TaskFileBenchmark):
         samples: list[Sample] = []
         for task in self.tasks():
             for i, (record, references) in self.selected_items(task, n, seed):
-                ids, truncated, full_len = truncate_input(
+                ids, truncated, full_len, question_at = truncate_input(
                     tokenizer, record, context_len, len(pre) + len(post)
                 )
                 samples.append(
@@ -378,6 +382,7 @@ class ZeroScrolls(TaskFileBenchmark):
                             "split": self.split(),
                         },
                         stop=[],
+                        question_start=len(pre) + question_at,
                     )
                 )
         return samples

@@ -112,6 +112,14 @@ class H2O(Method[H2OState]):
             s[h, i : n - 1] = s[h, i + 1 : n].clone()
             s[h, n - 1] = 0.0
 
+    def truncate_layer(self, state: H2OState, layer: int, store: PackedKV,
+                       drop: list[int]) -> None:
+        before = list(store.lengths)
+        super().truncate_layer(state, layer, store, drop)
+        if state.active:  # the forgotten tokens' scores go with them
+            for h, (n, d) in enumerate(zip(before, drop)):
+                state.scores[layer][h, n - d : n] = 0.0
+
     def attend(self, state: H2OState, layer: int, store: PackedKV, q: Tensor,
                scale: float) -> AttendResult:
         if not state.active:

@@ -61,7 +61,7 @@ def run_paired(engine: Any, methods: dict[str, Any], reference: str,
                 made = names[:]  # compressed in a random order too: no method always allocates
                 order_rng.shuffle(made)  # its stores first (or last) in a round
                 for n in made:
-                    state, _ = engine.compress(pre, methods[n], steps + UNTIMED + 1)
+                    state = engine.compress(pre, methods[n], steps + UNTIMED + 1).state
                     steppers[n] = engine.stepper(methods[n], state, pre.prompt_len)
                     tokens[n] = first
                     for _ in range(UNTIMED):

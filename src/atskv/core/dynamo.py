@@ -8,17 +8,37 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from atskv.core import seam
 
 #: Inductor options of the decode step. ``decompose_mm_pass`` turns the one-row matrix products
-#: of a decode step (every projection whose sides are at most 2048 on CPU; none on CUDA, where
-#: its thresholds exclude one-row products) into fused multiply-and-sum loops, which stream the
+#: of a decode step that remain (the CPU float32 step's projections are ``atskv::linear_rows``;
+#: other dtypes; every projection whose sides are at most 2048 on CPU, none on CUDA, where its
+#: thresholds exclude one-row products) into fused multiply-and-sum loops, which stream the
 #: weights at close to the machine's read bandwidth where the GEMV kernel reaches well under half
 #: of it. ``size_asserts`` off: the wrapper re-checked every input's sizes and strides in Python
 #: (about 400 calls, 0.45 us each, per step of SmolLM2) after dynamo's guards had checked them.
 COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False}
 #: the decode step compiled per kind of model (:func:`model_key`)
 _COMPILED: dict[tuple[Any, ...], Any] = {}
+
+
+def available() -> bool:
+    """Whether torch.compile compiles here (``TORCH_COMPILE_DISABLE=1`` turns it off)."""
+    import torch._dynamo
+
+    return not torch._dynamo.config.disable
+
+
+def dynamic(tensor: Tensor, *dims: int) -> Tensor:
+    """Mark ``dims`` of ``tensor`` (a store's: cache capacities, page counts) as varying between
+    generations, so that a compiled decode step is compiled once for every size, not first for
+    this one and again when it changes. (A dim the step specialises on stays static.)"""
+    import torch._dynamo
+
+    torch._dynamo.maybe_mark_dynamic(tensor, list(dims))
+    return tensor
 
 
 def unguarded_model(guards: Sequence[Any]) -> list[bool]:

@@ -1,27 +1,39 @@
-"""The generation loop: chunked prefill, compression, greedy decoding with explicit positions.
+"""The generation loop: chunked prefill, compression, greedy decoding with explicit positions,
+one sequence at a time or a batch of them.
 
-Batch size 1 (the protocol of every benchmark here and of the papers' efficiency claims). Three
-phases, each its own method of :class:`Engine`:
+The phases, each its own method of :class:`Engine`:
 
 * :meth:`Engine.prefill`: exact attention over the prompt; returns a :class:`Prefill` (every
   layer's uncompressed keys/values, the last prompt queries a method scores with, the logits of
   the last position and the time it took). A prefill is never modified afterwards, so several
-  methods can compress the same one (a sweep's shared prefill);
+  methods can compress the same one (a sweep's shared prefill); another prefill can continue it;
 * :meth:`Engine.compress`: the method's :meth:`~atskv.methods.Method.select` and per-layer stores,
   built as copies of the kept tokens;
-* :meth:`Engine.decode`: greedy decoding with explicit position ids ``L + step`` until
-  ``max_new_tokens``, EOS or the first stop string.
+* :meth:`Engine.extend`: tokens appended on top of a compressed cache, uncompressed, with exact
+  attention (the question part of a prompt whose context was compressed without it: the
+  question-agnostic protocol);
+* decoding (:meth:`Engine.generate_batch`): greedy, with explicit position ids, until each
+  sequence's ``max_new_tokens``, EOS or first stop string. The sequences of a batch advance
+  together: one forward pass per step for all of them (each weight read once), each sequence's
+  attention through its own method and stores (:mod:`atskv.core.decoding`). On the CPU in float32
+  the decode step's linear layers compute every row as they compute it alone
+  (``atskv::linear_rows``), so a sequence gets the same tokens, logits and byte counters in a
+  batch as alone.
 
-:meth:`Engine.generate` runs all three. Measurements are taken here, around device-synchronised
-regions, and KV sizes are read off the tensors the method's state holds.
+:meth:`Engine.generate` runs prefill, compression and decoding for one prompt;
+:meth:`Engine.generate_from` compresses a given prefill (or starts from a given compression),
+extends it with a question if one is given, and decodes. Measurements are taken here, around
+device-synchronised regions, and KV sizes are read off the tensors the methods' states hold.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,10 +41,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.core import dynamo, seam
+from atskv.core.decoding import (
+    CompiledStep,
+    EagerStep,
+    ExtendSession,
+    GraphStep,
+    Row,
+    static,
+)
 from atskv.core.method import Method, PrefillContext, State
 from atskv.core.stores import DenseKV
 from atskv.core.types import GenerationOutput
 from atskv.metrics.timing import synchronize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,11 +79,16 @@ class _PrefillSession:
     """Seam callbacks during prefill: keys/values accumulate uncompressed, attention is exact and
     causal, and the last ``window`` queries of every layer are kept for the method's scoring."""
 
-    def __init__(self, n_layers: int, window: int):
+    def __init__(self, n_layers: int, window: int, base: Prefill | None = None):
         self.kv = [DenseKV() for _ in range(n_layers)]
         self.queries: list[Tensor | None] = [None] * n_layers
         self.window = window
         self.position = 0
+        if base is not None:  # continue it: its tensors are read, never written
+            for layer, kv in enumerate(self.kv):
+                kv.keys, kv.values = base.keys[layer], base.values[layer]
+                q = base.queries[layer]
+                self.queries[layer] = q if q.numel() else None
 
     def seen_tokens(self) -> int:
         return self.position
@@ -85,34 +112,18 @@ class _PrefillSession:
         return F.scaled_dot_product_attention(q, k[None], v[None], **kwargs)
 
 
-class _DecodeSession:
-    """Seam callbacks during decoding: the method's hooks over the stores its state owns."""
+@dataclass
+class Compressed:
+    """A method's state after compressing a prefill: ``keep`` the kept prompt-token indices per
+    layer and KV head, ``seconds`` the compression's time. :meth:`copy` gives an independent
+    copy, so that several questions can each start from the same compressed context."""
 
-    def __init__(self, method: Method, state: State, position: int):
-        self.method = method
-        self.state = state
-        self.position = position  # absolute position of the next token
-        #: the KV bytes the current step reads (sizes of what it reads: also inside a compiled
-        #: step, where the compiled function sets it, and a captured one, counted at capture)
-        self.step_read_bytes = 0
+    state: State
+    keep: list[list[Tensor]]
+    seconds: float
 
-    def seen_tokens(self) -> int:
-        return self.position
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return k, v  # stored by the method in :meth:`attention`, which receives them next
-
-    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """The layer's new key and value ``(1, H_kv, 1, d)`` into its store, then attention (one
-        method call, so that a method may do both in one kernel)."""
-        _, h_q, _, d = q.shape
-        store = self.state.stores[layer]
-        h_kv = store.n_heads
-        res = self.method.decode_layer(self.state, layer, store,
-                                       q[0, :, 0].view(h_kv, h_q // h_kv, d), k[0, :, 0],
-                                       v[0, :, 0], scale)
-        self.step_read_bytes += res.read_bytes
-        return res.out.reshape(1, h_q, 1, d)
+    def copy(self) -> Compressed:
+        return Compressed(copy.deepcopy(self.state), self.keep, self.seconds)
 
 
 class StopStrings:
@@ -140,7 +151,8 @@ class StopStrings:
 
 
 class Engine:
-    """Greedy generation with a KV-cache method on a transformers causal LM."""
+    """Greedy generation with KV-cache methods on a transformers causal LM, one sequence or a
+    batch of them."""
 
     def __init__(self, model: Any, tokenizer: Any, prefill_chunk: int = 0,
                  cuda_graph: bool = False, compile: bool = False):
@@ -148,7 +160,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = cuda_graph
-        self.compile = compile
+        self.compile = compile and dynamo.available()
+        if compile and not self.compile:
+            log.warning("torch.compile is disabled here (TORCH_COMPILE_DISABLE): decoding eagerly")
         self.dims = seam.model_dims(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -188,35 +202,45 @@ class Engine:
                                   consume=True)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: list[int] | Tensor, queries: int = 0) -> Prefill:
+    def prefill(self, input_ids: list[int] | Tensor, queries: int = 0,
+                base: Prefill | None = None) -> Prefill:
         """Exact (chunked) prefill of the prompt, keeping the last ``queries`` prompt queries of
-        every layer."""
+        every layer. With ``base``, the prompt continues ``base``'s (which is left as it was):
+        the result is the prefill of both, timed as ``base``'s seconds plus this one's (the
+        question-aware prompt of a context that was prefilled once for both protocols)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
-        prompt_len = ids.shape[1]
-        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len))
+        start = base.prompt_len if base is not None else 0
+        prompt_len = start + ids.shape[1]
+        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len), base)
         with seam.use_engine_attention(self.model):
             synchronize(self.device)
             t0 = time.perf_counter()
-            chunk = self.prefill_chunk or prompt_len
-            for s in range(0, prompt_len, chunk):
+            chunk = self.prefill_chunk or ids.shape[1]
+            for s in range(0, ids.shape[1], chunk):
                 piece = ids[:, s : s + chunk]
-                pos = torch.arange(s, s + piece.shape[1], device=self.device).view(1, -1)
-                session.position = s
-                logits = seam.forward(self.model, session, piece, pos)
+                pos = torch.arange(start + s, start + s + piece.shape[1],
+                                   device=self.device).view(1, -1)
+                session.position = start + s
+                logits = seam.forward(self.model, session, piece, pos)[0]
             synchronize(self.device)
             seconds = time.perf_counter() - t0
         empty = ids.new_empty(0, dtype=self.dtype)
         return Prefill(
             keys=[kv.keys for kv in session.kv], values=[kv.values for kv in session.kv],
             queries=[q if q is not None else empty for q in session.queries], logits=logits,
-            prompt_len=prompt_len, seconds=seconds,
+            prompt_len=prompt_len, seconds=seconds + (base.seconds if base is not None else 0.0),
             kv_bytes=sum(kv.nbytes() for kv in session.kv))
 
+    @torch.inference_mode()
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
-                 consume: bool = False) -> tuple[State, list[list[Tensor]]]:
+                 consume: bool = False) -> Compressed:
         """The method's state with its per-layer stores built from ``pre`` (copies of the kept
-        tokens), and the kept prompt-token indices per layer and KV head. With ``consume`` each
-        layer's prefill tensors are dropped once its store is built (a prefill nobody shares)."""
+        tokens; room for ``max_new_tokens`` appended tokens: the generation, and the question's
+        tokens when one is appended before it), the kept prompt-token indices per layer and KV
+        head, and the time it took. With ``consume`` each layer's prefill tensors are dropped once
+        its store is built (a prefill nobody shares)."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
         state = method.begin(pre.prompt_len, max_new_tokens)
         keys, values = pre.keys, pre.values
         assert all(k is not None for k in keys), "this prefill was consumed already"
@@ -231,119 +255,202 @@ class Engine:
                                                   keep[layer]))
             if consume:
                 keys[layer] = values[layer] = None
-        return state, keep
+        synchronize(self.device)
+        return Compressed(state, keep, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def forget(self, compressed: Compressed, method: Method, position: int,
+               copy: bool = True) -> Compressed:
+        """``compressed`` (a copy of it) without the kept tokens at ``position`` and after, as
+        if they had never been stored: a question compressed with its context, removed before
+        the next question goes on at ``position`` (the question-aware protocol's later
+        questions). Kept tokens are stored in position order, so they are each head's last."""
+        c = compressed.copy() if copy else compressed
+        keep = []
+        for layer, (store, heads) in enumerate(zip(c.state.stores, c.keep, strict=True)):
+            method.truncate_layer(c.state, layer, store, [int((k >= position).sum()) for k in heads])
+            keep.append([k[k < position] for k in heads])
+        return Compressed(c.state, keep, c.seconds)
+
+    @torch.inference_mode()
+    def extend(self, method: Method, state: State, token_ids: list[int],
+               position: int) -> tuple[Tensor, float, int]:
+        """Append ``token_ids`` at positions ``position ..`` on top of the compressed ``state``,
+        uncompressed, with exact attention over what its stores hold (:meth:`Method.extend_layer`)
+        in one forward pass. Returns the logits of the last token, the seconds it took and the
+        KV bytes its attention read."""
+        session = ExtendSession([Row(method, state, position)])
+        ids = torch.tensor([token_ids], device=self.device)
+        pos = torch.arange(position, position + len(token_ids), device=self.device).view(1, -1)
+        with seam.use_engine_attention(self.model), seam.exact_linears(self.model):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            logits = seam.forward(self.model, session, ids, pos)[0]
+            synchronize(self.device)
+        return logits, time.perf_counter() - t0, session.step_read_bytes[0]
 
     @torch.inference_mode()
     def generate_from(self, pre: Prefill, method: Method, max_new_tokens: int,
                       stop: Sequence[str] = (), stop_at_eos: bool = True,
-                      return_logits: bool = False, consume: bool = False) -> GenerationOutput:
-        """Compress ``pre`` with ``method`` and decode. TTFT = the prefill's time + this
-        compression + the first token."""
-        stopper = StopStrings(self.tokenizer, stop)
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        state, keep = self.compress(pre, method, max_new_tokens, consume)
-        token = int(torch.argmax(pre.logits))
-        synchronize(self.device)
-        compress_s = time.perf_counter() - t0
-        kv_after = state.nbytes()
-        logits_seen = [pre.logits.float().cpu()] if return_logits else []
-        tokens, read_bytes, step_s, decode_s, step = self.decode(
-            method, state, pre.prompt_len, token, max_new_tokens, stopper, stop_at_eos,
-            logits_seen if return_logits else None)
-        # steps that compiled the decode step are timed apart (compile_s), not as decoding
-        decode_tokens = len(tokens) - 1 - step.compile_steps
-        decode_s -= step.compile_s
-        kv_end = state.nbytes()
-        text_tokens = [t for t in tokens if not (stop_at_eos and t in self.eos_ids)]
+                      return_logits: bool = False, consume: bool = False,
+                      question: Sequence[int] = (),
+                      compressed: Compressed | None = None) -> GenerationOutput:
+        """Compress ``pre`` with ``method`` (or start from ``compressed``, a compression of
+        ``pre`` that this generation may modify), append the ``question`` tokens on top of it
+        uncompressed (:meth:`extend`; the question-agnostic protocol: the method compressed the
+        context without seeing them), and decode. TTFT = the prefill's time + the compression
+        + the question's extension + the first token."""
+        return self.generate_batch([Request(pre, method, max_new_tokens, stop, stop_at_eos,
+                                            return_logits, consume, question, compressed)])[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request]) -> list[GenerationOutput]:
+        """Every request compressed (or started from its compression) and extended with its
+        question one after another, then decoded together: one forward pass per step for all
+        of them. Each output is what :meth:`generate_from` gives for the request alone (tokens,
+        logits, byte counters); its timings are the batch's (``stats["decode_batch_size"]``)."""
+        gens = [self._start(r) for r in requests]
+        self._decode(gens)
+        return [self._output(g, len(gens)) for g in gens]
+
+    def _start(self, r: Request) -> _Generation:
+        question = list(r.question)
+        comp = r.compressed or self.compress(r.pre, r.method, len(question) + r.max_new_tokens,
+                                             r.consume)
+        g = _Generation(r, comp, question, StopStrings(self.tokenizer, r.stop),
+                        kv_after=comp.state.nbytes())
+        logits = r.pre.logits
+        if question:
+            logits, g.extend_s, g.extend_read = self.extend(r.method, comp.state, question,
+                                                            r.position())
+        g.tokens = [int(torch.argmax(logits))]
+        if r.return_logits:
+            g.logits = [logits.float().cpu()]
+        g.done = self._finished(g)
+        return g
+
+    def _finished(self, g: _Generation) -> bool:
+        r = g.request
+        return (len(g.tokens) >= r.max_new_tokens
+                or (r.stop_at_eos and g.tokens[-1] in self.eos_ids) or g.stopper.hit(g.tokens))
+
+    def _decode(self, gens: list[_Generation]) -> None:
+        """Decode steps until every generation has finished. Rows whose steps are static and
+        equally long run as one fixed batch (compiled or captured where the engine does so; a
+        finished row keeps running within its own room and its outputs are dropped); otherwise
+        the batch shrinks as rows finish."""
+        rows = [Row(g.request.method, g.compressed.state,
+                    g.request.position() + len(g.question)) for g in gens]
+        fixed = (static(rows) and len({g.request.max_new_tokens for g in gens}) == 1
+                 and (self.compile or self.cuda_graph))
+        with seam.use_engine_attention(self.model), seam.exact_linears(self.model):
+            step: EagerStep | None = self._stepper(rows) if fixed else None
+            while not all(g.done for g in gens):
+                live = list(range(len(gens))) if fixed else [i for i, g in enumerate(gens)
+                                                            if not g.done]
+                if not fixed and (step is None or len(step.rows) != len(live)):
+                    step = EagerStep(self.model, [rows[i] for i in live], self.device)
+                assert step is not None
+                compiled = step.compile_steps
+                t = time.perf_counter()
+                logits, reads = step([gens[i].tokens[-1] for i in live])
+                nxt = logits.argmax(dim=-1).tolist()  # a host sync: the step has finished
+                dt = None if step.compile_steps != compiled else time.perf_counter() - t
+                for j, i in enumerate(live):
+                    g = gens[i]
+                    if g.done:  # a finished row of a fixed batch: its step is dropped
+                        continue
+                    g.tokens.append(int(nxt[j]))
+                    g.reads.append(reads[j])
+                    g.steps += 1
+                    if dt is None:
+                        g.compile_steps += 1
+                        g.compile_s += step.compile_s - g.compile_s_seen
+                    else:
+                        g.step_s.append(dt)
+                    g.compile_s_seen = step.compile_s
+                    if g.logits is not None:
+                        g.logits.append(logits[j].float().cpu())
+                    if self._finished(g):
+                        g.done = True
+                        g.kv_end = g.compressed.state.nbytes()
+            for g in gens:
+                g.compiled = isinstance(step, CompiledStep) and step.compiled_calls > 0
+                g.graph = isinstance(step, GraphStep) and step.graph is not None
+                if g.kv_end is None:
+                    g.kv_end = g.compressed.state.nbytes()
+
+    def _output(self, g: _Generation, batch: int) -> GenerationOutput:
+        r, tokens, keep = g.request, g.tokens, g.compressed.keep
+        text_tokens = [t for t in tokens if not (r.stop_at_eos and t in self.eos_ids)]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True) if self.tokenizer else ""
         kept = [[int(i.numel()) for i in layer] for layer in keep]
         flat = [n for layer in kept for n in layer]
         stats: dict[str, Any] = {
-            "cuda_graph": isinstance(step, _GraphStep) and step.graph is not None,
-            "compiled": isinstance(step, _CompiledStep) and step.compiled_calls > 0,
-            "compile_s": step.compile_s,
-            "compile_steps": step.compile_steps,
-            "decode_step_s": step_s,  # each timed decode step (token to token)
+            "cuda_graph": g.graph,
+            "compiled": g.compiled,
+            "compile_s": g.compile_s,
+            "compile_steps": g.compile_steps,
+            "decode_step_s": g.step_s,  # each timed decode step (token to token)
+            "decode_batch_size": batch,  # sequences decoded together (timings are the batch's)
             "kept_tokens": kept,
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
-            "kv_bytes_prefill": pre.kv_bytes,
-            "prefill_s": pre.seconds,
-            "compress_s": compress_s,
+            "kv_bytes_prefill": r.pre.kv_bytes,
+            "prefill_s": r.pre.seconds,
+            "compress_s": g.compressed.seconds,
+            "question_tokens": len(g.question),
+            "extend_s": g.extend_s,
+            "extend_kv_read_bytes": g.extend_read,
             "kept_indices": keep,
-            "stopped_by": ("eos" if stop_at_eos and tokens[-1] in self.eos_ids else
-                           "stop" if stopper.hit(tokens) else "length"),
+            "stopped_by": ("eos" if r.stop_at_eos and tokens[-1] in self.eos_ids else
+                           "stop" if g.stopper.hit(tokens) else "length"),
         }
-        if return_logits:
-            stats["logits"] = logits_seen
-            stats["state"] = state
+        if g.logits is not None:
+            stats["logits"] = g.logits
+            stats["state"] = g.compressed.state
         return GenerationOutput(
             token_ids=tokens,
-            text=stopper.cut(text),
-            prompt_tokens=pre.prompt_len,
-            ttft_s=pre.seconds + compress_s,
-            decode_s=decode_s,
-            decode_tokens=decode_tokens,
-            kv_bytes_after_compression=kv_after,
-            kv_bytes_peak=max(kv_after, kv_end),
-            kv_bytes_uncompressed=self.full_kv_bytes(pre.prompt_len + len(tokens) - 1),
-            decode_kv_read_bytes=(sum(read_bytes) / len(read_bytes)) if read_bytes else None,
+            text=g.stopper.cut(text),
+            prompt_tokens=r.position() + len(g.question),
+            ttft_s=r.pre.seconds + g.compressed.seconds + g.extend_s,
+            decode_s=sum(g.step_s),
+            decode_tokens=len(g.step_s),
+            kv_bytes_after_compression=g.kv_after,
+            kv_bytes_peak=max(g.kv_after, g.kv_end or 0),
+            kv_bytes_uncompressed=self.full_kv_bytes(r.position() + len(g.question)
+                                                     + len(tokens) - 1),
+            decode_kv_read_bytes=(sum(g.reads) / len(g.reads)) if g.reads else None,
             stats=stats,
         )
-
-    def decode(self, method: Method, state: State, prompt_len: int, token: int,
-               max_new_tokens: int, stopper: StopStrings, stop_at_eos: bool,
-               logits_seen: list[Tensor] | None
-               ) -> tuple[list[int], list[int], list[float], float, _EagerStep]:
-        """Greedy decoding from the first ``token``: the tokens, the KV bytes each step read,
-        the seconds of each step that did not compile, the decode time (after the first token)
-        and the stepper used."""
-        session = _DecodeSession(method, state, prompt_len)
-        tokens = [token]
-        read_bytes: list[int] = []
-        step_s: list[float] = []
-        with seam.use_engine_attention(self.model):
-            step = self._stepper(method, session)
-            synchronize(self.device)
-            t1 = time.perf_counter()
-            while (len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids)
-                   and not stopper.hit(tokens)):
-                t = time.perf_counter()
-                compiled = step.compile_steps
-                logits, step_bytes = step(token)
-                read_bytes.append(step_bytes)
-                token = int(torch.argmax(logits))  # a host sync: the step has finished
-                if step.compile_steps == compiled:  # a step that compiled is timed apart
-                    step_s.append(time.perf_counter() - t)
-                tokens.append(token)
-                if logits_seen is not None:
-                    logits_seen.append(logits.float().cpu())
-            synchronize(self.device)
-            decode_s = time.perf_counter() - t1
-        return tokens, read_bytes, step_s, decode_s, step
 
     @contextmanager
     def stepping(self) -> Iterator[None]:
         """The context in which :meth:`stepper`'s steps (and the compressions they start from)
-        run: inference mode, the engine's attention in the model."""
-        with torch.inference_mode(), seam.use_engine_attention(self.model):
+        run: inference mode, the engine's attention and linear layers in the model."""
+        with (torch.inference_mode(), seam.use_engine_attention(self.model),
+              seam.exact_linears(self.model)):
             yield
 
     def stepper(self, method: Method, state: State,
                 prompt_len: int) -> Callable[[int], tuple[Tensor, int]]:
-        """Single decode steps over a compressed ``state``, as :meth:`decode` runs them (compiled
-        or graph-captured where it would be), for harnesses that interleave several methods'
+        """Single decode steps over a compressed ``state``, as decoding runs them (compiled or
+        graph-captured where it would be), for harnesses that interleave several methods'
         steps: ``step(token)`` feeds ``token`` at the next position and returns the logits and
         the KV bytes the step read. Call it inside :meth:`stepping`."""
-        return self._stepper(method, _DecodeSession(method, state, prompt_len))
+        step = self._stepper([Row(method, state, prompt_len)])
 
-    def _stepper(self, method: Method, session: _DecodeSession) -> _EagerStep:
-        static = method.static_decode() and all(s.static for s in session.state.stores)
-        if static and self.cuda_graph and self.device.type == "cuda":
-            return _GraphStep(self.model, session, self.device)
-        if static and self.compile:
-            return _CompiledStep(self.model, session, self.device)
-        return _EagerStep(self.model, session, self.device)
+        def one(token: int) -> tuple[Tensor, int]:
+            logits, reads = step([token])
+            return logits[0], reads[0]
+
+        return one
+
+    def _stepper(self, rows: list[Row]) -> EagerStep:
+        if static(rows) and self.cuda_graph and self.device.type == "cuda":
+            return GraphStep(self.model, rows, self.device)
+        if static(rows) and self.compile:
+            return CompiledStep(self.model, rows, self.device)
+        return EagerStep(self.model, rows, self.device)
 
     def warmup(self, method: Method) -> None:
         """Short generations so that one-time costs (first calls, compiling the decode step for
@@ -353,106 +460,49 @@ class Engine:
             self.generate(list(range(1, n + 1)), method, max_new_tokens=4, stop_at_eos=False)
 
 
-class _EagerStep:
-    """One decode step: the token at the session's next position through the model."""
+@dataclass
+class Request:
+    """One generation of a batch (:meth:`Engine.generate_batch`): a prefill and the method that
+    compresses it (or its compression, which the generation may modify), the question appended
+    on top of it (none: the question is inside the prefill), and how the generation ends."""
 
-    compile_s = 0.0  # time spent compiling (compiled steps only)
-    compile_steps = 0  # steps whose time was compile time
+    pre: Prefill
+    method: Method
+    max_new_tokens: int
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+    return_logits: bool = False
+    consume: bool = False  # the prefill's tensors are freed as they are compressed
+    question: Sequence[int] = ()
+    compressed: Compressed | None = None
+    start: int | None = None  # where the question goes (None: after the prefill's prompt)
 
-    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
-        self.model, self.session, self.device = model, session, device
-
-    def __call__(self, token: int) -> tuple[Tensor, int]:
-        s = self.session
-        s.step_read_bytes = 0
-        pos = torch.tensor([[s.position]], device=self.device)
-        logits = seam.forward(self.model, s, torch.tensor([[token]], device=self.device), pos)
-        s.position += 1
-        return logits, s.step_read_bytes
-
-
-class _CompiledStep(_EagerStep):
-    """Decode steps through the compiled static step (:func:`compiled_step`), every one of them:
-    the token and the position go in through device tensors. The KV bytes a step reads are
-    counted inside the compiled step (from the sizes of the tensors it reads, as in an eager
-    step). A call that had to compile (a new method, model or shape) is timed as ``compile_s``
-    and left out of the decode rate.
-    """
-
-    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
-        super().__init__(model, session, device)
-        self.fn = dynamo.compiled_step(model)
-        self.cache = seam.make_cache(model, session)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.compiled_calls = self.compile_steps = 0
-        self.compile_s = 0.0
-
-    def __call__(self, token: int) -> tuple[Tensor, int]:
-        s = self.session
-        s.step_read_bytes = 0
-        self.ids.fill_(token)
-        self.pos.fill_(s.position)
-        before = dynamo.compilations()
-        t0 = time.perf_counter()
-        with seam.active(s):
-            logits = self.fn(self.model, self.cache, self.ids, self.pos)
-        if dynamo.compilations() != before:
-            synchronize(self.device)
-            self.compile_s += time.perf_counter() - t0
-            self.compile_steps += 1
-        self.compiled_calls += 1
-        s.position += 1
-        return logits, s.step_read_bytes
+    def position(self) -> int:
+        """The position of the first appended token (the question's, else the first
+        generated token's)."""
+        return self.pre.prompt_len if self.start is None else self.start
 
 
-class _GraphStep(_EagerStep):
-    """Decode steps replayed from a CUDA graph (methods whose decode state is static).
+@dataclass
+class _Generation:
+    """A request while its batch decodes."""
 
-    The first step runs eagerly on a side stream (the warm-up capture needs; it is a real step).
-    The second is captured into a ``torch.cuda.CUDAGraph`` with the token and position held in
-    static device tensors, then replayed for it and every later step; the method's decode state
-    (lengths, page bounds, buffers) lives in device tensors updated in place, so replays advance
-    it. Read bytes per step are fixed by the static shapes and taken from the captured step. If
-    capture fails, the steps run eagerly and ``stats["cuda_graph"]`` says so.
-    """
-
-    def __init__(self, model: Any, session: _DecodeSession, device: torch.device):
-        super().__init__(model, session, device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
-        self.failed = False
-
-    def __call__(self, token: int) -> tuple[Tensor, int]:
-        self.calls += 1
-        if self.failed or self.calls == 1:
-            if self.calls == 1:
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    out = super().__call__(token)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                return out
-            return super().__call__(token)
-        s = self.session
-        if self.graph is None:
-            self.ids = torch.tensor([[token]], device=self.device)
-            self.pos = torch.tensor([[s.position]], device=self.device)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                s.step_read_bytes = 0
-                with torch.cuda.graph(graph):
-                    self.logits = seam.forward(self.model, s, self.ids, self.pos)
-            except Exception as e:  # noqa: BLE001 - fall back to eager, recorded in stats
-                import logging
-
-                logging.getLogger(__name__).warning("CUDA graph capture failed (%s); decoding eagerly", e)
-                self.failed = True
-                return super().__call__(token)
-            self.graph, self.read_bytes = graph, s.step_read_bytes
-        else:
-            self.ids.fill_(token)
-            self.pos.fill_(s.position)
-        self.graph.replay()
-        s.position += 1
-        return self.logits, self.read_bytes
+    request: Request
+    compressed: Compressed
+    question: list[int]
+    stopper: StopStrings
+    kv_after: int
+    kv_end: int | None = None
+    extend_s: float = 0.0
+    extend_read: int = 0
+    tokens: list[int] = field(default_factory=list)
+    logits: list[Tensor] | None = None
+    reads: list[int] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    steps: int = 0
+    compile_steps: int = 0
+    compile_s: float = 0.0
+    compile_s_seen: float = 0.0
+    compiled: bool = False
+    graph: bool = False
+    done: bool = False

@@ -40,8 +40,8 @@ from atskv.core.types import ConfigError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rank_pages.cpp")]
-NAME = "atskv::paged_attention, atskv::paged_decode"
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rank_pages.cpp", "linear_rows.cpp")]
+NAME = "atskv::paged_attention, atskv::paged_decode, atskv::linear_rows"
 _loaded: bool | None = None  # None: not tried yet
 _reason = "not tried"
 
@@ -115,6 +115,7 @@ def load() -> bool:
         torch.library.register_fake("atskv::paged_attention")(_shape)
         torch.library.register_fake("atskv::rank_pages")(_rank_shape)
         torch.library.register_fake("atskv::paged_decode")(_decode_shape)
+        torch.library.register_fake("atskv::linear_rows")(_linear_shape)
     except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
         _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
         warnings.warn(f"atskv: the CPU decode kernels could not be built, decoding uses PyTorch "
@@ -142,6 +143,10 @@ def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, s
                   index: Tensor, pinned: Tensor, page: int, max_pages: int, fit_pages: int,
                   min_pages: int, mass: float, scale: float) -> Tensor:
     return q.new_empty(q.shape)
+
+
+def _linear_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def page_slots(max_pages: int, fit_pages: int, n_pages: int) -> int:
@@ -183,6 +188,14 @@ def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor
     to attend (every page of a head holding at most ``fit_pages``, unranked)."""
     return torch.ops.atskv.rank_pages(q, kmin, kmax, ksum, lens, pinned, page, max_pages,
                                       fit_pages, min_pages, mass, scale)
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for the rows ``x`` ``(M, K)`` of a decode step, ``weight``
+    ``(N, K)``: every output by the same float operations whatever ``M`` and the row's place
+    (a sequence decoded in a batch gets what it gets alone), each weight row read once for all
+    rows. ``(M, N)``, float32 on the CPU."""
+    return torch.ops.atskv.linear_rows(x, weight, bias)
 
 
 def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, summary: Tensor,

@@ -23,6 +23,10 @@ The engine calls, per generation:
    of the new query over the kept tokens; sparse methods choose a subset here and report the
    bytes they read). A method may do all three in one kernel (atskv on the CPU).
 
+In the question-agnostic protocol the method compresses the context alone; the question's tokens
+then go on top of the compressed cache, uncompressed, through :meth:`Method.extend_layer` (the
+append, then exact attention), before decoding starts.
+
 Capabilities the runner or the tests need are declared once on the class (``compresses``,
 ``evicts_while_decoding``, ``sparse_reads``) or answered by a method of the settings
 (:meth:`Method.queries_needed`, :meth:`Method.static_decode`); nothing is probed with getattr.
@@ -247,6 +251,22 @@ class Method(Generic[S]):
         self.before_append(state, layer, store)
         store.append(k, v)
         return self.attend(state, layer, store, q, scale)
+
+    def extend_layer(self, state: S, layer: int, store: Any, q: Tensor, k: Tensor, v: Tensor,
+                     scale: float) -> AttendResult:
+        """One token of a chunk appended on top of the compressed cache (the question, in the
+        question-agnostic protocol): into the store (after :meth:`before_append`, so a method
+        that evicts keeps its size), then the store's exact attention over everything it holds.
+        Decode-time selection (sparse reads) does not apply: the question is prefilled exactly,
+        as kvpress's evaluation does."""
+        self.before_append(state, layer, store)
+        store.append(k, v)
+        return AttendResult(*store.attend(q, scale))
+
+    def truncate_layer(self, state: S, layer: int, store: Any, drop: list[int]) -> None:
+        """Forget each KV head's last ``drop[h]`` stored tokens (a question compressed with the
+        context, removed before the next question; see the question-aware protocol)."""
+        store.truncate(drop)
 
     def attend(self, state: S, layer: int, store: Any, q: Tensor, scale: float) -> AttendResult:
         """Attention of one query step ``q`` ``(H_kv, g, d)`` over every stored token (the

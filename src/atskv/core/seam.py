@@ -14,7 +14,9 @@ Two seams, no edits or monkeypatches of modeling code:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -141,42 +143,55 @@ def make_cache(model: Any, session: Session) -> SessionCache:
 
 
 def step_logits(model: Any, cache: SessionCache, ids: Tensor, positions: Tensor) -> Tensor:
-    """The model on ``ids`` ``(1, t)`` at explicit ``positions`` ``(1, t)`` with ``cache``; the
-    logits of the last position ``(vocab,)``. This is the function a static decode step compiles
-    (no host sync and no data-dependent Python in it: transformers builds no mask for the
-    ``atskv`` attention, and positions are explicit)."""
-    head = _plain_head(model) if torch.compiler.is_compiling() else None
-    if head is None or head.weight.device.type != "cpu":
-        out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)
-        return out.logits[0, -1]
-    hidden = model.get_decoder()(input_ids=ids, position_ids=positions, cache=cache,
-                                 use_cache=True).last_hidden_state[0, -1]
-    # the head as a multiply-and-sum, which the compiler fuses into one loop that streams the
-    # (vocab x hidden) weight at close to the read bandwidth; its GEMV kernel reaches under half
-    # of it on CPU, and the head is a fifth of a small model's weights
-    logits = (head.weight * hidden.to(head.weight.dtype)).sum(-1)
-    return logits if head.bias is None else logits + head.bias
-
-
-def _plain_head(model: Any) -> torch.nn.Linear | None:
-    """The output projection of a causal LM whose logits are exactly ``lm_head(final hidden
-    state)`` (no logit scaling or soft-capping in its config), else None."""
-    cfg = text_config(model)
-    if (not type(model).__name__.endswith("ForCausalLM") or not hasattr(model, "get_decoder")
-            or any(getattr(cfg, a, None) is not None for a in
-                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))):
-        return None
-    head = model.get_output_embeddings()
-    return head if type(head) is torch.nn.Linear else None
+    """The model on ``ids`` ``(B, t)`` at explicit ``positions`` ``(B, t)`` with ``cache``; the
+    logits of each row's last position ``(B, vocab)``. This is the function a static decode step
+    compiles (no host sync and no data-dependent Python in it: transformers builds no mask for
+    the ``atskv`` attention, and positions are explicit)."""
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1]
 
 
 @torch.inference_mode()
 def forward(model: Any, session: Session, ids: Tensor, positions: Tensor) -> Tensor:
-    """Run the model on ``ids`` ``(1, t)`` at explicit ``positions`` ``(1, t)`` with the
-    session's cache; returns the logits of the last position ``(vocab,)``."""
+    """Run the model on ``ids`` ``(B, t)`` at explicit ``positions`` ``(B, t)`` with the
+    session's cache; returns the logits of each row's last position ``(B, vocab)``."""
     with active(session):
         return step_logits(model, make_cache(model, session), ids, positions)
+
+
+_ROWS_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rows_forward(module: torch.nn.Linear, x: Tensor) -> Tensor:
+    from atskv.core import kernels
+
+    out = kernels.linear_rows(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def exact_linears(model: Any) -> Iterator[None]:
+    """For the duration, the model's linear layers whose weights the CPU kernels take (float32
+    on the CPU) run through ``atskv::linear_rows``: each row of a step (a sequence of a decode
+    batch) gets the output it gets alone, and every weight is read once per step (the library
+    GEMV reaches under half the read bandwidth on CPU). Other layers, and other devices, are
+    left as they are."""
+    from atskv.core import kernels
+
+    swapped = [m for m in model.modules() if type(m) is torch.nn.Linear
+               and "forward" not in vars(m) and kernels.usable(m.weight)]
+    for m in swapped:
+        # one forward per module for its lifetime: a compiled step holds it weakly, and a new
+        # one each time would invalidate the step
+        if m not in _ROWS_FORWARD:
+            _ROWS_FORWARD[m] = functools.partial(_rows_forward, m)
+        m.forward = _ROWS_FORWARD[m]
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 class _StepClock:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.core import kernels
+from atskv.core.dynamo import dynamic
 
 #: rows per block when the kernel reads every row of a head (any size gives the same result)
 DENSE_BLOCK = 128
@@ -63,6 +64,10 @@ class Store(Protocol):
 
     def total_tokens(self) -> int:
         """Tokens stored over all heads (a host sync: never inside a decode step)."""
+
+    def truncate(self, drop: list[int]) -> None:
+        """Drop each head's last ``drop[h]`` tokens (the latest positions: rows are kept in
+        position order), as if they had never been stored."""
 
 
 def tensor_bytes(*tensors: Tensor | None) -> int:
@@ -224,6 +229,9 @@ class PackedKV:
     def total_tokens(self) -> int:
         return sum(self.lengths)
 
+    def truncate(self, drop: list[int]) -> None:
+        self.lengths = [n - d for n, d in zip(self.lengths, drop, strict=True)]
+
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the store holds: keys and values, headroom included (lengths and
         offsets are host-side lists)."""
@@ -268,6 +276,7 @@ class StaticKV:
             idx = idx.to(dev)  # layers may sit on different GPUs
             self.k[h, : lengths[h]] = keys[h].index_select(0, idx)
             self.v[h, : lengths[h]] = values[h].index_select(0, idx)
+        dynamic(self.k, 1), dynamic(self.v, 1)  # capacities differ between generations
         self.count = torch.tensor(lengths, device=dev)  # tokens written per head
         self.sinks = sinks
         self.reserved = headroom * n_heads  # rows for generated tokens (spare until written)
@@ -310,6 +319,13 @@ class StaticKV:
 
     def total_tokens(self) -> int:
         return int(self.count.clamp(max=self.capacity).sum())  # a host sync: never in a step
+
+    def truncate(self, drop: list[int]) -> None:
+        if self.sinks is not None and bool((self.count > self.capacity).any()):
+            raise RuntimeError("a ring that has wrapped holds its tokens out of order")
+        self.count -= torch.tensor(drop, device=self.count.device)
+        self.initial -= sum(drop)
+        self.reserved += sum(drop)  # free rows again, for tokens appended later
 
     def spare_bytes(self) -> int:
         """Bytes of the headroom rows no generated token has been written to (yet)."""
@@ -368,21 +384,29 @@ class StaticPagedKV:
         #: pages a method wants attended at every step (set after construction); its shape is
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
-        self.pinned = torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev)
+        self.pinned = dynamic(torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev), 1)
+        dynamic(self.k, 0), dynamic(self.v, 0)  # rows and pages differ between generations
         #: (H, n_pages, 3, d): each page slot's key min, max and sum (``kmin``, ``kmax``,
         #: ``ksum`` are its parts), one tensor for the same reason as ``index``, a page's three
         #: side by side (one stream of memory for a ranking to read)
         self.summary = None
         if not bounds:
             return
-        self.summary = keys.new_zeros((n_heads, n_pages, 3, d))
+        self.summary = dynamic(keys.new_zeros((n_heads, n_pages, 3, d)), 1)
         self.summary[:, :, 0], self.summary[:, :, 1] = float("inf"), float("-inf")  # no key yet
         for h in range(n_heads):
-            seg = self.k[starts[h] : starts[h] + lengths[h]]
-            n_used = -(-lengths[h] // page)
-            if n_used:
-                self.kmin[h, :n_used], self.kmax[h, :n_used] = page_minmax(seg, page)
-                self.ksum[h, :n_used] = F.pad(seg, (0, 0, 0, -lengths[h] % page)).view(n_used, page, d).sum(1)
+            self._summarise(h, lengths[h])
+
+    def _summarise(self, h: int, n: int) -> None:
+        """Head ``h``'s page summaries from its first ``n`` rows."""
+        assert self.summary is not None
+        start, d = int(self.index[0, h]), self.k.shape[1]
+        seg = self.k[start : start + n]
+        n_used = -(-n // self.page)
+        if n_used:
+            self.kmin[h, :n_used], self.kmax[h, :n_used] = page_minmax(seg, self.page)
+            self.ksum[h, :n_used] = F.pad(seg, (0, 0, 0, -n % self.page)).view(
+                n_used, self.page, d).sum(1)
 
     @property
     def offsets(self) -> Tensor:
@@ -489,6 +513,17 @@ class StaticPagedKV:
 
     def total_tokens(self) -> int:
         return int(self.lens.sum())
+
+    def truncate(self, drop: list[int]) -> None:
+        lens = [n - d for n, d in zip(self.lens.tolist(), drop, strict=True)]
+        self.index[1] = torch.tensor(lens, device=self.index.device)
+        self.initial -= sum(drop)
+        self.reserved += sum(drop)  # free rows again, for tokens appended later
+        if self.summary is not None:  # every page's summary again, from the rows it holds now
+            self.summary[:, :, 0], self.summary[:, :, 1] = float("inf"), float("-inf")
+            self.summary[:, :, 2] = 0
+            for h, n in enumerate(lens):
+                self._summarise(h, n)
 
     def spare_bytes(self) -> int:
         """Bytes of the headroom rows reserved for generated tokens not appended (yet), and of

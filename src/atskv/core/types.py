@@ -19,7 +19,11 @@ class Sample:
     against; ``task`` names the sub-task (a LongBench dataset, a synthetic task type, ...).
     ``max_new_tokens`` is the generation length, on top of the prompt; generation ends at EOS,
     after ``max_new_tokens`` tokens, or as soon as the generated text contains one of the
-    ``stop`` strings (empty: no stop string).
+    ``stop`` strings (empty: no stop string). ``question_start`` is where the question part of
+    the prompt begins (the question, the template's tail and the answer prefix; the context is
+    everything before it): the question-agnostic protocol compresses the context alone (None: the
+    benchmark does not split its prompts). Samples whose ``meta["context_id"]`` is equal share
+    their context (several questions asked of one document) and come one after another.
     """
 
     id: str
@@ -29,6 +33,7 @@ class Sample:
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
+    question_start: int | None = None
 
 
 @dataclass

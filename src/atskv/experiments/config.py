@@ -55,6 +55,9 @@ class BenchmarkConfig:
     haystack: str = "generated"  # synthetic: "generated" or a folder of .txt files
     max_new_tokens: int | None = None  # overrides the per-task default
     split: str = "test"  # dev | test: disjoint, fixed parts of every benchmark (dev for tuning)
+    # samples (or groups of questions sharing a context) prefilled one after another and then
+    # decoded together with every member of the job's group (each gets what it gets alone)
+    batch_size: int = 1
 
 
 @dataclass
@@ -87,6 +90,9 @@ class RunConfig:
     # fraction of the prompt's KV cache a method keeps (null: DEFAULT_BUDGET unless kv_size is set)
     budget: float | None = None
     kv_size: int | None = None  # alternatively: prompt tokens kept per layer and KV head
+    # question_aware: the question is compressed with the prompt; question_agnostic: the
+    # context is compressed alone, the question appended uncompressed (atskv.experiments.protocol)
+    protocol: str = "question_aware"
     seed: int = 0
     # sweeps: jobs differing only in method / budget share each sample's prefill
     share_prefill: bool = True
@@ -259,8 +265,14 @@ def validate(cfg: DictConfig) -> None:
                           f"context_len={cfg.context_len} (prompt tokens kept per layer and KV head)")
     if cfg.context_len <= 0:
         raise ConfigError(f"context_len={cfg.context_len} must be positive; presets: {CONTEXT_LENGTHS}")
+    from atskv.experiments.protocol import check_protocol
+
+    check_protocol(cfg.protocol)
     if cfg.wandb.mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose one of {', '.join(WANDB_MODES)}")
+    if cfg.benchmark.batch_size < 1:
+        raise ConfigError(f"benchmark.batch_size={cfg.benchmark.batch_size} must be >= 1 "
+                          f"(samples decoded together)")
     if cfg.benchmark.n_samples is not None and cfg.benchmark.n_samples <= 0:
         raise ConfigError(f"benchmark.n_samples={cfg.benchmark.n_samples} must be positive")
     build_method(cfg)  # budget / kv_size and the method's own checks

@@ -209,7 +209,35 @@ def summarize(rows: list[dict[str, Any]], benchmark: Any = None) -> dict[str, An
         "needle_recall": _mean([r.get("needle_recall") for r in rows]),
         "prefill_s": _mean([r.get("prefill_s") for r in rows]),
         "compress_s": _mean([r.get("compress_s") for r in rows]),
+        "extend_s": _mean([r.get("extend_s") for r in rows]),
+        "compile_s": sum(r.get("compile_s") or 0.0 for r in rows),
+        # >1: the members and samples of a batch decoded together, so that TTFT and decode
+        # rates are the batch's, not the method's alone (compare speed with make bench)
+        "decode_batch_size": max((r.get("decode_batch_size") or 1 for r in rows), default=None),
+        "accuracy_by_position": _by_position(rows, benchmark),
     }
+
+
+def _by_position(rows: list[dict[str, Any]], benchmark: Any) -> dict[str, float] | None:
+    """Several questions per context: accuracy (mean over tasks) of the questions asked at each
+    position (``"0"``: the first), None when no row has a ``question_position``."""
+    at: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("question_position") is not None:
+            at.setdefault(int(r["question_position"]), []).append(r)
+    if not at:
+        return None
+    return {str(p): summarize_scores(rs, benchmark) for p, rs in sorted(at.items())}
+
+
+def summarize_scores(rows: list[dict[str, Any]], benchmark: Any) -> float:
+    """The mean over tasks of each task's score (the benchmark's own aggregate)."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    scores = [float(benchmark.aggregate(t, rs)) if benchmark is not None
+              else mean(r["score"] for r in rs) for t, rs in by_task.items()]
+    return mean(scores)
 
 
 def _kept(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from atskv.benchmarks import BENCHMARKS
+from atskv.core import dynamo
 from atskv.core.engine import Engine
 from atskv.core.types import ConfigError, GenerationOutput, Sample
-from atskv.experiments import models, results, wandb_log
+from atskv.experiments import models, protocol, results, wandb_log
 from atskv.experiments.config import build_method, resolved_budget, run_key, validate
 from atskv.metrics import PeakMemory
 from atskv.metrics.needles import needle_recall
@@ -33,12 +34,12 @@ log = logging.getLogger("atskv")
 _jobs_in_process = 0  # jobs this process has run: a CPU process peak is a job's own only for the first
 
 #: config keys that may differ inside a group (everything else must be equal)
-GROUP_FREE = ("method", "budget", "kv_size", "sweep_id", "overwrite", "wandb")
+GROUP_FREE = ("method", "budget", "kv_size", "protocol", "sweep_id", "overwrite", "wandb")
 
 
 def group_key(cfg: DictConfig) -> str:
-    """What jobs sharing a prefill must agree on: the config without method, budget, kv_size
-    and bookkeeping keys."""
+    """What jobs sharing a prefill must agree on: the config without method, budget, kv_size,
+    protocol and bookkeeping keys."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     for k in GROUP_FREE:
@@ -67,7 +68,6 @@ class _Member:
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
-    peak: int | None = None
     t_start: float = field(default_factory=time.perf_counter)
 
 
@@ -158,7 +158,8 @@ def _base_record(job: Job, group_size: int) -> dict[str, Any]:
         "tuned": preset.startswith("tuned/"),
         "benchmark": cfg.benchmark.name, "model": cfg.model.name,
         "context_len": cfg.context_len, "budget": budget["budget"], "kv_size": budget["kv_size"],
-        "budget_of": "prompt", "seed": cfg.seed, "hardware": cfg.hardware.name,
+        "budget_of": "prompt", "protocol": cfg.protocol, "seed": cfg.seed,
+        "hardware": cfg.hardware.name,
         "dtype": cfg.hardware.dtype, "split": cfg.benchmark.get("split"),
         "sweep_id": cfg.sweep_id, "prefill_shared": group_size > 1,
         "run_key": run_key(cfg.method, job.overrides),
@@ -181,23 +182,30 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
         too_long = [s.id for s in samples if len(s.input_ids) + s.max_new_tokens > limit]
         if too_long:
             raise ConfigError(f"samples {too_long[:3]} do not fit the model's {limit} positions")
+        protocol.check_splits(samples, {m.job.cfg.protocol for m in members})
         if cfg.hardware.threads:
             torch.set_num_threads(cfg.hardware.threads)
         torch.manual_seed(cfg.seed)
         model = models.load_model(cfg.model, path, cfg.hardware.device, cfg.hardware.dtype,
                                   cfg.hardware.device_map)
         engine = Engine.for_hardware(model, tokenizer, cfg.hardware)
+        compiles = dynamo.compilations()  # the warm-up's included: it compiles for the run
         if cfg.warmup:
             for m in members:
                 engine.warmup(m.method)
-        per_member = engine.device.type == "cuda" and len(members) > 1
         with PeakMemory(engine.device) as mem:
-            _loop(members, engine, benchmark, samples, per_member)
+            try:
+                _loop(members, engine, benchmark, samples)
+            except Exception as e:  # noqa: BLE001 - a failure of the whole batch: every member's
+                for m in members:
+                    if m.error is None:
+                        _fail(m, e, "(batch)")
         for m in members:
-            if not per_member:
-                m.peak = mem.peak_bytes
-            m.base.update(peak_memory_bytes=m.peak, peak_memory_kind=mem.kind,
-                          peak_memory_since_reset=mem.since_reset, fresh_process=fresh)
+            m.base.update(peak_memory_bytes=mem.peak_bytes, peak_memory_kind=mem.kind,
+                          peak_memory_since_reset=mem.since_reset, fresh_process=fresh,
+                          # one peak for the members and samples decoded together
+                          peak_memory_shared=len(members) > 1 or cfg.benchmark.batch_size > 1,
+                          compiles=dynamo.compilations() - compiles)
     except Exception as e:  # noqa: BLE001 - recorded, so that the rest of a sweep goes on
         for m in members:
             if m.error is None:
@@ -208,39 +216,73 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
         m.base["machine_load"] = results.load_summary(load_start, load_end)
 
 
-def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[Sample],
-          per_member_peak: bool) -> None:
-    """Each sample: one prefill, then every member still running compresses its own copy and
-    decodes."""
+def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[Sample]) -> None:
+    """``benchmark.batch_size`` samples (groups of samples sharing a context) at a time: each
+    prefilled once, then every member still running compresses its own copy, and all of them
+    decode together (:meth:`Engine.generate_batch`; each gets what it gets alone)."""
     cfg = members[0].job.cfg
     name = members[0].method.name if len(members) == 1 else f"{len(members)} jobs"
-    bar = tqdm(samples, desc=f"{name} {cfg.benchmark.name} ctx{cfg.context_len}", unit="sample",
-               dynamic_ncols=True)
-    for sample in bar:
+    bar = tqdm(total=len(samples), desc=f"{name} {cfg.benchmark.name} ctx{cfg.context_len}",
+               unit="sample", dynamic_ncols=True)
+    groups = list(protocol.context_groups(samples))
+    size = cfg.benchmark.batch_size
+    for chunk in (groups[i : i + size] for i in range(0, len(groups), size)):
         alive = [m for m in members if m.error is None]
         if not alive:
             break
-        engine.check_fits(len(sample.input_ids), sample.max_new_tokens)
-        pre = engine.prefill(sample.input_ids, max(m.method.queries_needed() for m in alive))
-        for m in alive:
-            try:
-                if per_member_peak:  # CUDA: this member's compression and decoding alone
-                    with PeakMemory(engine.device) as mem:
-                        out = engine.generate_from(pre, m.method, sample.max_new_tokens,
-                                                   stop=sample.stop)
-                    m.peak = max(m.peak or 0, mem.peak_bytes or 0)
-                else:
-                    out = engine.generate_from(pre, m.method, sample.max_new_tokens,
-                                               stop=sample.stop, consume=len(alive) == 1)
-                m.rows.append(sample_row(sample, out, benchmark))
-                del out
-            except Exception as e:  # noqa: BLE001 - this member fails, the others go on
-                m.error, m.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
-                log.error("%s failed on sample %s: %s", m.job.out_dir, sample.id, m.error)
-        del pre
+        protocols = {m.job.cfg.protocol for m in alive}
+        queries = max(m.method.queries_needed() for m in alive)
+        pres = []
+        for group in chunk:
+            later = max((len(protocol.question(s)) for s in group[1:]), default=0)
+            engine.check_fits(len(group[0].input_ids) + later,
+                              max(s.max_new_tokens for s in group))
+            pres.append(protocol.Prefills.make(engine, group, protocols, queries))
+        consume = len(alive) == 1
+        _answer(alive, engine, benchmark, chunk, pres, consume)
+        del pres
+        bar.update(sum(len(g) for g in chunk))
         if len(members) == 1 and members[0].rows:
             rows = members[0].rows
             bar.set_postfix(acc=f"{sum(r['score'] for r in rows) / len(rows):.1f}")
+    bar.close()
+
+
+def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[list[Sample]],
+            pres: list[protocol.Prefills], consume: bool) -> None:
+    """Every member's answers to a chunk of sample groups, decoded as one batch. A member whose
+    compression fails is marked failed and left out; when the batch's decoding fails, each
+    member's answers are decoded alone, so that only a member that fails alone is marked."""
+    owners, reqs = [], []
+    for m in alive:
+        try:
+            for group, pre in zip(chunk, pres):
+                rs = protocol.requests(engine, group, pre, m.method, m.job.cfg.protocol, consume)
+                owners += [(m, s) for s in group]
+                reqs += rs
+        except Exception as e:  # noqa: BLE001 - this member fails, the others go on
+            _fail(m, e, chunk[0][0].id)
+            reqs = [r for r, (o, _) in zip(reqs, owners) if o is not m]
+            owners = [o for o in owners if o[0] is not m]
+    try:
+        outs = engine.generate_batch(reqs)
+    except Exception:  # noqa: BLE001 - find the member it was
+        if len({id(m) for m, _ in owners}) == 1 or consume:
+            raise
+        log.warning("a batch's decoding failed; decoding each member alone to find which")
+        for m in {id(m): m for m, _ in owners}.values():
+            try:
+                _answer([m], engine, benchmark, chunk, pres, False)
+            except Exception as e:  # noqa: BLE001 - this member fails, the others go on
+                _fail(m, e, chunk[0][0].id)
+        return
+    for (m, s), out in zip(owners, outs, strict=True):
+        m.rows.append(sample_row(s, out, benchmark))
+
+
+def _fail(m: _Member, e: Exception, where: str) -> None:
+    m.error, m.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
+    log.error("%s failed on sample %s: %s", m.job.out_dir, where, m.error)
 
 
 def _finish(m: _Member) -> dict[str, Any]:
@@ -253,6 +295,8 @@ def _finish(m: _Member) -> dict[str, Any]:
     else:
         result = {**m.base, "status": "failed", "error": m.error, "traceback": m.traceback,
                   "n_samples": len(m.rows), **summary}
+    if result.get("accuracy_by_position"):
+        result["multi_question"] = protocol.MULTI_QUESTION
     result["finished_at"] = results.now_iso()
     result["duration_s"] = time.perf_counter() - m.t_start
     result["provenance"].update(results.run_facts())
@@ -281,7 +325,11 @@ def sample_row(sample: Sample, out: GenerationOutput, benchmark: Any) -> dict[st
         "prompt_tokens": out.prompt_tokens, "generated_tokens": len(out.token_ids),
         "stopped_by": out.stats["stopped_by"],
         "ttft_s": out.ttft_s, "prefill_s": out.stats["prefill_s"],
-        "compress_s": out.stats["compress_s"],
+        "compress_s": out.stats["compress_s"], "extend_s": out.stats["extend_s"],
+        "compile_s": out.stats["compile_s"],
+        "decode_batch_size": out.stats["decode_batch_size"],
+        "question_tokens": out.stats["question_tokens"],
+        "question_position": meta.get("question_position"),
         "decode_s": out.decode_s, "decode_tokens_per_s": out.decode_tokens_per_s,
         "kv_cache_bytes": out.kv_bytes_peak,
         "kv_cache_bytes_after_compression": out.kv_bytes_after_compression,

@@ -1,11 +1,11 @@
 """lm-eval bridge: the ``atskv`` model for EleutherAI's lm-evaluation-harness (0.4.x).
 
 Any ``generate_until`` task of lm-eval runs through :class:`atskv.core.engine.Engine` with a KV-cache
-method (batch size 1, greedy), e.g. ::
+method (greedy; ``--batch_size N`` decodes N requests together, each as alone), e.g. ::
 
     atskv-lm-eval --model atskv \\
         --model_args method=rocket_kv,budget=0.25,model=smollm2_135m,context_len=4096 \\
-        --tasks atskv_niah_single --include_path src/atskv/lm_eval_tasks --device cpu
+        --tasks atskv_niah_single --include_path src/atskv/integrations/lm_eval_tasks --device cpu
 
 ``atskv-lm-eval`` is lm-eval's own command line with this module imported first: lm-eval 0.4.13
 does not load model plugins from package entry points, so the plain ``lm_eval`` command does not
@@ -44,7 +44,7 @@ from lm_eval.api.registry import register_model
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from atskv.core.types import ConfigError, GenerationOutput
+from atskv.core.types import ConfigError, GenerationOutput, Sample
 
 log = logging.getLogger("atskv.lm_eval")
 
@@ -61,7 +61,10 @@ MODEL_ARGS: dict[str, str] = {
     "dtype": "float32, bfloat16 or float16 (default: the hardware preset's)",
     "prefill_chunk": "tokens per prefill chunk, 0 = one pass (default: the hardware preset's)",
     "threads": "CPU threads for torch (default: all)",
+    "compile": "true or false: compile the static decode step (default: the hardware preset's)",
     "max_gen_toks": "generation length when a task sets none (default 256)",
+    "protocol": "question_aware (default) or question_agnostic: compress the context without "
+                "the question (prompts from atskv's exported tasks, which know where it starts)",
 }
 METHOD_PREFIX = "method."
 DEFAULT_MAX_GEN_TOKS = 256
@@ -136,22 +139,27 @@ class AtsKVLM(LM):
         dtype: str | None = None,
         prefill_chunk: int | None = None,
         threads: int | None = None,
+        compile: bool | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        protocol: str = "question_aware",
         _harness: dict[str, Any] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__()
         harness = dict(_harness or {})
         cfg, device, fell_back = self.compose(method, budget, kv_size, model, model_path, device,
-                                              dtype, prefill_chunk, threads, extra, harness)
-        self.check(cfg, device, fell_back, max_gen_toks, harness.get("batch_size"))
+                                              dtype, prefill_chunk, threads, extra, harness,
+                                              compile)
+        cfg.protocol = protocol
+        self.batch_size = self.check(cfg, device, fell_back, max_gen_toks,
+                                     harness.get("batch_size"))
         self.build(cfg, method, context_len, device, max_gen_toks)
 
     @classmethod
     def compose(cls, method: str, budget: float | None, kv_size: int | None, model: str,
                 model_path: str | None, device: str | None, dtype: str | None,
                 prefill_chunk: int | None, threads: int | None, extra: dict[str, Any],
-                harness: dict[str, Any]) -> tuple[Any, str, bool]:
+                harness: dict[str, Any], compile: bool | None = None) -> tuple[Any, str, bool]:
         """The run config ``run.py`` would compose for these model_args (unknown keys and
         mistyped values are errors naming the choices), the device and whether it fell back
         to the CPU."""
@@ -172,7 +180,7 @@ class AtsKVLM(LM):
                 cfg.method[key] = value
             cfg.hardware.device = device
             for key, value in (("dtype", dtype), ("prefill_chunk", prefill_chunk),
-                               ("threads", threads)):
+                               ("threads", threads), ("compile", compile)):
                 if value is not None:
                     cfg.hardware[key] = value
             if model_path is not None:
@@ -182,8 +190,9 @@ class AtsKVLM(LM):
         return cfg, device, fell_back
 
     @staticmethod
-    def check(cfg: Any, device: str, fell_back: bool, max_gen_toks: Any, batch_size: Any) -> None:
-        """Every check that needs no model (run.py's and the bridge's own)."""
+    def check(cfg: Any, device: str, fell_back: bool, max_gen_toks: Any, batch_size: Any) -> int:
+        """Every check that needs no model (run.py's and the bridge's own); returns the batch
+        size (``--batch_size``: requests decoded together; ``auto`` is 1)."""
         import torch
 
         from atskv.experiments.config import validate
@@ -193,9 +202,16 @@ class AtsKVLM(LM):
         validate(cfg)
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ConfigError(f"max_gen_toks={max_gen_toks!r} must be a positive integer")
-        if batch_size not in (None, 1, "1", "auto") and not str(batch_size).startswith("auto"):
-            log.warning("atskv runs batch size 1 (batch_size=%s ignored; results are the same)",
-                        batch_size)
+        if batch_size is None or str(batch_size).startswith("auto"):
+            return 1
+        try:
+            size = int(batch_size)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (requests "
+                              f"decoded together) or auto")
+        return size
 
     def build(self, cfg: Any, method: str, context_len: Any, device: str, max_gen_toks: int) -> None:
         """Load the tokenizer and model, and build the method and the engine."""
@@ -335,60 +351,99 @@ class AtsKVLM(LM):
             "loglikelihood_rolling tasks need no KV-cache compression; use lm-eval's hf model)")
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Every request's answer. Requests whose prompts came from atskv's exported tasks and
+        share a context (the multi-question task) are answered together, in question order,
+        from one compression of it, as ``run.py`` answers them
+        (:mod:`atskv.experiments.protocol`); the others one by one."""
+        from atskv.experiments import protocol
+
         # check every request before the first (slow) generation
         parsed = [greedy_gen_kwargs(req.args[1], self.max_gen_toks) for req in requests]
-        outputs: list[str] = []
-        bar = tqdm(requests, desc=f"atskv {self.method_name}", unit="req",
+        samples = [self.sample(req.args[0], until, max_gen, i)
+                   for i, (req, (until, max_gen)) in enumerate(zip(requests, parsed))]
+        protocol.check_splits(samples, {self.cfg.protocol})
+        groups: dict[Any, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(s.meta.get("context_id") or ("request", i), []).append(i)
+        outputs: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc=f"atskv {self.method_name}", unit="req",
                    disable=disable_tqdm or self.rank != 0)
-        for req, (until, max_gen) in zip(bar, parsed):
-            text = self.generate(req.args[0], until, max_gen)
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
+        order = [sorted(idxs, key=lambda i: samples[i].meta.get("question_position") or 0)
+                 for idxs in groups.values()]
+        for at in range(0, len(order), self.batch_size):  # --batch_size groups decoded together
+            chunk = order[at : at + self.batch_size]
+            outs = self.answer([[samples[i] for i in idxs] for idxs in chunk])
+            for i, out in zip((i for idxs in chunk for i in idxs), outs, strict=True):
+                outputs[i] = split_until(out.text, samples[i].stop)
+                self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+            bar.update(sum(len(idxs) for idxs in chunk))
+        bar.close()
         return outputs
 
     # -- generation -------------------------------------------------------------------------
     def encode(self, context: str) -> list[int]:
-        """Token ids of a prompt: the exact ids an atskv benchmark built when the prompt came
-        from one (see :mod:`atskv.integrations.lm_eval_tasks`), else the tokenizer's, adding special tokens
-        unless the text already starts with BOS (a chat template put it there)."""
-        from atskv.integrations.lm_eval_tasks.export import lookup_prompt_ids
-
-        ids = lookup_prompt_ids(self.tokenizer, context)
-        if ids is not None:
-            self.pretokenized += 1
-            return ids
+        """Token ids of a prompt (one that did not come from an atskv export): the tokenizer's,
+        adding special tokens unless the text already starts with BOS (a chat template put it
+        there)."""
         bos = getattr(self.tokenizer, "bos_token", None)
         special = not (bos and context.startswith(bos))
         return list(self.tokenizer(context, add_special_tokens=special)["input_ids"])
 
-    def generate(self, context: str, until: list[str], max_gen_toks: int) -> str:
-        from atskv.benchmarks.textmetrics import middle_truncate
+    def sample(self, context: str, until: list[str], max_gen_toks: int, index: int) -> Sample:
+        """The request as a sample: the one an atskv benchmark built for this prompt (its exact
+        ids, where its question starts, the context it shares; see
+        :mod:`atskv.integrations.lm_eval_tasks`), else the tokenized text; with this request's
+        stop strings and generation length, middle-truncated to what fits."""
+        from atskv.benchmarks.textmetrics import kept_index, middle_truncate
+        from atskv.integrations.lm_eval_tasks.export import lookup_sample
 
         if max_gen_toks >= self.max_positions:
             raise ConfigError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the "
                               f"model's {self.max_positions} positions")
-        ids = self.encode(context)
+        found = lookup_sample(self.tokenizer, context)
+        if found is not None:
+            self.pretokenized += 1
+            sample = dataclasses.replace(found, stop=list(until), max_new_tokens=max_gen_toks)
+        else:
+            sample = Sample(id=f"request/{index}", task="lm_eval", input_ids=self.encode(context),
+                            references=[], max_new_tokens=max_gen_toks, stop=list(until))
+        ids = sample.input_ids
         room = self.max_positions - max_gen_toks
         limit = min(self.context_len, room) if self.context_len else room
         if len(ids) > limit:
-            ids = middle_truncate(ids, limit)
             self.truncated += 1
-        if not ids:
-            ids = [self.tokenizer.eos_token_id if self.tokenizer.bos_token_id is None
-                   else self.tokenizer.bos_token_id]
-        out = self.engine.generate(ids, self.method, max_gen_toks, stop=until)
-        self.last_output = out
-        self.records.append({
-            "prompt_tokens": out.prompt_tokens,
-            "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
-            "generated_tokens": len(out.token_ids),
-            "kv_bytes_peak": out.kv_bytes_peak,
-            "kv_bytes_after_compression": out.kv_bytes_after_compression,
-            "kv_bytes_uncompressed": out.kv_bytes_uncompressed,
-            "ttft_s": out.ttft_s,
-            "decode_tokens_per_s": out.decode_tokens_per_s,
-        })
-        return split_until(out.text, until)
+            q = sample.question_start
+            sample = dataclasses.replace(
+                sample, input_ids=middle_truncate(ids, limit),
+                question_start=None if q is None else kept_index(q, len(ids), limit))
+        if not sample.input_ids:
+            sample.input_ids = [self.tokenizer.eos_token_id if self.tokenizer.bos_token_id is None
+                                else self.tokenizer.bos_token_id]
+        return sample
+
+    def answer(self, groups: list[list[Sample]]) -> list[GenerationOutput]:
+        """The method's answers to groups of samples sharing a context (one sample: a plain
+        request), each group prefilled and compressed, all decoded together."""
+        from atskv.experiments import protocol
+
+        proto, reqs = self.cfg.protocol, []
+        for group in groups:
+            pre = protocol.Prefills.make(self.engine, group, {proto}, self.method.queries_needed())
+            reqs += protocol.requests(self.engine, group, pre, self.method, proto, consume=True)
+        outs = self.engine.generate_batch(reqs)
+        for out in outs:
+            self.last_output = out
+            self.records.append({
+                "prompt_tokens": out.prompt_tokens,
+                "prompt_tokens_kept": out.stats["prompt_tokens_kept"]["mean"],
+                "generated_tokens": len(out.token_ids),
+                "kv_bytes_peak": out.kv_bytes_peak,
+                "kv_bytes_after_compression": out.kv_bytes_after_compression,
+                "kv_bytes_uncompressed": out.kv_bytes_uncompressed,
+                "ttft_s": out.ttft_s,
+                "decode_tokens_per_s": out.decode_tokens_per_s,
+            })
+        return outs
 
     def get_model_info(self) -> dict[str, Any]:
         """Added by lm-eval to ``results["config"]``: the method and the KV-cache statistics
@@ -402,6 +457,7 @@ class AtsKVLM(LM):
                   if x["kv_bytes_uncompressed"]]
         return {"atskv": {
             "method": self.method_name,
+            "protocol": self.cfg.protocol,
             **resolved_budget(self.cfg),
             "budget_of": "prompt",
             "hyperparameters": OmegaConf.to_container(self.cfg.method, resolve=True),
@@ -410,7 +466,9 @@ class AtsKVLM(LM):
             "device": str(self._device),
             "dtype": self.cfg.hardware.dtype,
             "prefill_chunk": int(self.cfg.hardware.prefill_chunk),
+            "compile": bool(self.engine.compile),
             "context_len": self.context_len,
+            "batch_size": self.batch_size,
             "n_generations": len(r),
             "truncated_prompts": self.truncated,
             "pretokenized_prompts": self.pretokenized,

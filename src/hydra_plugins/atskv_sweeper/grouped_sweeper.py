@@ -1,8 +1,8 @@
 """A Hydra sweeper that groups the jobs of a sweep that can share one prefill per sample.
 
 It expands ``-m`` overrides exactly as Hydra's basic sweeper does (cartesian product, batches).
-Jobs of a batch that differ only in ``method``, ``method.<hyperparameter>``, ``budget`` and
-``kv_size`` (same model, benchmark, tasks, samples, context length, hardware, dtype, seed) form a
+Jobs of a batch that differ only in ``method``, ``method.<hyperparameter>``, ``budget``,
+``kv_size`` and ``protocol`` (same model, benchmark, tasks, samples, context length, hardware, dtype, seed) form a
 group, and each group is handed to the configured launcher as **one** job: the first member's
 overrides plus ``atskv_group=<the members>``. ``run.py`` sees that key and runs the members
 together (:func:`atskv.experiments.runner.run_group`): one prefill per sample, each member compressing its
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 GROUP_KEY = "atskv_group"
 #: override keys that members of a group may differ in (plus any ``method.<field>``)
-MEMBER_KEYS = ("method", "budget", "kv_size")
+MEMBER_KEYS = ("method", "budget", "kv_size", "protocol")
 
 
 def member_key(override: str) -> bool:

@@ -2,11 +2,13 @@
 YAML, and the scorer lm-eval calls.
 
 A record (one lm-eval doc) holds ``prompt`` (the sample's ``input_ids`` decoded with special
-tokens, i.e. chat template included), ``input_ids``, ``references``, ``max_new_tokens``, the
-sub-task, the benchmark name and ``meta`` (JSON text). Building or loading records registers
-``prompt -> input_ids`` in this process, and the ``atskv`` lm-eval model feeds those exact ids
-(after checking that its tokenizer decodes them to the prompt), so a score through lm-eval is
-computed on the same tokens as ``run.py``'s. Other models, or ``--apply_chat_template`` (which
+tokens, i.e. chat template included), ``input_ids``, ``question_start``, ``references``,
+``max_new_tokens``, the sub-task, the benchmark name and ``meta`` (JSON text). Building or
+loading records registers ``prompt -> sample`` in this process, and the ``atskv`` lm-eval model
+feeds its exact ids (after checking that its tokenizer decodes them to the prompt), so a score
+through lm-eval is computed on the same tokens as ``run.py``'s, and it knows where each
+question starts and which questions share a context (``protocol=question_agnostic``, the
+multi-question task). Other models, or ``--apply_chat_template`` (which
 rewrites the prompt), tokenize the text instead.
 
 Command line (writes ``<out>/<task>.jsonl`` and ``<out>/<task>.yaml`` per sub-task)::
@@ -34,24 +36,27 @@ SYNTHETIC_TASKS = {  # lm-eval task name -> synthetic benchmark task
     "atskv_niah_multikey": "multi_key",
     "atskv_niah_multivalue": "multi_value",
     "atskv_vt": "variable_tracking",
+    **{f"atskv_mq_q{j}": "multi_question" for j in range(4)},  # one task per question position
 }
 SYNTHETIC_DEFAULTS = {"context_len": 2048, "n_samples": 8, "seed": 0, "haystack": "generated"}
 
-_PROMPT_IDS: dict[str, tuple[int, ...]] = {}
+_PROMPT_SAMPLES: dict[str, Sample] = {}
 
 
 # -- exact prompt ids ------------------------------------------------------------------------
-def register_prompt_ids(prompt: str, ids: Iterable[int]) -> None:
-    """Remember the exact token ids a benchmark built for ``prompt``."""
-    _PROMPT_IDS[prompt] = tuple(int(i) for i in ids)
+def register_sample(prompt: str, sample: Sample) -> None:
+    """Remember the sample (its exact token ids, where its question starts, its context) a
+    benchmark built for ``prompt``."""
+    _PROMPT_SAMPLES[prompt] = sample
 
 
-def lookup_prompt_ids(tokenizer: Any, prompt: str) -> list[int] | None:
-    """The registered ids of ``prompt`` when ``tokenizer`` decodes them back to it, else None."""
-    ids = _PROMPT_IDS.get(prompt)
-    if ids is None or decode_prompt(tokenizer, ids) != prompt:
+def lookup_sample(tokenizer: Any, prompt: str) -> Sample | None:
+    """The registered sample of ``prompt`` when ``tokenizer`` decodes its ids back to it, else
+    None."""
+    sample = _PROMPT_SAMPLES.get(prompt)
+    if sample is None or decode_prompt(tokenizer, sample.input_ids) != prompt:
         return None
-    return list(ids)
+    return sample
 
 
 def decode_prompt(tokenizer: Any, ids: Iterable[int]) -> str:
@@ -62,13 +67,14 @@ def decode_prompt(tokenizer: Any, ids: Iterable[int]) -> str:
 def sample_record(sample: Sample, tokenizer: Any, benchmark: str) -> dict[str, Any]:
     """One lm-eval doc for ``sample`` (also registers its exact ids)."""
     prompt = decode_prompt(tokenizer, sample.input_ids)
-    register_prompt_ids(prompt, sample.input_ids)
+    register_sample(prompt, sample)
     return {
         "id": sample.id,
         "benchmark": benchmark,
         "task": sample.task,
         "prompt": prompt,
         "input_ids": list(sample.input_ids),
+        "question_start": sample.question_start,
         "references": list(sample.references),
         "max_new_tokens": int(sample.max_new_tokens),
         "stop": list(sample.stop),
@@ -87,6 +93,7 @@ def record_sample(doc: dict[str, Any]) -> Sample:
         max_new_tokens=int(doc.get("max_new_tokens") or 0),
         meta=json.loads(meta) if isinstance(meta, str) else dict(meta),
         stop=list(doc.get("stop") or []),
+        question_start=doc.get("question_start"),
     )
 
 
@@ -106,7 +113,7 @@ def score_doc(doc: dict[str, Any], prediction: str) -> float:
 def register_docs(docs: Iterable[dict[str, Any]]) -> None:
     for doc in docs:
         if doc.get("input_ids") and isinstance(doc.get("prompt"), str):
-            register_prompt_ids(doc["prompt"], doc["input_ids"])
+            register_sample(doc["prompt"], record_sample(doc))
 
 
 # -- models and benchmarks by preset name ----------------------------------------------------
@@ -122,8 +129,9 @@ def load_preset_tokenizer(model: str = "smollm2_135m", model_path: str | None = 
     return models.load_tokenizer(cfg.model, models.resolve_path(cfg.model))
 
 
-def synthetic_dataset(task: str, **metadata: Any) -> dict[str, Any]:
-    """lm-eval ``custom_dataset`` for a synthetic task: ``{"test": datasets.Dataset}``.
+def synthetic_dataset(task: str, position: int | None = None, **metadata: Any) -> dict[str, Any]:
+    """lm-eval ``custom_dataset`` for a synthetic task: ``{"test": datasets.Dataset}`` (with
+    ``position``, only the multi-question task's questions asked at that position).
 
     lm-eval calls it with the task metadata: ``--model_args`` merged with ``--metadata``. Read
     here: ``model`` / ``model_path`` (whose tokenizer and chat template build the prompts),
@@ -143,7 +151,11 @@ def synthetic_dataset(task: str, **metadata: Any) -> dict[str, Any]:
     cfg = SimpleNamespace(name="synthetic", tasks=[task], haystack=str(opts["haystack"]),
                           n_samples=opts["n_samples"], max_new_tokens=None)
     samples = SyntheticBenchmark(cfg).load(tokenizer, opts["context_len"], opts["n_samples"], opts["seed"])
-    rows = [sample_record(s, tokenizer, "synthetic") for s in samples]
+    if position is not None:  # every position's samples are registered: the model needs them all
+        rows = [sample_record(s, tokenizer, "synthetic") for s in samples]
+        rows = [r for r, s in zip(rows, samples) if s.meta["question_position"] == position]
+    else:
+        rows = [sample_record(s, tokenizer, "synthetic") for s in samples]
     return {"test": datasets.Dataset.from_list(rows)}
 
 

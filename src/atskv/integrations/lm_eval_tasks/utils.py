@@ -27,6 +27,22 @@ def variable_tracking(**metadata: Any) -> dict[str, Any]:
     return synthetic_dataset("variable_tracking", **metadata)
 
 
+def multi_question_q0(**metadata: Any) -> dict[str, Any]:
+    return synthetic_dataset("multi_question", 0, **metadata)
+
+
+def multi_question_q1(**metadata: Any) -> dict[str, Any]:
+    return synthetic_dataset("multi_question", 1, **metadata)
+
+
+def multi_question_q2(**metadata: Any) -> dict[str, Any]:
+    return synthetic_dataset("multi_question", 2, **metadata)
+
+
+def multi_question_q3(**metadata: Any) -> dict[str, Any]:
+    return synthetic_dataset("multi_question", 3, **metadata)
+
+
 def process_docs(dataset: Any) -> Any:
     """Exported records: register their exact token ids, leave the docs unchanged."""
     register_docs(dataset)
