@@ -90,6 +90,8 @@ class RunConfig:
     seed: int = 0
     # sweeps: jobs differing only in method / budget share each sample's prefill
     share_prefill: bool = True
+    # sweeps: "full" adds the full-cache run a setting of the sweep lacks; "none" does not
+    reference: str = "full"
     atskv_group: str | None = None  # set by the sweeper: the members of a prefill-sharing group
     overwrite: bool = False
     warmup: bool = True
@@ -107,7 +109,8 @@ BUDGET_FIELDS = ("budget", "kv_size")  # the shared budget: top-level keys, not 
 #: overrides that never go into a run folder's key (they are elsewhere in the path, or do not
 #: change results); keys starting with "method." are in the key as the method's variant
 SUFFIX_EXCLUDED = {"method", "benchmark", "model", "context_len", "hardware", "budget", "kv_size",
-                   "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group"}
+                   "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group",
+                   "reference"}
 
 
 def method_fields(cls: type) -> list[dataclasses.Field]:
@@ -259,6 +262,9 @@ def validate(cfg: DictConfig) -> None:
                           f"context_len={cfg.context_len} (prompt tokens kept per layer and KV head)")
     if cfg.context_len <= 0:
         raise ConfigError(f"context_len={cfg.context_len} must be positive; presets: {CONTEXT_LENGTHS}")
+    if cfg.reference not in ("full", "none"):
+        raise ConfigError(f"reference={cfg.reference!r}; choose full (a sweep adds the full-cache "
+                          "run its settings lack) or none")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose one of {', '.join(WANDB_MODES)}")
     if cfg.benchmark.n_samples is not None and cfg.benchmark.n_samples <= 0:
