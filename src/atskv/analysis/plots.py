@@ -59,10 +59,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _groups(methods: list[str]) -> list[list[str]]:
-    """The methods (full excluded) in chunks of at most MAX_SERIES - 1 (full's line is one)."""
+def _groups(methods: list[str], reserved: int = 1) -> list[list[str]]:
+    """The methods (full excluded) in chunks of at most MAX_SERIES - ``reserved`` (full's
+    line, the frontier)."""
     rest = [m for m in methods if m != FULL]
-    k = MAX_SERIES - 1
+    k = MAX_SERIES - reserved
     return [rest[i:i + k] for i in range(0, len(rest), k)] or [[]]
 
 
@@ -178,52 +179,56 @@ def pareto(cells: list[Cell], title: str, stem: str, fig_dir: Path) -> list:
     shown = [c for c in shown if np.isfinite(c.acc) and np.isfinite(c.runs["kv_cache_mib"].mean())]
     if not shown:
         return []
+    methods = [m for m in methods if any(c.method == m for c in shown)]
     ctxs = sorted({c.ctx for c in shown})
     budgets = sorted({c.size for c in shown if c.size})
     mk = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(budgets)}
-    col = colours(methods)
-    fig, axes = _panels(len(ctxs), extra_w=1.6, panel=(5.6, 4.4))
-    for ax, ctx in zip(axes, ctxs, strict=True):
-        here = [c for c in shown if c.ctx == ctx]
-        pts, labels = [], []
-        for m in methods:
-            mine = sorted((c for c in here if c.method == m), key=lambda c: c.budget)
-            if not mine:
-                continue
-            xy = [(c.runs["kv_cache_mib"].mean(), c.acc) for c in mine]
-            if len(xy) > 1:
+    col, groups, out = colours(methods), _groups(methods, reserved=2), []
+    for gi, group in enumerate(groups):
+        fig, axes = _panels(len(ctxs), extra_w=1.6, panel=(5.6, 4.4))
+        for ax, ctx in zip(axes, ctxs, strict=True):
+            here = [c for c in shown if c.ctx == ctx]
+            pts, labels = [], []
+            for m in [FULL] + group:
+                mine = sorted((c for c in here if c.method == m), key=lambda c: c.budget)
+                if not mine:
+                    continue
+                xy = [(c.runs["kv_cache_mib"].mean(), c.acc) for c in mine]
                 ax.plot(*zip(*xy, strict=True), color=col[m], lw=0.8, alpha=0.6)
-            for c, (x, y) in zip(mine, xy, strict=True):
-                ax.scatter(x, y, color=col[m], s=70 if c.is_full else 34, zorder=3,
-                           marker="*" if c.is_full else mk[c.size], edgecolor="black",
-                           linewidth=0.4)
-            pts += xy
-            labels.append((*xy[-1], m))  # the largest budget's point
-        fr = frontier(pts)
-        ax.plot(*zip(*fr, strict=True), color="0.3", ls="--", lw=1, drawstyle="steps-post",
-                zorder=1, label="Pareto frontier")
-        xs = [p[0] for p in pts]
-        if max(xs) / max(min(xs), 1e-9) >= 8:
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(x=0.15, y=0.12)
-        place_labels(ax, labels)
-        ax.set_title(f"context {ctx:g}", fontsize=10)
-        ax.set_xlabel("KV cache (MiB, measured)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Accuracy (0-100)")
-    for b in budgets:
-        axes[0].scatter([], [], marker=mk[b], color="0.5", label=f"budget {b}")
-    axes[0].scatter([], [], marker="*", s=70, color="black", label="full cache")
-    fig.suptitle(f"{title}: accuracy vs KV memory", fontsize=11)
-    _legend(fig, axes)
-    return [(f"{title}: accuracy vs measured KV cache, one panel per context length; "
-             f"{SHOWN_CAPTION}: {variants_text(shown)}. A line joins a method's budgets and its "
-             "label sits at its largest budget; dashed: the Pareto frontier (no other point has "
-             "less memory and higher accuracy). Intervals are in the tables.",
-             _save(fig, fig_dir / f"{stem}_pareto.png"))]
+                for c, (x, y) in zip(mine, xy, strict=True):
+                    ax.scatter(x, y, color=col[m], s=70 if c.is_full else 34, zorder=3,
+                               marker="*" if c.is_full else mk[c.size], edgecolor="black",
+                               linewidth=0.4)
+                labels.append((*xy[-1], m))  # the largest budget's point
+            # the frontier over every method of the panel, also those in another figure
+            pts = [(c.runs["kv_cache_mib"].mean(), c.acc) for c in here]
+            ax.plot(*zip(*frontier(pts), strict=True), color="0.3", ls="--", lw=1,
+                    drawstyle="steps-post", zorder=1, label="Pareto frontier")
+            xs = [p[0] for p in pts]
+            if max(xs) / max(min(xs), 1e-9) >= 8:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.margins(x=0.15, y=0.12)
+            place_labels(ax, labels)
+            ax.set_title(f"context {ctx:g}", fontsize=10)
+            ax.set_xlabel("KV cache (MiB, measured)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("Accuracy (0-100)")
+        for b in budgets:
+            axes[0].scatter([], [], marker=mk[b], color="0.5", label=f"budget {b}")
+        axes[0].scatter([], [], marker="*", s=70, color="black", label="full cache")
+        fig.suptitle(f"{title}: accuracy vs KV memory", fontsize=11)
+        _legend(fig, axes)
+        part = f" (methods {gi + 1})" if len(groups) > 1 else ""
+        out.append((f"{title}: accuracy vs measured KV cache{part}, one panel per context "
+                    f"length; {SHOWN_CAPTION}: {variants_text(shown)}. A line joins a method's "
+                    "budgets and its label sits at its largest budget; dashed: the Pareto "
+                    "frontier of every method (no other point has less memory and higher "
+                    "accuracy). Intervals are in the tables.",
+                    _save(fig, fig_dir / f"{stem}_pareto{gi or ''}.png")))
+    return out
 
 
 def context_curves(cells: list[Cell], title: str, stem: str, fig_dir: Path) -> list:

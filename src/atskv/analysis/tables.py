@@ -77,8 +77,8 @@ class Cell:
 
 def _rank(method: str, variant: str) -> tuple:
     order = {m: i for i, m in enumerate(method_order())}
-    hp = variant.partition("[")[2]
-    return (order.get(method, len(order)), method, hp != "", hp != "tuned]", hp)
+    hp = variant.partition("[")[2].rstrip("]")
+    return (order.get(method, len(order)), method, hp != "", hp != "tuned", hp)
 
 
 def _size_key(size: str) -> tuple:
@@ -167,6 +167,15 @@ def _n_text(c: Cell) -> str:
     return (str(lo) if lo == hi else f"{lo}-{hi}") + seeds
 
 
+def reduction_runs(c: Cell) -> tuple[pd.DataFrame, bool]:
+    """The runs a cell's memory reduction is the mean over: those with a matching ``full`` run
+    when any has one (a mean never mixes the two references), else all (against their own
+    uncompressed bytes: True)."""
+    vs_full = c.runs[c.runs["memory_reduction_ref"] == FULL]
+    return (vs_full, False) if len(vs_full) else (c.runs, bool(
+        (c.runs["memory_reduction_ref"] == "own").any()))
+
+
 def _budget_text(c: Cell) -> str:
     return "all (full cache)" if c.is_full else (c.size or "default")
 
@@ -224,8 +233,11 @@ def memory_table(cells: list[Cell], sec: pd.DataFrame) -> list:
                        if np.isfinite(r["kept_min"].min()) else "")
                 row.append("n/a" if not np.isfinite(m) else f"{m:.1f}{rng}")
                 continue
+            own = False
+            if col == "memory_reduction_pct":
+                r, own = reduction_runs(c)
             cell = fmt(r[col].mean(), r[col].std(ddof=1), dec)
-            if col == "memory_reduction_pct" and (r["memory_reduction_ref"] == "own").any():
+            if own:
                 cell, _ = cell + f" {OWN_MARK}", marks.add(OWN_MARK)
             if col in TIMING and r["oversubscribed"].any() and cell != "n/a":
                 cell, _ = cell + f" {LOAD_MARK}", marks.add(LOAD_MARK)
@@ -258,16 +270,19 @@ def numbers(cells: list[Cell], meta: dict) -> list[dict]:
         for name, cmp, fam in (("delta", c.vs_full, "full"), ("base_delta", c.vs_base, "base")):
             ok = cmp is not None and cmp.ci is not None
             adj, rej = c.sig.get(fam, (np.nan, False))
-            row.update({name: 0.0 if c.is_full and name == "delta" else
-                        (cmp.ci.estimate if ok else np.nan),
-                        f"{name}_low": cmp.ci.low if ok else np.nan,
-                        f"{name}_high": cmp.ci.high if ok else np.nan,
+            ref = 0.0 if c.is_full and name == "delta" else np.nan  # full against itself
+            row.update({name: cmp.ci.estimate if ok else ref,
+                        f"{name}_low": cmp.ci.low if ok else ref,
+                        f"{name}_high": cmp.ci.high if ok else ref,
                         f"{name}_p": cmp.p if ok else np.nan, f"{name}_p_holm": adj,
                         f"{name}_significant": bool(rej)})
         row["baseline"] = c.base.variant if c.base else ""
-        row["memory_reduction_ref"] = ",".join(sorted(set(c.runs["memory_reduction_ref"])))
         for col in NUMBERS:
             row[col], row[f"{col}_std"] = c.runs[col].mean(), c.runs[col].std(ddof=1)
+        runs, own = reduction_runs(c)
+        row["memory_reduction_pct"] = runs["memory_reduction_pct"].mean()
+        row["memory_reduction_pct_std"] = runs["memory_reduction_pct"].std(ddof=1)
+        row["memory_reduction_ref"] = "own" if own else FULL
         out.append(row)
     return out
 
