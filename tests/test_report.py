@@ -80,6 +80,7 @@ def _val(df: pd.DataFrame, col: str, **where):
 
 
 ACC, DELTA = "Accuracy [95% CI]", "Δ vs full [95% CI]"
+ACC_R, DELTA_R = "Accuracy (range)", "Δ vs full (range)"
 
 
 def test_memory_reduction_hand_computed(rep):
@@ -110,7 +111,7 @@ def test_means_over_seeds_never_over_context_lengths(rep):
     assert not pc.duplicated(["section", "variant", "size", "context_len"]).any()
     assert "Avg" not in rep.md and "Averaged over context lengths" not in rep.md
     assert _cell(rep.md, LB, "Context length 1024", "Samples", Method="snapkv") == "4 x 2 seeds"
-    assert _cell(rep.md, LB, "Context length 1024", ACC, Method="snapkv").startswith("45.0 ± 7.1")
+    assert _cell(rep.md, LB, "Context length 1024", ACC_R, Method="snapkv").startswith("45.0 ± 7.1")
     # snapkv seed 1 at 2048 has no full run of seed 1: its Δ vs full is n/a, and says so
     assert math.isnan(_val(pc, "delta", section=LB, variant="snapkv", context_len=2048))
     # ... and its memory reduction is the seed that has one (never a mean of two references)
@@ -145,7 +146,7 @@ def test_missing_full_falls_back_to_the_runs_own_uncompressed_bytes(rep):
     assert _cell(rep.md, RU, mem, "Memory reduction %", 1, Method="snapkv") == "97.5 §"
     assert "§ no matching `full` run: against the run's own `kv_cache_bytes_uncompressed`" in \
         _section(rep.md, RU)
-    assert _cell(rep.md, RU, mem, DELTA, Method="snapkv") == "n/a"
+    assert _cell(rep.md, RU, mem, DELTA_R, Method="snapkv") == "n/a"
     assert "No `full` run of the same setting" in _section(rep.md, "Notes")
     assert "h2o" not in [r["Method"] for r in _table(rep.md, RU, mem)]
 
@@ -479,8 +480,8 @@ def test_accuracy_intervals_and_delta_hand_computed(tmp_path):
     _write(root, "quest", method="quest", budget=0.2, accuracy=60.0, samples=None)
     rep = report.generate_report([root], tmp_path / "o")
     md = (tmp_path / "o" / "report.md").read_text()
-    cells = {m: (_cell(md, LB, "Context length 1024", ACC, Method=m),
-                 _cell(md, LB, "Context length 1024", DELTA, Method=m))
+    cells = {m: (_cell(md, LB, "Context length 1024", ACC_R, Method=m),
+                 _cell(md, LB, "Context length 1024", DELTA_R, Method=m))
              for m in ("full", "snapkv", "h2o", "quest")}
     assert cells == {"full": ("87.5 (range 50.0 to 100.0)", "reference"),
                      "snapkv": ("75.0 (range 50.0 to 100.0)", "-12.5 (range -50.0 to 0.0)"),

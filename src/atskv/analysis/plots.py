@@ -47,6 +47,11 @@ def colours(methods: list[str]) -> dict[str, tuple]:
     return out
 
 
+def _dark(rgba: tuple) -> tuple:
+    """A label's colour: its method's, darkened for text on white."""
+    return tuple(0.75 * c for c in rgba[:3]) + (1.0,)
+
+
 def marker(method: str) -> str:
     """One marker per method (registry order), the same in every figure."""
     order = method_order()
@@ -211,7 +216,7 @@ def pareto(cells: list[Cell], title: str, stem: str, fig_dir: Path) -> list:
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(NullFormatter())
             ax.margins(x=0.15, y=0.12)
-            place_labels(ax, labels)
+            place_labels(ax, labels, colors={m: _dark(col[m]) for m in col})
             ax.set_title(f"context {ctx:g}", fontsize=10)
             ax.set_xlabel("KV cache (MiB, measured)")
             ax.grid(alpha=0.3)
@@ -277,12 +282,12 @@ def _offsets(k: int) -> tuple[float, float, str]:
 
 
 def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = LABEL_FONTSIZE,
-                 max_tries: int = 40) -> list:
+                 max_tries: int = 40, colors: dict | None = None) -> list:
     """Annotate each (x, y, text) so that no two labels overlap: labels are placed in a fixed
     order (by position, then text), each at the first candidate position (:func:`_offsets`)
     whose rendered box overlaps no label placed before it; a label moved off its point's line
     gets a thin leader line to it. Deterministic. Returns the text annotations (in ``points``
-    order)."""
+    order). ``colors``: text -> its colour (default black)."""
     fig = ax.figure
     fig.canvas.draw()  # limits and transforms as they will be saved
     renderer = fig.canvas.get_renderer()
@@ -292,8 +297,11 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = L
         for k in range(max_tries):
             dx, dy, ha = _offsets(k)
             ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy),
-                              fontsize=fontsize, va="bottom", ha=ha)
-            box = ann.get_window_extent(renderer).expanded(1.0, 1.05)
+                              fontsize=fontsize, va="bottom", ha=ha,
+                              color=(colors or {}).get(text, "black"), zorder=2.5,
+                              bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none",
+                                    "alpha": 0.75})
+            box = ann.get_window_extent(renderer).padded(3)
             if not any(box.overlaps(b) for b in placed) or k == max_tries - 1:
                 break
             ann.remove()

@@ -212,9 +212,11 @@ def accuracy_table(cells: list[Cell]) -> list:
         caption += (f" Fewer than {stats.MIN_N} samples: a cell shows the range of its "
                     "per-sample scores (or differences) instead of an interval, and is not "
                     "tested.")
-    return [("table", ["Method", "Preset", "Budget", "Samples", "Accuracy [95% CI]",
-                       "Δ vs full [95% CI]", "Best tuned baseline (accuracy)",
-                       "Δ vs best tuned baseline [95% CI]"], rows),
+    kind = ("[95% CI]" if not small else "(range)" if len(small) == len(cells)
+            else "[95% CI] or (range)")
+    return [("table", ["Method", "Preset", "Budget", "Samples", f"Accuracy {kind}",
+                       f"Δ vs full {kind}", "Best tuned baseline (accuracy)",
+                       f"Δ vs best tuned baseline {kind}"], rows),
             ("caption", caption)]
 
 
