@@ -215,7 +215,7 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, Notes, list[str]
     return df, notes, old
 
 
-def order(labels) -> list:
+def order(names) -> list:
     """Labels (``method[k=v,...]@budget`` or ``...@kv<size>``, both parts optional) in
     :func:`method_order`, then default hyperparameters first, then budgets, then kv sizes."""
     rank = {m: i for i, m in enumerate(method_order())}
@@ -230,7 +230,7 @@ def order(labels) -> list:
             v = -1.0
         return (rank.get(m, len(rank)), m, hp.rstrip("]"), kv, v)
 
-    return sorted(set(labels), key=sort_key)
+    return sorted(set(names), key=sort_key)
 
 
 def _size(b, k) -> str:
