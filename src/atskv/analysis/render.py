@@ -34,8 +34,8 @@ def render_md(blocks: list) -> str:
                      "|" + "|".join("---" for _ in b[1]) + "|"]
             lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b[2]]
             out.append("\n".join(lines))
-        elif b[0] == "img":
-            out.append(f"![{b[2]}]({b[1]})")
+        elif b[0] == "img":  # the caption under the figure, not only in its alt text
+            out.append(f"![{_md_cell(b[2].split(';')[0])}]({b[1]})\n\n{b[2]}")
     return "\n\n".join(out) + "\n"
 
 
