@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -11,54 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from report_helpers import _cell, _section, _table, _write
 
 from atskv.analysis import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _samples_for(task_scores: dict) -> list[dict]:
-    """Two samples per task whose mean is the task score (ids shared by every method)."""
-    rows = []
-    for task, s in task_scores.items():
-        d = min(10.0, s, 100.0 - s)
-        for i, v in enumerate((s - d, s + d)):
-            rows.append({"id": f"{task}/{i}", "task": task, "score": v, "score_parts": {},
-                         "prediction": "p", "reference": ["r"], "meta": {}})
-    return rows
-
-
-def _write(root: Path, name: str, samples="auto", **over) -> dict:
-    """A result.json (and, unless ``samples=None``, a samples.jsonl: by default two samples
-    per task matching ``task_scores``, which defaults to ``accuracy`` for qa and summ)."""
-    rec = {
-        "method": "full", "benchmark": "longbench", "model": "smollm2-135m", "context_len": 1024,
-        "budget": None, "kv_size": None, "budget_of": "prompt", "seed": 0, "status": "ok",
-        "error": None, "accuracy": 50.0,
-        "kv_cache_bytes": 1000.0, "kv_cache_bytes_after_compression": 1000.0,
-        # 8x the real footprint: using this as a denominator (or swapping the ratio) would
-        # print the -700 % that a broken report once showed for every method.
-        "kv_cache_bytes_uncompressed": 8000.0, "decode_kv_read_bytes": 1000.0,
-        "peak_memory_bytes": 1_000_000.0, "peak_memory_kind": "process_peak_rss",
-        "fresh_process": True, "ttft_s": 0.5, "decode_tokens_per_s": 20.0,
-        "hardware": "cpu (test)", "dtype": "float32", "split": "test",
-        "machine_load": {"loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [0.6, 0.5, 0.5],
-                         "usable_cpus": 2, "torch_threads": 2, "oversubscribed": False},
-        "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T01:00:00+00:00",
-        "config": {}, "provenance": {},
-    }
-    rec.update(over)
-    if "task_scores" not in over and rec["accuracy"] is not None:
-        rec["task_scores"] = {"qa": rec["accuracy"], "summ": rec["accuracy"]}
-    rec.setdefault("tasks", sorted(rec.get("task_scores") or {"qa": 0, "summ": 0}))
-    rows = _samples_for(rec.get("task_scores") or {}) if samples == "auto" else samples
-    rec.setdefault("n_samples", len(rows) if rows else 4)
-    path = root / name / "result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec))
-    if rows is not None:
-        (path.parent / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rec
 
 
 def make_fixture(root: Path, extra: Path) -> None:
@@ -112,6 +68,9 @@ def rep(tmp_path_factory):
     return r
 
 
+LB, RU = "LongBench, question-aware", "ruler, question-aware"
+
+
 def _val(df: pd.DataFrame, col: str, **where):
     sel = df
     for k, v in where.items():
@@ -120,101 +79,102 @@ def _val(df: pd.DataFrame, col: str, **where):
     return sel[col].iloc[0]
 
 
-def _section(md: str, name: str) -> str:
-    return md.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+ACC, DELTA = "Accuracy [95% CI]", "Δ vs full [95% CI]"
+ACC_R, DELTA_R = "Accuracy (range)", "Δ vs full (range)"
 
 
 def test_memory_reduction_hand_computed(rep):
-    s = rep.summary
-    assert _val(s, "memory_reduction_pct", section="longbench", method="snapkv") == 75.0
-    assert _val(s, "memory_reduction_pct", section="longbench", method="h2o") == 50.0
-    assert _val(s, "memory_reduction_pct", section="longbench", method="full") == 0.0
-    assert _val(s, "peak_memory_reduction_pct", section="longbench", method="snapkv") == pytest.approx(20.0)
-    assert _val(s, "peak_memory_reduction_pct", section="longbench", method="full") == 0.0
-    assert (s["memory_reduction_pct"].dropna() >= 0).all(), "sign error: savings must be positive"
-    lb = _section(rep.md, "longbench")
-    pm = "( ± 0\\.0)?"  # two seeds with equal values: std 0
-    kv = r"[0-9.]+( ± [0-9.]+)?"  # KV cache MiB
-    assert re.search(rf"\| full \| 4 \| {kv} \| 0\.0{pm} \| 0\.0{pm} \|", lb)
-    assert re.search(rf"\| snapkv \| 4 \| {kv} \| 75\.0{pm} \| 20\.0{pm} \|", lb)
-    assert "-700" not in rep.md
-    assert "(s) | Avg throughput (tokens/s) | Avg accuracy [95% CI] | Δ vs full [95% CI] |" in lb
-
-
-def test_means_over_contexts_and_seeds(rep):
     pc = rep.per_context
-    assert _val(pc, "accuracy", section="longbench", method="snapkv", context_len=1024) == 45.0
-    std = _val(pc, "accuracy_std", section="longbench", method="snapkv", context_len=1024)
+    for ctx in (1024, 2048):
+        assert _val(pc, "memory_reduction_pct", section=LB, variant="snapkv", context_len=ctx) == 75.0
+    assert _val(pc, "memory_reduction_pct", section=LB, variant="h2o", context_len=1024) == 50.0
+    assert _val(pc, "memory_reduction_pct", section=LB, variant="full", context_len=1024) == 0.0
+    assert _val(pc, "peak_memory_reduction_pct", section=LB, variant="snapkv",
+                context_len=1024) == pytest.approx(20.0)
+    assert (pc["memory_reduction_pct"].dropna() >= 0).all(), "sign error: savings must be positive"
+    mem = "Context length 1024"
+    assert _cell(rep.md, LB, mem, "Memory reduction %", 1, Method="snapkv") == "75.0 ± 0.0"
+    assert _cell(rep.md, LB, mem, "Memory reduction %", 1, Method="full") == "0.0 ± 0.0"
+    assert _cell(rep.md, LB, mem, "Peak memory reduction %", 1, Method="snapkv") == "20.0 ± 0.0"
+    assert "-700" not in rep.md
+
+
+def test_means_over_seeds_never_over_context_lengths(rep):
+    pc = rep.per_context
+    assert _val(pc, "accuracy", section=LB, variant="snapkv", context_len=1024) == 45.0
+    std = _val(pc, "accuracy_std", section=LB, variant="snapkv", context_len=1024)
     assert std == pytest.approx(math.sqrt(50.0))
-    assert _val(pc, "n_seeds", section="longbench", method="snapkv", context_len=1024) == 2
-    assert _val(pc, "accuracy", section="longbench", method="snapkv", context_len=2048) == 35.0
-    assert math.isnan(_val(pc, "accuracy_std", section="longbench", method="h2o", context_len=2048))
-    # summary: mean of the per-context means (45 at 1024, 35 at 2048); std over the seeds'
-    # context averages (35 and 45)
-    s = rep.summary
-    assert _val(s, "accuracy", section="longbench", method="snapkv") == 40.0
-    assert _val(s, "accuracy_std", section="longbench", method="snapkv") == pytest.approx(math.sqrt(50.0))
-    assert "| 40.0 ± 7.1 [" in _section(rep.md, "longbench")
-    assert "| 45.0 ± 7.1 [" in _section(rep.md, "longbench")
-    # full's seed 1 only ran at 1024: no std from seeds that cover different contexts
-    assert math.isnan(_val(s, "ttft_s_std", section="longbench", method="full"))
-    assert _val(pc, "memory_reduction_pct", section="longbench", method="snapkv", context_len=2048) == 75.0
-    assert "n/a for longbench / smollm2-135m at context length 2048 (seed 1)" in rep.md
-    assert _val(rep.summary, "ttft_s", section="longbench", method="full") == pytest.approx(0.75)
-    assert "Averaged over context lengths 1024, 2048" in rep.md
+    assert _val(pc, "n_seeds", section=LB, variant="snapkv", context_len=1024) == 2
+    assert _val(pc, "accuracy", section=LB, variant="snapkv", context_len=2048) == 35.0
+    assert math.isnan(_val(pc, "accuracy_std", section=LB, variant="h2o", context_len=2048))
+    # no number anywhere mixes context lengths: one row per (variant, budget, context length)
+    assert not pc.duplicated(["section", "variant", "size", "context_len"]).any()
+    assert "Avg" not in rep.md and "Averaged over context lengths" not in rep.md
+    assert _cell(rep.md, LB, "Context length 1024", "Samples", Method="snapkv") == "4 x 2 seeds"
+    assert _cell(rep.md, LB, "Context length 1024", ACC_R, Method="snapkv").startswith("45.0 ± 7.1")
+    # snapkv seed 1 at 2048 has no full run of seed 1: its Δ vs full is n/a, and says so
+    assert math.isnan(_val(pc, "delta", section=LB, variant="snapkv", context_len=2048))
+    # ... and its memory reduction is the seed that has one (never a mean of two references)
+    assert _val(pc, "memory_reduction_ref", section=LB, variant="snapkv", context_len=2048) == "full"
+    assert _val(pc, "memory_reduction_pct", section=LB, variant="snapkv", context_len=2048) == 75.0
 
 
 def test_benchmarks_give_different_numbers(rep):
-    s = rep.summary.set_index(["section", "method"])
-    assert s.loc[("ruler", "snapkv"), "memory_reduction_pct"] == 90.0
-    assert s.loc[("longbench", "snapkv"), "memory_reduction_pct"] == 75.0
-    assert s.loc[("ruler", "snapkv"), "accuracy"] != s.loc[("longbench", "snapkv"), "accuracy"]
-    assert s.loc[("ruler", "full"), "decode_tokens_per_s"] == 40.0
-    assert s.loc[("longbench", "full"), "decode_tokens_per_s"] == 20.0
-    lb_table = _section(rep.md, "longbench").split("### Per context length")[0]
-    ru_table = _section(rep.md, "ruler").split("### Per context length")[0]
-    assert lb_table != ru_table
+    pc = rep.per_context
+    assert _val(pc, "memory_reduction_pct", section=RU, variant="snapkv", context_len=1024) == 90.0
+    assert _val(pc, "decode_tokens_per_s", section=RU, variant="full", context_len=1024) == 40.0
+    assert _val(pc, "decode_tokens_per_s", section=LB, variant="full", context_len=1024) == 20.0
+    assert _table(rep.md, LB, "Context length 1024") != _table(rep.md, RU, "Context length 1024")
 
 
 def test_per_task_table(rep):
-    lb = _section(rep.md, "longbench").split("### Per task")[1]
-    assert "| Method | qa (n=2) | summ (n=2) |" in lb  # no task_metrics recorded: no name
-    assert re.search(r"\| full \| 70\.0( ± 0\.0)? \| 50\.0( ± 0\.0)? \|", lb)
-    assert "| snapkv | 50.0 ± 7.1 | 30.0 ± 7.1 |" in lb  # seed averages 45/55 and 25/35
-    assert "| niah (n=2) |" in _section(rep.md, "ruler")
+    t = "Per task"
+    row = {"Method": "full", "Context length": "1024"}
+    assert _cell(rep.md, LB, t, "qa (n=2)", **row) == "70.0"  # no task_metrics: no name
+    assert _cell(rep.md, LB, t, "summ (n=2)", **row) == "50.0"
+    snap = {"Method": "snapkv", "Context length": "1024"}
+    assert _cell(rep.md, LB, t, "qa (n=2)", **snap) == "55.0"  # seeds 50 and 60
+    assert "Per task" not in _section(rep.md, RU)  # one task: its score is the accuracy
 
 
-def test_missing_full_is_na_with_note(rep):
-    assert math.isnan(_val(rep.per_context, "memory_reduction_pct", section="ruler",
-                           method="snapkv", context_len=2048))
-    ru = _section(rep.md, "ruler")
-    row = next(line for line in ru.splitlines() if line.startswith("| snapkv | 2048 |"))
-    assert row.split(" | ")[5] == "n/a"  # memory reduction
-    assert row.split(" | ")[-1] == "n/a |"  # Δ vs full
-    notes = _section(rep.md, "Notes")
-    assert re.search(r"n/a for ruler .* context length 2048 .*no `full` run", notes)
-    assert "90.0 †" in ru and "† averaged only over" in ru  # summary uses 1024 only, says so
-    assert "`h2o` has no result at context length 2048" in ru  # partial results note
+def test_missing_full_falls_back_to_the_runs_own_uncompressed_bytes(rep):
+    pc = rep.per_context
+    # ruler has no full run at 2048: 1 - 200 / 8000 (kv_cache_bytes_uncompressed), marked
+    assert _val(pc, "memory_reduction_pct", section=RU, variant="snapkv", context_len=2048) == 97.5
+    assert _val(pc, "memory_reduction_ref", section=RU, variant="snapkv", context_len=2048) == "own"
+    mem = "Context length 2048"
+    assert _cell(rep.md, RU, mem, "Memory reduction %", 1, Method="snapkv") == "97.5 §"
+    assert "§ no matching `full` run: against the run's own `kv_cache_bytes_uncompressed`" in \
+        _section(rep.md, RU)
+    assert _cell(rep.md, RU, mem, DELTA_R, Method="snapkv") == "n/a"
+    assert "No `full` run of the same setting" in _section(rep.md, "Notes")
+    assert "h2o" not in [r["Method"] for r in _table(rep.md, RU, mem)]
 
 
 def test_failed_runs_listed_not_averaged(rep):
     failed = _section(rep.md, "Failed runs")
     assert "quest" in failed and "CUDA out of memory (fixture)" in failed
-    assert "quest" not in set(rep.summary["method"]) | set(rep.per_context["method"])
-    assert "quest" not in rep.md.split("\n## Failed runs")[0].split("## longbench")[1]
+    assert "quest" not in set(rep.per_context["method"])
+    assert not re.search(r"\bquest\b", rep.md.split("\n## Failed runs")[0])
 
 
-def test_duplicates_keep_newest(rep):
-    assert _val(rep.per_context, "accuracy", section="longbench", method="h2o", context_len=2048) == 35.0
-    assert _val(rep.per_context, "memory_reduction_pct", section="longbench", method="h2o",
+def test_duplicates_keep_newest_in_one_note(rep):
+    assert _val(rep.per_context, "accuracy", section=LB, variant="h2o", context_len=2048) == 35.0
+    assert _val(rep.per_context, "memory_reduction_pct", section=LB, variant="h2o",
                 context_len=2048) == 50.0
     notes = _section(rep.md, "Notes")
-    assert "Duplicate run" in notes and "rerun" in notes and "kept the newest" in notes
+    dup = [n for n in notes.splitlines() if "Duplicate runs" in n]
+    assert len(dup) == 1 and "(1 run: `" in dup[0] and "lb_h2o_2048" in dup[0]
+    assert rep.md.index("## Notes") > rep.md.index("## Failed runs")  # notes last
 
 
 def test_figures_and_html(rep):
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", rep.md)
-    assert len(refs) == 2 * 5 + 4  # 5 per benchmark + 3 bars + scatter
+    # one budget per section: no accuracy-vs-budget figure; two context lengths: one
+    # accuracy-vs-context figure; one Pareto figure per section; no needle depths recorded
+    assert sorted(Path(r).name for r in refs) == sorted(
+        f"{s}_{k}.png" for s in ("LongBench_question-aware", "ruler_question-aware")
+        for k in ("pareto", "context"))
     assert {Path(r).name for r in refs} == {p.name for p in rep.figures}
     for r in refs:
         data = (rep.out_dir / r).read_bytes()
@@ -222,9 +182,9 @@ def test_figures_and_html(rep):
     assert rep.html.count('src="data:image/png;base64,') == len(refs)
     assert 'src="figures/' not in rep.html
     assert "<table>" in rep.html and "Failed runs" in rep.html
-    csv = pd.read_csv(rep.out_dir / "summary.csv")
-    assert len(csv) == len(rep.summary) == 6
-    assert list(csv.columns[:4]) == ["section", "benchmark", "model", "method"]
+    csv = pd.read_csv(rep.out_dir / "per_context.csv")
+    assert len(csv) == len(rep.per_context) == 10  # lb 3 methods x 2 lengths, ruler 4 cells
+    assert list(csv.columns[:4]) == ["section", "benchmark", "data", "protocol"]
 
 
 def test_sign_and_denominator_unit():
@@ -263,12 +223,13 @@ def test_cli_prints_out_dir(tmp_path, capsys):
     assert report.main(["--results", str(root), "--out", str(out), "--resamples", "50"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(out))
     md = (out / "report.md").read_text()
-    assert re.search(r"No successful run of full, snapkv in this section", md)  # method missing in ruler
-    assert "n/a for ruler" in md  # no full run for ruler at all
-    assert re.search(r"Duplicate run \(method=full, .*kept the newest `[^`]*/a2/result.json`", md)
-    assert re.search(r"\| full \| 4 \| [0-9.]+ \| 0\.0 \| 0\.0 \| 0\.700 \|", md)
-    assert "| full | 1024 | 1 | 4 |" in md and re.search(r"\| snapkv \| 4 \| [0-9.]+ \| 50\.0 \|", md)
-    assert (out / "summary.csv").stat().st_size > 0
+    assert "No successful run of" not in md  # a section only lists its own methods
+    assert "ruler, question-aware" in md and "`full` ignores the budget" in md
+    assert re.search(r"Duplicate runs .*\(1 run: `[^`]*/a/result.json`\)", md)
+    assert _cell(md, LB, "Context length 1024", "Time to first token (s)", 1, Method="full") \
+        == "0.700"
+    assert _cell(md, LB, "Context length 1024", "Memory reduction %", 1, Method="snapkv") == "50.0"
+    assert (out / "per_context.csv").stat().st_size > 0
 
 
 def test_empty_folder_fails_clearly(tmp_path, capsys):
@@ -314,7 +275,7 @@ def test_wandb_logging_and_failure_only_warns(tmp_path, monkeypatch):
     report.generate_report([tmp_path / "r"], tmp_path / "o", use_wandb=True)
     assert calls[0] == ("init", {"mode": "disabled", "project": "atskv", "job_type": "report"})
     logged = [k for c in calls if c[0] == "log" for k in c[1]]
-    assert "summary" in logged and any(k.startswith("figures/") for k in logged)
+    assert "per_context" in logged and any(k.startswith("figures/") for k in logged)
     assert calls[-1] == ("finish",)
     monkeypatch.setitem(sys.modules, "wandb", _fake_wandb([], fail=True))
     with pytest.warns(UserWarning, match="W&B logging failed"):
@@ -336,13 +297,24 @@ def test_duplicate_prefers_ok_over_newer_failed(tmp_path):
     kept = runs.iloc[0]
     assert kept["status"] == "ok" and kept["accuracy"] == 42.0  # ok beats failed, then newest
     assert kept["path"].endswith("old_ok/result.json")
-    note = next(n for n in notes if n.startswith("Duplicate run"))
-    assert "kept the newest successful run" in note and "new_failed" in note and "older_ok" in note
+    note = next(n for n in notes.lines() if n.startswith("Duplicate runs"))
+    assert "2 runs" in note and "new_failed" in note and "older_ok" in note
     # two failed runs: the newest failed one is kept (and listed as failed)
     _write(tmp_path / "f", "a", status="failed", error="first", finished_at="2025-01-01T00:00:00")
     _write(tmp_path / "f", "b", status="failed", error="second", finished_at="2025-01-02T00:00:00")
     runs, _, _ = report.load_results([tmp_path / "f"])
     assert list(runs["error"]) == ["second"]
+
+
+def test_many_duplicates_are_one_line(tmp_path):
+    """A sweep over five budgets that ran full at each: one note line with the count and two
+    examples, not five paths."""
+    root = tmp_path / "r"
+    for i, b in enumerate((0.05, 0.1, 0.2, 0.25, 0.5)):
+        _write(root, f"full_{b}", budget=b, finished_at=f"2025-01-0{i + 1}T00:00:00+00:00")
+    rep = report.generate_report([root], tmp_path / "o")
+    dup = [n for n in rep.notes if n.startswith("Duplicate runs")]
+    assert len(dup) == 1 and "(4 runs, e.g. " in dup[0] and dup[0].count("result.json") == 2
 
 
 def _method_cfg(name: str, **over) -> dict:
@@ -377,12 +349,13 @@ def test_ablations_are_not_collapsed(tmp_path):
     _write(root, "atskv_c32_nosparse", method="atskv", budget=0.25, kv_cache_bytes=500.0,
            accuracy=20.0, config=_method_cfg("atskv", chunk=32, sparse_decode=False))
     runs, notes, _ = report.load_results([root])
-    assert len(runs) == 4 and not [n for n in notes if n.startswith("Duplicate")]
+    assert len(runs) == 4 and not len(notes)
     rep = report.generate_report([root], tmp_path / "o")
-    s = rep.summary.set_index("method")
+    s = rep.per_context.set_index("variant")
     assert list(s.index) == ["full", "atskv", "atskv[chunk=32]", "atskv[chunk=32,sparse_decode=False]"]
     assert s.loc["atskv", "accuracy"] == 40.0 and s.loc["atskv[chunk=32]", "accuracy"] == 30.0
     assert s.loc["atskv[chunk=32]", "memory_reduction_pct"] == 50.0
+    assert s.loc["atskv[chunk=32]", "preset"] == "custom"
     md = (tmp_path / "o" / "report.md").read_text()
     assert "| atskv[chunk=32] |" in md
     # the same ablation twice is still a duplicate
@@ -391,23 +364,7 @@ def test_ablations_are_not_collapsed(tmp_path):
            finished_at="2025-01-06T00:00:00+00:00")
     runs, notes, _ = report.load_results([root])
     assert len(runs) == 4
-    assert any("hparams=chunk=32" in n and "atskv_c32_again" in n for n in notes)
-
-
-# ----------------------------------------------------------------------------- new record fields
-def _row(md: str, section: str, start: str) -> list[str]:
-    """The cells of the first table row in ``section`` that starts with ``start``."""
-    line = next(x for x in _section(md, section).splitlines() if x.startswith(start))
-    return [c.strip() for c in line.strip().strip("|").split(" | ")]
-
-
-def _col(md: str, section: str, table: str, header: str, start: str) -> str:
-    """One cell by column header (``table``: text before the table in the section)."""
-    part = _section(md, section).split(table, 1)[1]
-    lines = [x for x in part.splitlines() if x.startswith("|")]
-    heads = [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
-    row = next(x for x in lines[2:] if x.startswith(start))
-    return [c.strip() for c in row.strip().strip("|").split(" | ")][heads.index(header)]
+    assert any("Duplicate runs" in n and "atskv_c32/" in n for n in notes.lines())
 
 
 def test_cpu_and_gpu_runs_are_compared_with_their_own_full(tmp_path):
@@ -425,10 +382,10 @@ def test_cpu_and_gpu_runs_are_compared_with_their_own_full(tmp_path):
     _write(root, "gpu/snapkv", **snap, **{**gpu, "task_scores": {"single_needle": 60.0}},
            accuracy=60.0, kv_cache_bytes=200.0, peak_memory_bytes=300_000.0)
     runs, notes, old = report.load_results([root])
-    assert len(runs) == 4 and not notes and not old
+    assert len(runs) == 4 and not len(notes) and not old
     rep = report.generate_report([root], tmp_path / "o")
-    s = rep.summary.set_index(["section", "method"])
-    c, g = "synthetic (cpu, float32)", "synthetic (cuda, bfloat16)"
+    s = rep.per_context.set_index(["section", "variant"])
+    c, g = "synthetic, question-aware (cpu, float32)", "synthetic, question-aware (cuda, bfloat16)"
     assert set(s.index) == {(c, "full"), (c, "snapkv"), (g, "full"), (g, "snapkv")}
     # against its own full: 1 - 250/1000 and 1 - 200/500 (crossed: 50 and 80)
     assert s.loc[(c, "snapkv"), "memory_reduction_pct"] == 75.0
@@ -440,8 +397,7 @@ def test_cpu_and_gpu_runs_are_compared_with_their_own_full(tmp_path):
     assert s.loc[(c, "snapkv"), "delta"] == pytest.approx(-40.0)
     assert s.loc[(g, "snapkv"), "delta"] == pytest.approx(-20.0)
     md = (tmp_path / "o" / "report.md").read_text()
-    assert "Duplicate" not in md and "n/a" not in md.split("## synthetic")[1]
-    assert _row(md, c, "| snapkv |")[3] == "75.0" and _row(md, g, "| snapkv |")[3] == "60.0"
+    assert "Duplicate" not in md
     assert "Hardware (dtype): cpu (float32), cuda (bfloat16)" in md
 
 
@@ -457,23 +413,25 @@ def test_peak_memory_only_between_fresh_processes_of_the_same_kind(tmp_path):
     _write(root, "h2o", method="h2o", budget=0.2, peak_memory_kind="cuda_max_allocated",
            peak_memory_bytes=500.0 * mib, kv_cache_bytes=200.0)
     rep = report.generate_report([root], tmp_path / "o")
-    s = rep.summary.set_index("method")
+    s = rep.per_context.set_index("variant")
     assert s.loc["snapkv", "peak_memory_reduction_pct"] == pytest.approx(20.0)  # 1 - 892/1115
     assert math.isnan(s.loc["sliding_window", "peak_memory_reduction_pct"])
     assert math.isnan(s.loc["h2o", "peak_memory_reduction_pct"])
     assert s.loc["sliding_window", "memory_reduction_pct"] == 80.0  # KV bytes still compare
     md = (tmp_path / "o" / "report.md").read_text()
     assert "-47.4" not in md  # 1 - 1643/1115: the process's earlier peak, not the method's
-    assert _col(md, "longbench", "### Summary", "Peak memory reduction %", "| sliding_window |") == "n/a"
+    assert _cell(md, LB, "Context length 1024", "Peak memory reduction %", 1,
+                 Method="sliding_window") == "n/a"
     notes = _section(md, "Notes")
-    assert re.search(r"Peak memory reduction is n/a in longbench for sliding_window at 1024: "
-                     r"process peak RSS .*fresh_process: true.*never shrinks", notes)
-    assert re.search(r"n/a in longbench for h2o at 1024: .*measured peak memory differently "
-                     r"\(peak_memory_kind cuda_max_allocated vs full process_peak_rss\)", notes)
+    assert re.search(r"Peak memory reduction is n/a where the process peak RSS .*fresh_process: "
+                     r"true.*never shrinks.*\(1 run: `[^`]*/sw/result.json`\)", notes)
+    assert re.search(r"measured peak memory differently .*\(1 run: `[^`]*/h2o/result.json`\)",
+                     notes)
     # the full run itself not fresh: nothing compares with it
     _write(root, "full", peak_memory_bytes=1115.0 * mib, fresh_process=False)
     rep = report.generate_report([root], tmp_path / "o2")
-    assert math.isnan(rep.summary.set_index("method").loc["snapkv", "peak_memory_reduction_pct"])
+    assert math.isnan(rep.per_context.set_index("variant").loc["snapkv",
+                                                               "peak_memory_reduction_pct"])
 
 
 def test_timings_of_oversubscribed_runs_are_marked(tmp_path):
@@ -485,12 +443,11 @@ def test_timings_of_oversubscribed_runs_are_marked(tmp_path):
            ttft_s=0.9, decode_tokens_per_s=11.0)
     report.generate_report([root], tmp_path / "o")
     md = (tmp_path / "o" / "report.md").read_text()
-    for table, ttft, tput in (("### Summary", "Avg time to first token (s)", "Avg throughput (tokens/s)"),
-                              ("### Per context length", "Time to first token (s)", "Throughput (tokens/s)")):
-        assert _col(md, "longbench", table, ttft, "| snapkv |") == "0.900 ‡"
-        assert _col(md, "longbench", table, tput, "| snapkv |") == "11.0 ‡"
-        assert _col(md, "longbench", table, ttft, "| full |") == "0.500"
-        assert _col(md, "longbench", table, "Memory reduction %", "| snapkv |") == "50.0"
+    mem = "Context length 1024"
+    assert _cell(md, LB, mem, "Time to first token (s)", 1, Method="snapkv") == "0.900 ‡"
+    assert _cell(md, LB, mem, "Throughput (tokens/s)", 1, Method="snapkv") == "11.0 ‡"
+    assert _cell(md, LB, mem, "Time to first token (s)", 1, Method="full") == "0.500"
+    assert _cell(md, LB, mem, "Memory reduction %", 1, Method="snapkv") == "50.0"
     assert "‡ measured while the machine was oversubscribed" in md
 
 
@@ -507,8 +464,10 @@ def test_accuracy_intervals_and_delta_hand_computed(tmp_path):
     snapkv: qa 100, 50; summ 100, 50 -> 75; both task means independently 100/75/50, the
     accuracy is 50 (P 1/16) ... 100 (P 1/16): [50, 100]. Paired with full: per-id
     differences qa 0, -50; summ 0, 0 -> delta -12.5 = -25/2 with qa's mean difference
-    0/-25/-50: delta 0/-12.5/-25, [-25, 0], contains 0: `ns`.
+    0/-25/-50: delta 0/-12.5/-25, [-25, 0].
     h2o: qa 50, 50; summ 50, 0 -> 37.5 [25, 50]; every paired difference is -50: [-50, -50].
+    Four samples are fewer than ten: the tables show the range of the per-sample scores
+    (and differences) and no test; the intervals are still in per_context.csv.
     """
     root = tmp_path / "r"
     runs = {"full": ([100, 100], [100, 50]), "snapkv": ([100, 50], [100, 50]),
@@ -521,22 +480,23 @@ def test_accuracy_intervals_and_delta_hand_computed(tmp_path):
     _write(root, "quest", method="quest", budget=0.2, accuracy=60.0, samples=None)
     rep = report.generate_report([root], tmp_path / "o")
     md = (tmp_path / "o" / "report.md").read_text()
-    acc, delta = "Avg accuracy [95% CI]", "Δ vs full [95% CI]"
-    cells = {m: (_col(md, "longbench", "### Summary", acc, f"| {m} |"),
-                 _col(md, "longbench", "### Summary", delta, f"| {m} |"))
+    cells = {m: (_cell(md, LB, "Context length 1024", ACC_R, Method=m),
+                 _cell(md, LB, "Context length 1024", DELTA_R, Method=m))
              for m in ("full", "snapkv", "h2o", "quest")}
-    assert cells == {"full": ("87.5 [75.0, 100.0]", "reference"),
-                     "snapkv": ("75.0 [50.0, 100.0]", "-12.5 [-25.0, 0.0] ns"),
-                     "h2o": ("37.5 [25.0, 50.0]", "-50.0 [-50.0, -50.0]"),
-                     "quest": ("60.0 [n/a]", "n/a")}
-    assert _col(md, "longbench", "### Per context length", "Accuracy [95% CI]",
-                "| snapkv |") == "75.0 [50.0, 100.0]"
-    assert "`ns`: the 95% interval of the difference to `full` contains 0" in md
+    assert cells == {"full": ("87.5 (range 50.0 to 100.0)", "reference"),
+                     "snapkv": ("75.0 (range 50.0 to 100.0)", "-12.5 (range -50.0 to 0.0)"),
+                     "h2o": ("37.5 (range 0.0 to 50.0)", "-50.0 (range -50.0 to -50.0)"),
+                     "quest": ("60.0", "n/a")}
+    assert "*" not in "".join(v for c in cells.values() for v in c)  # n < 10: never marked
+    assert "Nothing is tested here." in md and "Fewer than 10 samples" in md
     notes = _section(md, "Notes")
-    assert re.search(r"Accuracy interval n/a for `[^`]*/quest/result.json`: no `[^`]*samples.jsonl`", notes)
-    s = rep.summary.set_index("method")
+    assert re.search(r"Accuracy interval n/a: no usable samples.jsonl .*/quest/result.json", notes)
+    s = rep.per_context.set_index("variant")
     assert (s.loc["snapkv", "accuracy_low"], s.loc["snapkv", "accuracy_high"]) == (50.0, 100.0)
-    assert (s.loc["full", "delta"], s.loc["full", "delta_low"], s.loc["full", "delta_high"]) == (0, 0, 0)
+    assert (s.loc["snapkv", "delta_low"], s.loc["snapkv", "delta_high"]) == (-25.0, 0.0)
+    assert (s.loc["h2o", "delta_low"], s.loc["h2o", "delta_high"]) == (-50.0, -50.0)
+    assert math.isnan(s.loc["h2o", "delta_p"]) and not s.loc["h2o", "delta_significant"]
+    assert (s.loc["full", "delta"], s.loc["full", "delta_low"]) == (0, 0)
 
 
 def test_interval_notes_for_unpaired_and_inconsistent_samples(tmp_path):
@@ -550,25 +510,24 @@ def test_interval_notes_for_unpaired_and_inconsistent_samples(tmp_path):
            kv_cache_bytes=500.0, config=cfg, samples=_rows("qa", [50, 50, 50]))
     rep = report.generate_report([root], tmp_path / "o")
     notes = "\n".join(rep.notes)
-    assert re.search(r"`[^`]*/snap/result.json` and its `full` run `[^`]*/full/result.json` share "
-                     r"3 sample ids; 1 sample\(s\) found in only one of them are left out", notes)
-    assert re.search(r"/snap/result.json`: its samples give accuracy 50.00, result.json says 80.00",
+    assert re.search(r"Runs compared over the sample ids both hold .*/snap/result.json", notes)
+    assert re.search(r"samples give another accuracy than its result.json.*/snap/result.json",
                      notes)
     # over qa/0..2: snapkv 50 vs full 50 = 0
-    assert rep.summary.set_index("method").loc["snapkv", "delta"] == pytest.approx(0.0)
+    assert rep.per_context.set_index("variant").loc["snapkv", "delta"] == pytest.approx(0.0)
 
 
 def test_kept_tokens_prefill_kv_needle_recall_metrics_and_buckets(tmp_path):
     root = tmp_path / "r"
     mib = 2**20
-    syn = {"benchmark": "synthetic", "task_scores": {"single_needle": 100.0},
-           "task_metrics": {"single_needle": "exact match"}}
-    _write(root, "full", **syn, accuracy=100.0, kv_cache_bytes=4.0 * mib,
+    syn = {"benchmark": "synthetic", "task_scores": {"single_needle": 100.0, "multi_key": 90.0},
+           "task_metrics": {"single_needle": "exact match", "multi_key": "exact match"}}
+    _write(root, "full", **syn, accuracy=95.0, kv_cache_bytes=4.0 * mib,
            kv_cache_bytes_prefill=4.0 * mib, needle_recall=1.0,
            prompt_tokens_kept={"mean": 1000.0, "min": 1000, "max": 1000})
     for ctx, kept, lo, hi, recall in ((1024, 204.0, 180, 230, 0.5), (2048, 410.0, 300, 500, 0.75)):
         _write(root, f"snap{ctx}", **syn, method="snapkv", budget=0.2, context_len=ctx,
-               accuracy=100.0, kv_cache_bytes=1.0 * mib, kv_cache_bytes_prefill=4.0 * mib,
+               accuracy=95.0, kv_cache_bytes=1.0 * mib, kv_cache_bytes_prefill=4.0 * mib,
                needle_recall=recall, prompt_tokens_kept={"mean": kept, "min": lo, "max": hi})
     lbe = {"qasper_e": {"0-4k": 40.0, "4-8k": 30.0, "8k+": 20.0},
            "hotpotqa_e": {"0-4k": 60.0, "4-8k": 40.0}}
@@ -579,24 +538,26 @@ def test_kept_tokens_prefill_kv_needle_recall_metrics_and_buckets(tmp_path):
            task_metrics={"qasper_e": "F1", "hotpotqa_e": "F1"}, samples=rows)
     report.generate_report([root], tmp_path / "o")
     md = (tmp_path / "o" / "report.md").read_text()
-    summ, ctx = "### Summary", "### Per context length"
+    sy = "synthetic, question-aware"
     kept = "Prompt tokens kept (min-max)"
-    assert _col(md, "synthetic", summ, kept, "| snapkv |") == "307.0 (180-500)"  # (204+410)/2
-    assert _col(md, "synthetic", ctx, kept, "| snapkv | 2048 |") == "410.0 (300-500)"
-    assert _col(md, "synthetic", ctx, kept, "| full |") == "1000.0 (1000-1000)"
-    assert _col(md, "synthetic", ctx, "KV at prefill end (MiB)", "| snapkv | 1024 |") == "4.000"
-    assert _col(md, "synthetic", ctx, "KV cache (MiB)", "| snapkv | 1024 |") == "1.000"
-    assert _col(md, "synthetic", summ, "Needle recall", "| snapkv |") == "0.625"
-    assert _col(md, "synthetic", ctx, "Samples", "| snapkv | 1024 |") == "2"
-    assert "| Method | single_needle (exact match, n=2) |" in md
-    lb = _section(md, "longbench")
+    assert _cell(md, sy, "Context length 1024", kept, 1, Method="snapkv") == "204.0 (180-230)"
+    assert _cell(md, sy, "Context length 2048", kept, 1, Method="snapkv") == "410.0 (300-500)"
+    assert _cell(md, sy, "Context length 1024", kept, 1, Method="full") == "1000.0 (1000-1000)"
+    assert _cell(md, sy, "Context length 1024", "KV cache (MiB)", 1, Method="snapkv") == "1.000"
+    assert _cell(md, sy, "Context length 2048", "Needle recall", 1, Method="snapkv") == "0.750"
+    assert _cell(md, sy, "Context length 1024", "Samples", Method="snapkv") == "4"
+    assert "| Method | Budget | Context length | multi_key (exact match, n=2) |" in md
+    assert "Tasks (metric): multi_key (exact match), single_needle (exact match)" in md
+    lb = _section(md, LB)
     assert "Needle recall" not in lb and "Prompt tokens kept" not in lb  # nothing recorded
-    assert "| Method | hotpotqa_e (F1, n=2) | qasper_e (F1, n=3) |" in lb
-    bucket = lb.split("### Per length bucket (LongBench-E)")[1]
-    assert "| Method | Task | 0-4k (n=2) | 4-8k (n=2) | 8k+ (n=1) |" in bucket
-    assert "| full | mean over tasks | 50.0 | 35.0 | 20.0 |" in bucket
-    assert "| full | hotpotqa_e | 60.0 | 40.0 | n/a |" in bucket
-    assert "| full | qasper_e | 40.0 | 30.0 | 20.0 |" in bucket
+    assert "| Method | Budget | Context length | hotpotqa_e (F1, n=2) | qasper_e (F1, n=3) |" in lb
+    b = "Per length bucket (LongBench-E)"
+    heads = list(_table(md, LB, b)[0])
+    assert heads == ["Method", "Budget", "Context length", "Task", "0-4k (n=2)", "4-8k (n=2)",
+                     "8k+ (n=1)"]
+    rows = {r["Task"]: [r[h] for h in heads[4:]] for r in _table(md, LB, b)}
+    assert rows == {"mean over tasks": ["50.0", "35.0", "20.0"],
+                    "hotpotqa_e": ["60.0", "40.0", "n/a"], "qasper_e": ["40.0", "30.0", "20.0"]}
     assert not [n for n in _section(md, "Notes").splitlines() if "lbe/" in n]
 
 
@@ -617,9 +578,14 @@ def test_budget_and_kv_size_labels(tmp_path):
     _write(root, "s02", method="snapkv", budget=0.2, kv_cache_bytes=200.0)
     _write(root, "s256", method="snapkv", budget=None, kv_size=256, kv_cache_bytes=300.0)
     rep = report.generate_report([root], tmp_path / "o")
-    s = rep.summary.set_index("method")
-    assert list(s.index) == ["full", "snapkv@0.2", "snapkv@kv256"]
-    assert s.loc["snapkv@kv256", "memory_reduction_pct"] == 70.0
+    s = rep.per_context.set_index("size")
+    assert list(s["variant"]) == ["full", "snapkv", "snapkv"]
+    assert list(s.index.fillna("")) == ["", "0.2", "kv256"]
+    assert s.loc["kv256", "memory_reduction_pct"] == 70.0
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert _cell(md, LB, "Context length 1024", "Budget", Method="full") == "all (full cache)"
+    assert [r["Budget"] for r in _table(md, LB, "Context length 1024")] == \
+        ["all (full cache)", "0.2", "kv256"]
 
 
 def test_old_budget_meaning_is_left_out(tmp_path, capsys):
@@ -633,8 +599,9 @@ def test_old_budget_meaning_is_left_out(tmp_path, capsys):
     md = (tmp_path / "o" / "report.md").read_text()
     assert "2 runs use the old budget meaning (budget of prompt + generation" in md
     assert "rerun them" in md and "old_snap/result.json" in md
-    assert list(rep.summary["method"]) == ["full", "snapkv"]  # one budget: no @ label
-    assert "12.2" not in md.split("## Notes")[1].split("\n## ", 1)[1] and "4096" not in md.split("## longbench")[1]
+    assert list(rep.per_context["variant"]) == ["full", "snapkv"]
+    body = md.split("\n## Notes")[0]
+    assert "12.2" not in body and "4096" not in body
     # only old runs: a clear error, no report
     only = tmp_path / "only_old"
     _write(only, "a", budget_of=None)
@@ -656,10 +623,10 @@ def test_geomean_tasks_interval_from_score_parts(tmp_path):
            task_metrics={"gov_report": "ROUGE geometric mean"}, samples=rows)
     rep = report.generate_report([root], tmp_path / "o")
     assert not [n for n in rep.notes if "interval" in n or "samples give" in n]
-    s = rep.summary.iloc[0]
+    s = rep.per_context.iloc[0]
     assert s["accuracy"] == pytest.approx(gm) and s["accuracy_low"] < gm < s["accuracy_high"]
     md = (tmp_path / "o" / "report.md").read_text()
-    assert "gov_report (ROUGE geometric mean, n=2)" in md
+    assert "Tasks (metric): gov_report (ROUGE geometric mean)" in md
 
 
 def test_scatter_labels_of_coinciding_points_do_not_overlap():

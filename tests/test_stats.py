@@ -166,3 +166,84 @@ def test_weighted_terms_combine_independent_runs():
     assert ci.n == 4
     with pytest.raises(ValueError, match="unknown aggregation"):
         stats.bootstrap_ci(a, {"t": "median"})
+
+
+# ----------------------------------------------------------------------------- tests, AUC
+def test_holm_hand_checked():
+    """m = 4 tested p-values (the NaN is not tested and not counted), alpha = 0.05.
+
+    Ascending: 0.005 (#4), 0.01 (#0), 0.03 (#3), 0.04 (#2).
+    Step-down thresholds alpha / (m - i + 1): 0.0125, 0.0167, 0.025, 0.05.
+    0.005 <= 0.0125 reject; 0.01 <= 0.0167 reject; 0.03 > 0.025 stop: #3 and #2 are kept,
+    although each is below 0.05 on its own (uncorrected, all four would be "significant").
+    Adjusted p: #4 4 x 0.005 = 0.02; #0 max(0.02, 3 x 0.01) = 0.03; #3 max(0.03, 2 x 0.03) =
+    0.06; #2 max(0.06, 1 x 0.04) = 0.06.
+    """
+    adj, rej = stats.holm([0.01, float("nan"), 0.04, 0.03, 0.005])
+    assert rej == [True, False, False, False, True]
+    assert adj[0] == pytest.approx(0.03) and adj[2] == pytest.approx(0.06)
+    assert adj[3] == pytest.approx(0.06) and adj[4] == pytest.approx(0.02)
+    assert math.isnan(adj[1])
+    assert stats.holm([]) == ([], [])
+    assert stats.holm([0.2, 0.9]) == ([0.4, 0.9], [False, False])  # capped at 1, monotone
+
+
+def test_fewer_than_ten_samples_are_not_tested():
+    assert not stats.testable(3) and not stats.testable(9) and not stats.testable(float("nan"))
+    assert stats.testable(10) and stats.testable(32)
+
+
+def _pair(a_scores, b_scores, task="t"):
+    return stats.Term(1.0, _s(task, a_scores), None, _s(task, b_scores))
+
+
+def test_permutation_p_hand_computed():
+    # three samples, all worse by 100: only "no swap" and "swap all" are as extreme: 2/8
+    assert stats.permutation_p([_pair([0, 0, 0], [100, 100, 100])]) == 0.25
+    # differences -10, -20, +5 (mean -25/3): of the 8 sign patterns the sums -25, 25, -35, 35
+    # are at least as far from 0 as -25: p = 4/8
+    assert stats.permutation_p([_pair([0, 0, 10], [10, 20, 5])]) == 0.5
+    assert stats.permutation_p([_pair([7, 8], [7, 8])]) == 1.0  # no difference at all
+    # geomean task: swapping one sample gives |T| = 5 < 15 (hand-computed), both-or-none 15
+    parts_a = [{"r1": 80, "r2": 20, "rl": 40}, {"r1": 40, "r2": 10, "rl": 20}]
+    parts_b = [{"r1": 40, "r2": 10, "rl": 20}, {"r1": 20, "r2": 5, "rl": 10}]
+    gm = {"t": stats.GEOMEAN}
+    t = stats.Term(1.0, _s("t", [0, 0], parts=parts_a), gm, _s("t", [0, 0], parts=parts_b))
+    assert stats.weighted_bootstrap([t], exact=True).estimate == pytest.approx(15.0)
+    assert stats.permutation_p([t]) == 0.5
+    # 20 samples all worse: random sign flips (seeded); only the observed pattern is as extreme
+    big = [_pair([0] * 20, [100] * 20)]
+    p = stats.permutation_p(big, n_permutations=5000, seed=1)
+    assert p == pytest.approx(1 / 5001) and p == stats.permutation_p(big, n_permutations=5000,
+                                                                      seed=1)
+    with pytest.raises(ValueError, match="paired"):
+        stats.permutation_p([stats.Term(1.0, _s("t", [1]))])
+
+
+def test_trapezoid_weights_hand_computed():
+    """Budgets 0.1, 0.2, 0.5 and accuracies 10, 30, 40: area 0.1 x (10 + 30) / 2 + 0.3 x
+    (30 + 40) / 2 = 2 + 10.5 = 12.5 over a range of 0.4: a mean accuracy of 31.25. Weights:
+    0.05 / 0.4, (0.05 + 0.15) / 0.4, 0.15 / 0.4."""
+    w = stats.trapezoid_weights([0.1, 0.2, 0.5])
+    assert w.tolist() == pytest.approx([0.125, 0.5, 0.375])
+    assert float(np.dot(w, [10, 30, 40])) == pytest.approx(31.25)
+    assert stats.trapezoid_weights([0.1, 0.3]).tolist() == pytest.approx([0.5, 0.5])
+    for bad in ([0.1], [0.2, 0.1], [0.1, 0.1]):
+        with pytest.raises(ValueError, match="two increasing"):
+            stats.trapezoid_weights(bad)
+
+
+def test_joint_resampling_draws_the_same_ids_for_every_run():
+    """The same run at two budgets (identical scores per id), weights 1/2 each: resampled
+    jointly, the statistic is always the run's own accuracy, so its distribution is the
+    run's; resampled independently it would be narrower (two independent means averaged)."""
+    s = _s("a", [0, 0, 100])
+    joint = stats.weighted_bootstrap([stats.Joint(1.0, [(0.5, s, None), (0.5, s, None)])])
+    alone = stats.bootstrap_ci(s)
+    assert (joint.low, joint.high, joint.estimate) == (alone.low, alone.high, alone.estimate)
+    indep = stats.weighted_bootstrap([stats.Term(0.5, s), stats.Term(0.5, s)])
+    assert indep.high < joint.high
+    # ids in one run only are left out and counted
+    other = _s("a", [100, 100, 100, 0])  # a/3 only here
+    j = stats.weighted_bootstrap([stats.Joint(1.0, [(0.5, s, None), (0.5, other, None)])])
+    assert j.n == 3 and j.dropped == 1 and j.estimate == pytest.approx((100 / 3 + 100) / 2)

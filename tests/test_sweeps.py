@@ -120,7 +120,8 @@ def test_grouped_members_differing_in_hyperparameters_write_their_own_folders(tm
     """Members of a group that differ only in a method hyperparameter: each one's result is in
     the folder its own configuration names (the launcher pins the group job's folder; members
     must not inherit it)."""
-    proc = run_py("-m", "method=snapkv", "method.window=8,16", *TINY, f"hydra.sweep.dir={tmp_path}")
+    proc = run_py("-m", "method=snapkv", "method.window=8,16", "reference=none", *TINY,
+                  f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = results(tmp_path)
     assert len(res) == 2
@@ -129,6 +130,44 @@ def test_grouped_members_differing_in_hyperparameters_write_their_own_folders(tm
         assert r["run_key"] == {"method": [window], "overrides": KEYED}
         assert folder == job_dir("snapkv", variant=(window,))
         assert r["prefill_shared"] is True
+
+
+def test_a_sweep_adds_its_full_reference_once_per_setting(tmp_path):
+    """Two methods x two budgets x two context lengths, no `full`: one full run per context
+    length is added, shares the group's prefill, is found by the next sweep, and is what the
+    report compares against (and what the kvpress export calls no_press)."""
+    from atskv.analysis import report
+    from atskv.analysis.export_kvpress import export
+
+    args = ["-m", "method=sliding_window,snapkv", "budget=0.2,0.5", "context_len=512,1024",
+            *[a for a in TINY if not a.startswith("context_len")], f"hydra.sweep.dir={tmp_path}"]
+    proc = run_py(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 setting(s) of this sweep had no `full` run" in proc.stderr + proc.stdout
+    res = results(tmp_path)
+    fulls = [r for r in res.values() if r["method"] == "full"]
+    assert len(res) == 10 and sorted(r["context_len"] for r in fulls) == [512, 1024]
+    assert job_dir("full") in res  # no budget override: the default folder, found again
+    assert all(r["prefill_shared"] and r["status"] == "ok" for r in res.values())
+    again = run_py(*args)  # everything, the reference included, is found and skipped
+    assert again.returncode == 0 and again.stdout.count("results:") == 0, again.stderr[-2000:]
+    rep = report.generate_report([tmp_path], tmp_path / "report")
+    pc = rep.per_context[rep.per_context["method"] != "full"]
+    assert len(pc) == 8 and set(pc["memory_reduction_ref"]) == {"full"}
+    assert pc["delta"].notna().all()
+    folders = export([tmp_path], tmp_path / "kvpress")
+    assert len(folders) == 10
+    assert sum(f.name.split("__")[3] == "no_press" for f in folders) == 2
+
+
+def test_reference_none_adds_nothing_and_keeps_the_folder(tmp_path):
+    proc = run_py("-m", "method=sliding_window", "reference=none", *TINY,
+                  f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(results(tmp_path)) == {job_dir("sliding_window")}  # `reference` is not in the key
+    bad = run_py("-m", "method=sliding_window", "reference=some", *TINY,
+                 f"hydra.sweep.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "reference='some'; choose one of full, none" in bad.stderr
 
 
 def test_share_prefill_false_launches_every_job_alone(tmp_path):

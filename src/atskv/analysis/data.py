@@ -1,11 +1,12 @@
 """Loading for :mod:`atskv.analysis.report`: result records, run keys, the matching ``full`` run,
 method order, labels, sections and samples.
 
-Two runs are like with like when they share :data:`SETTING` (benchmark, model, hardware,
-dtype, split, tasks, samples requested, context length, seed). A run's key adds the method,
-its non-default hyperparameters and its budget / kv_size; the ``full`` run a method is
-compared with matches every :data:`SETTING` field, so a ratio never crosses hardware, dtype,
-split, task set or sample count.
+Two runs are like with like when they share :data:`SETTING` (benchmark, the data it read,
+protocol, model, hardware, dtype, split, tasks, samples requested, context length, seed). A
+run's key adds the method, its non-default hyperparameters and its budget / kv_size; the
+``full`` run a method is compared with matches every :data:`SETTING` field, so a ratio never
+crosses protocol, hardware, dtype, split, task set or sample count, and a section (one per
+:data:`SECTION` value) never holds two protocols or two data sources.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atskv.analysis import labels
+from atskv.analysis.notes import Notes
+
 FULL = "full"
 PROMPT = "prompt"  # budget_of of runs whose budget is a fraction of the prompt's KV cache
-SETTING = ["benchmark", "model", "hardware", "dtype", "split", "tasks", "n_requested",
-           "context_len", "seed"]
+SETTING = ["benchmark", "data", "protocol", "model", "hardware", "dtype", "split", "tasks",
+           "n_requested", "context_len", "seed"]
 KEY = ["method", "hparams"] + SETTING + ["budget", "kv_size"]
 SECTION = [c for c in SETTING if c not in ("context_len", "seed")]
 NUMERIC = ["context_len", "budget", "kv_size", "seed", "n_samples", "accuracy",
@@ -29,10 +33,12 @@ NUMERIC = ["context_len", "budget", "kv_size", "seed", "n_samples", "accuracy",
            "kv_cache_bytes_prefill", "decode_kv_read_bytes", "peak_memory_bytes", "ttft_s",
            "decode_tokens_per_s", "prefill_s", "compress_s", "needle_recall", "kept_mean",
            "kept_min", "kept_max"]
-TEXT = ["method", "hparams", "benchmark", "model", "status", "error", "peak_memory_kind",
-        "hardware", "dtype", "split", "tasks", "n_requested", "started_at", "finished_at"]
+TEXT = ["method", "hparams", "benchmark", "data", "protocol", "model", "status", "error",
+        "peak_memory_kind", "hardware", "dtype", "split", "tasks", "n_requested", "preset",
+        "model_path", "started_at", "finished_at"]
 OBJECT = ["task_scores", "task_metrics", "task_aggregation", "task_scores_by_bucket",
-          "fresh_process", "oversubscribed", "machine_load", "path"]
+          "accuracy_by_position", "fresh_process", "oversubscribed", "machine_load", "path",
+          "tuned"]
 MIB = float(2**20)
 RSS = "process_peak_rss"
 
@@ -128,6 +134,11 @@ def hparams(rec: dict) -> str:
 def normalize(rec: dict) -> dict:
     """Fill the key fields in place (top-level fields first, then the config)."""
     rec["hparams"] = hparams(rec)
+    rec["protocol"] = labels.protocol_of(rec)
+    rec["data"] = labels.data_label(rec)
+    rec["tuned"] = labels.is_tuned(rec)
+    rec["preset"] = labels.preset_label(rec, rec["hparams"])
+    rec["model_path"] = str(_cfg(rec, "model", "path") or "")
     rec["hardware"] = str(_pick(rec, "hardware", "hardware", "name") or "unknown")
     rec["dtype"] = str(_pick(rec, "dtype", "hardware", "dtype") or "unknown")
     rec["split"] = str(_pick(rec, "split", "benchmark", "split") or "all")
@@ -156,14 +167,14 @@ def key(rec: dict) -> tuple:
     return tuple(_norm(rec.get(k), cast[k]) if k in cast else rec.get(k, "") for k in KEY)
 
 
-def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str], list[str]]:
+def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, Notes, list[str]]:
     """All result.json under ``dirs`` (recursively) under the prompt budget meaning, one kept
     per KEY: a successful run before a failed one, then the newest. Returns (runs, notes,
     paths of the runs under the old budget meaning, which are left out)."""
-    notes, files = [], {}
+    notes, files = Notes(), {}
     for d in dirs:
         if not Path(d).is_dir():
-            notes.append(f"Results folder `{d}` does not exist; skipped.")
+            notes.add(f"Results folder `{d}` does not exist; skipped.")
             continue
         for f in sorted(Path(d).rglob("result.json")):
             files.setdefault(f.resolve(), f)
@@ -173,10 +184,10 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str], list[
         try:
             rec = json.loads(f.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            notes.append(f"Skipped unreadable `{f}`: {e}")
+            notes.add(f"Skipped unreadable `{f}`: {e}")
             continue
         if not isinstance(rec, dict) or not rec.get("method") or not rec.get("benchmark"):
-            notes.append(f"Skipped `{f}`: not a result record (no method/benchmark).")
+            notes.add("Skipped: not a result record (no method/benchmark)", shown_path(f))
             continue
         if rec.get("budget_of") != PROMPT:
             old.append(str(f))
@@ -184,19 +195,15 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str], list[
         rec["path"] = shown_path(f)
         groups.setdefault(key(normalize(rec)), []).append(rec)
     kept = []
-    for k, recs in groups.items():
+    for recs in groups.values():
         # a successful run beats a failed one, then the newest wins
         recs.sort(key=lambda r: (r.get("status") == "ok", when(r.get("finished_at"))))
         kept.append(recs[-1])
-        if len(recs) > 1:
-            desc = ", ".join(f"{n}={v}" for n, v in zip(KEY, k, strict=True) if v not in ("", None))
-            which = ("the newest" if all(when(r.get("finished_at")) <= when(recs[-1].get("finished_at"))
-                                         for r in recs) else "the newest successful run")
-            dropped = "; ".join(f"`{r['path']}` ({r.get('status')}, {r.get('finished_at')})"
-                                for r in recs[:-1])
-            notes.append(f"Duplicate run ({desc}): kept {which} `{recs[-1]['path']}` "
-                         f"({recs[-1].get('status')}, finished_at {recs[-1].get('finished_at')}); "
-                         f"dropped {dropped}.")
+        for r in recs[:-1]:
+            full = " (`full` ignores the budget: a sweep over budgets runs it once per budget)" \
+                if r.get("method") == FULL else ""
+            notes.add("Duplicate runs (same method, hyperparameters, setting, budget and seed): "
+                      f"the successful, newest one of each is kept{full}", r["path"])
     df = pd.DataFrame(kept)
     for c in TEXT + NUMERIC + OBJECT:
         if c not in df:
@@ -208,7 +215,7 @@ def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str], list[
     return df, notes, old
 
 
-def order(labels) -> list:
+def order(names) -> list:
     """Labels (``method[k=v,...]@budget`` or ``...@kv<size>``, both parts optional) in
     :func:`method_order`, then default hyperparameters first, then budgets, then kv sizes."""
     rank = {m: i for i, m in enumerate(method_order())}
@@ -223,28 +230,31 @@ def order(labels) -> list:
             v = -1.0
         return (rank.get(m, len(rank)), m, hp.rstrip("]"), kv, v)
 
-    return sorted(set(labels), key=sort_key)
+    return sorted(set(names), key=sort_key)
+
+
+def _size(b, k) -> str:
+    """A run's budget as shown: ``0.2`` (fraction of the prompt's KV), ``kv256``, or ``""``."""
+    if pd.notna(k):
+        return f"kv{int(k)}"
+    return "" if pd.isna(b) else f"{b:g}"
 
 
 def _labels(ok: pd.DataFrame) -> list[str]:
-    def size(b, k) -> str:
-        if pd.notna(k):
-            return f"@kv{int(k)}"
-        return "" if pd.isna(b) else f"@{b:g}"
-
-    sizes = {m: {size(b, k) for b, k in zip(g["budget"], g["kv_size"], strict=True)}
+    sizes = {m: {_size(b, k) for b, k in zip(g["budget"], g["kv_size"], strict=True)}
              for m, g in ok.groupby("method")}
-    return [(m + (f"[{hp}]" if hp else "")) + (size(b, k) if len(sizes[m]) > 1 else "")
-            for m, hp, b, k in zip(ok["method"], ok["hparams"], ok["budget"], ok["kv_size"],
-                                   strict=True)]
+    return [v + (f"@{_size(b, k)}" if len(sizes[m]) > 1 else "")
+            for m, v, b, k in zip(ok["method"], ok["variant"], ok["budget"], ok["kv_size"],
+                                  strict=True)]
 
 
 def sections(ok: pd.DataFrame) -> list[str]:
-    """Section titles: the benchmark, plus whichever of model, hardware/dtype, split, tasks
-    and samples asked for differ between runs (of the same benchmark for the last two)."""
+    """Section titles: the data (benchmark and source) and the protocol, plus whichever of
+    model, hardware/dtype, split, tasks and samples asked for differ between runs (of the same
+    data for the last two)."""
     many = {c: ok[c].nunique() > 1 for c in ("model", "split")}
     many["hw"] = ok[["hardware", "dtype"]].drop_duplicates().shape[0] > 1
-    per_bench = ok.groupby("benchmark")[["tasks", "n_requested"]].nunique()
+    per_data = ok.groupby("data")[["tasks", "n_requested"]].nunique()
     titles = []
     for r in ok.itertuples(index=False):
         extra = [r.model] if many["model"] else []
@@ -252,12 +262,13 @@ def sections(ok: pd.DataFrame) -> list[str]:
             extra.append(f"{r.hardware}, {r.dtype}")
         if many["split"]:
             extra.append(f"split {r.split}")
-        if per_bench.loc[r.benchmark, "tasks"] > 1:
+        if per_data.loc[r.data, "tasks"] > 1:
             tasks = r.tasks or "default tasks"
             extra.append(f"tasks {tasks if len(tasks) <= 60 else tasks[:57] + '...'}")
-        if per_bench.loc[r.benchmark, "n_requested"] > 1:
+        if per_data.loc[r.data, "n_requested"] > 1:
             extra.append(f"n={r.n_requested}")
-        titles.append(f"{r.benchmark} ({'; '.join(extra)})" if extra else str(r.benchmark))
+        head = f"{r.data}, {labels.PROTOCOL_SHORT.get(r.protocol, r.protocol)}"
+        titles.append(f"{head} ({'; '.join(extra)})" if extra else head)
     # two settings with the same title would be merged: keep them apart
     setting_of: dict[str, set] = {}
     for t, s in zip(titles, ok[SECTION].itertuples(index=False, name=None), strict=True):
@@ -287,20 +298,29 @@ def _reduction(val: np.ndarray, ref: np.ndarray, good: np.ndarray, is_full: np.n
     return red
 
 
-def prepare(ok: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Labels, sections, MiB columns and the reductions vs the matching ``full`` run."""
+def prepare(ok: pd.DataFrame, notes: Notes | None = None) -> tuple[pd.DataFrame, Notes]:
+    """Variants, labels, sections, MiB columns and the reductions vs the matching ``full`` run
+    (KV memory: vs the run's own ``kv_cache_bytes_uncompressed`` when there is none;
+    ``memory_reduction_ref`` says which)."""
+    notes = Notes() if notes is None else notes
     ok = ok.copy()
     for c in set(TEXT + NUMERIC + OBJECT) - set(ok.columns):
         ok[c] = None
     fill = {"hardware": "unknown", "dtype": "unknown", "split": "all", "tasks": "",
-            "n_requested": "all", "hparams": ""}
+            "n_requested": "all", "hparams": "", "protocol": labels.QUESTION_AWARE,
+            "preset": labels.PAPER, "model_path": ""}
     for c, v in fill.items():
         ok[c] = ok[c].fillna(v)
-    for c in ("fresh_process", "oversubscribed"):  # only a recorded true counts
+    ok["data"] = ok["data"].fillna(ok["benchmark"])
+    for c in ("fresh_process", "oversubscribed", "tuned"):  # only a recorded true counts
         ok[c] = ok[c].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v)).astype(bool)
     where = ok["path"].where(ok["path"].notna(), ok["method"])
-    notes = [f"Left out `{p}`: no context_len." for p in where[ok["context_len"].isna()]]
+    for p in where[ok["context_len"].isna()]:
+        notes.add("Left out: no context_len", str(p))
     ok = ok[ok["context_len"].notna()].assign(seed=ok["seed"].fillna(0))
+    ok["variant"] = [m + (f"[{hp}]" if hp else "") for m, hp in
+                     zip(ok["method"], ok["hparams"], strict=True)]
+    ok["size"] = [_size(b, k) for b, k in zip(ok["budget"], ok["kv_size"], strict=True)]
     ok["label"] = _labels(ok) if len(ok) else []
     ok["section"] = sections(ok) if len(ok) else []
     for src, dst in (("kv_cache_bytes", "kv_cache_mib"), ("peak_memory_bytes", "peak_memory_mib"),
@@ -312,8 +332,13 @@ def prepare(ok: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         ok[c] = ref[c]
     is_full = (ok["method"] == FULL).to_numpy()
     everything = np.ones(len(ok), dtype=bool)
-    ok["memory_reduction_pct"] = _reduction(ok["kv_cache_bytes"].to_numpy(),
-                                            ok["full_kv"].to_numpy(dtype=float), everything, is_full)
+    kv = ok["kv_cache_bytes"].to_numpy(dtype=float)
+    vs_full = _reduction(kv, ok["full_kv"].to_numpy(dtype=float), everything, is_full)
+    own = _reduction(kv, ok["kv_cache_bytes_uncompressed"].to_numpy(dtype=float), everything,
+                     is_full)
+    use_own = ~np.isfinite(vs_full) & np.isfinite(own)
+    ok["memory_reduction_pct"] = np.where(use_own, own, vs_full)
+    ok["memory_reduction_ref"] = np.where(use_own, "own", np.where(np.isfinite(vs_full), FULL, ""))
     same_kind = (ok["peak_memory_kind"] == ok["full_kind"]).to_numpy()
     rss = (ok["peak_memory_kind"] == RSS).to_numpy()
     fresh = (ok["fresh_process"] & (ok["full_fresh"] == True)).to_numpy()  # noqa: E712
@@ -321,42 +346,22 @@ def prepare(ok: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     ok["peak_memory_reduction_pct"] = _reduction(ok["peak_memory_bytes"].to_numpy(),
                                                  ok["full_peak"].to_numpy(dtype=float),
                                                  comparable, is_full)
-    missing = ok[ok["memory_reduction_pct"].isna()]
-    for (s, c), g in missing.groupby(["section", "context_len"], dropna=False):
-        seeds = ", ".join(f"{x:g}" for x in sorted(g["seed"].dropna().unique()))
-        b, m = g["benchmark"].iloc[0], g["model"].iloc[0]
-        where = "" if s == b else f" in section {s}"
-        notes.append(f"Memory reduction is n/a for {b} / {m} at context length {c:g} "
-                     f"(seed {seeds or '?'}){where}: no `full` run with kv_cache_bytes for "
-                     "the same benchmark, model, hardware, dtype, split, tasks, samples, context "
-                     f"length and seed ({', '.join(order(g['label']))}).")
-    notes += _peak_notes(ok, same_kind, rss, fresh, is_full)
-    return ok, notes
-
-
-def _peak_notes(ok, same_kind, rss, fresh, is_full) -> list[str]:
+    for p in ok.loc[ok["full_path"].isna() & ~is_full, "path"]:
+        notes.add("No `full` run of the same setting (benchmark, data, protocol, model, hardware, "
+                  "dtype, split, tasks, samples, context length, seed): Δ vs full is n/a and "
+                  "memory reduction is taken against the run's own `kv_cache_bytes_uncompressed`",
+                  str(p))
     has = ok["peak_memory_bytes"].notna().to_numpy() & ok["full_peak"].notna().to_numpy()
-    notes = []
     for mask, why in (
-        (has & ~same_kind, "the method and its `full` run measured peak memory differently "
-                           "(peak_memory_kind {kinds}); they are not comparable"),
+        (has & ~same_kind, "Peak memory reduction is n/a where a run and its `full` run measured "
+                           "peak memory differently (`peak_memory_kind`)"),
         (has & same_kind & rss & ~fresh & ~is_full,
-         "process peak RSS (CPU) compares only runs that were each the first job of a fresh "
-         "process (`fresh_process: true` in both); a process's peak RSS never shrinks, so a "
-         "later job reports the largest peak of every job before it (a five-method sweep in "
-         "one CPU process once showed a fake -47 % for sliding_window this way)")):
-        sel = ok[mask]
-        for s, g in sel.groupby("section"):
-            cells = ", ".join(f"{lab} at {c:g}" + (f" seed {sd:g}" if sd else "")
-                              for lab, c, sd in zip(g["label"], g["context_len"], g["seed"],
-                                                    strict=True))
-            kinds = ", ".join(sorted({f"{a} vs full {b}" for a, b in
-                                      zip(g["peak_memory_kind"], g["full_kind"], strict=True)}))
-            notes.append(f"Peak memory reduction is n/a in {s} for {cells}: "
-                         + why.format(kinds=kinds) + ".")
-    return notes
-
-
+         "Peak memory reduction is n/a where the process peak RSS (CPU) is not both runs' own "
+         "(`fresh_process: true` in each): a process's peak RSS never shrinks, so a later job of "
+         "a sweep reports the largest peak of every job before it")):
+        for p in ok.loc[mask, "path"]:
+            notes.add(why, str(p))
+    return ok, notes
 def load_samples(result_path: str) -> tuple[list[dict] | None, str | None]:
     """The samples.jsonl next to a result.json: (rows, None) or (None, why not)."""
     f = Path(result_path).parent / "samples.jsonl"

@@ -25,6 +25,8 @@ def render_md(blocks: list) -> str:
             out.append(b[1])
         elif b[0] == "note":
             out.append(f"> **Note:** {b[1]}")
+        elif b[0] == "caption":
+            out.append(b[1])
         elif b[0] == "list":
             out.append("\n".join(f"- {_md_cell(i)}" for i in b[1]))
         elif b[0] == "table":
@@ -32,8 +34,8 @@ def render_md(blocks: list) -> str:
                      "|" + "|".join("---" for _ in b[1]) + "|"]
             lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b[2]]
             out.append("\n".join(lines))
-        elif b[0] == "img":
-            out.append(f"![{b[2]}]({b[1]})")
+        elif b[0] == "img":  # the caption under the figure, not only in its alt text
+            out.append(f"![{_md_cell(b[2].split(';')[0])}]({b[1]})\n\n{b[2]}")
     return "\n\n".join(out) + "\n"
 
 
@@ -50,6 +52,8 @@ def render_html(blocks: list, base: Path) -> str:
             out.append(f"<p>{e(b[1])}</p>")
         elif b[0] == "note":
             out.append(f'<p class="note"><b>Note:</b> {e(b[1])}</p>')
+        elif b[0] == "caption":
+            out.append(f'<p class="caption">{e(b[1])}</p>')
         elif b[0] == "list":
             out.append("<ul>" + "".join(f"<li>{e(str(i))}</li>" for i in b[1]) + "</ul>")
         elif b[0] == "table":
@@ -61,11 +65,14 @@ def render_html(blocks: list, base: Path) -> str:
             data = base64.b64encode((base / b[1]).read_bytes()).decode("ascii")
             out.append(f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
                        f"<figcaption>{e(b[2])}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
-             "padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+             "padding:2px 6px;text-align:right}td{white-space:nowrap}"
+             "td:first-child,th:first-child{text-align:left}"
              ".note{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px}"
-             "img{max-width:100%}")
+             "img{max-width:100%}.caption{color:#444;font-size:0.85em;max-width:1100px;"
+             "margin-top:-0.5em}figcaption{color:#444;font-size:0.85em}"
+             "td,th{font-size:0.9em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>atskv report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 

@@ -68,6 +68,16 @@ class Term:
     reference: Sequence[Mapping] | None = None
 
 
+@dataclass(frozen=True)
+class Joint:
+    """``weight x sum(coef x accuracy(samples))`` over several runs of the same prompts (e.g. one
+    method at several budgets), every run resampled with the same draw of sample ids (within
+    tasks; ids missing from any run are left out). ``runs``: ``(coef, samples, aggregation)``."""
+
+    weight: float
+    runs: Sequence[tuple[float, Sequence[Mapping], Mapping[str, str] | None]]
+
+
 @dataclass
 class _Task:
     how: str
@@ -139,8 +149,12 @@ def accuracy(samples: Sequence[Mapping], aggregation: Mapping[str, str] | None =
 
 
 # ----------------------------------------------------------------------------- units
-def _units(term: Term, stratify: bool) -> tuple[list[_Unit], int, int]:
+def _units(term: Term | Joint, stratify: bool) -> tuple[list[_Unit], int, int]:
     """Resampling units of one term, the number of samples and of dropped (unpaired) ones."""
+    if isinstance(term, Joint):
+        if not stratify:
+            raise ValueError("joint intervals are always stratified by task")
+        return _joint_units(term.weight, term.runs)
     if term.reference is None:
         groups = _by_task(term.samples)
         if not groups:
@@ -160,25 +174,46 @@ def _units(term: Term, stratify: bool) -> tuple[list[_Unit], int, int]:
         return [_Unit(n, pooled, term.weight)], n, 0
     if not stratify:
         raise ValueError("paired intervals are always stratified by task")
-    a, b = _ids(term.samples), _ids(term.reference)
-    common = [i for i in a if i in b]
-    dropped = len(a) + len(b) - 2 * len(common)
+    units, n, dropped = _joint_units(term.weight, [(1.0, term.samples, term.aggregation),
+                                                   (-1.0, term.reference, term.aggregation)])
+    return units, n, dropped
+
+
+def _joint_data(runs: Sequence[tuple[float, Sequence[Mapping], Mapping[str, str] | None]]
+                ) -> tuple[dict[str, list[_Task]], int, int]:
+    """Per task, each run's data over the sample ids every run holds (in one order); the number
+    of common ids and of samples left out (held by some runs only)."""
+    if not runs:
+        raise ValueError("no runs")
+    maps = [_ids(s) for _, s, _ in runs]
+    common = [i for i in maps[0] if all(i in m for m in maps[1:])]
+    dropped = sum(len(m) for m in maps) - len(maps) * len(common)
     by_task: dict[str, list[str]] = {}
     for i in common:
-        if a[i]["task"] != b[i]["task"]:
-            raise ValueError(f"sample id {i!r} has task {a[i]['task']!r} in one run and "
-                             f"{b[i]['task']!r} in the other")
-        by_task.setdefault(str(a[i]["task"]), []).append(i)
+        tasks = {str(m[i]["task"]) for m in maps}
+        if len(tasks) > 1:
+            raise ValueError(f"sample id {i!r} has different tasks in the runs: {sorted(tasks)}")
+        by_task.setdefault(tasks.pop(), []).append(i)
     if not by_task:
-        raise ValueError("the two runs share no sample id")
-    units = []
-    for t, ids in sorted(by_task.items()):
-        how = _how(term.aggregation, t)
-        da = _task_data([a[i] for i in ids], how, t)
-        db = _task_data([b[i] for i in ids], how, t)
-        units.append(_Unit(len(ids), (lambda c, da=da, db=db: _agg(da, c) - _agg(db, c)),
-                           term.weight / len(by_task)))
-    return units, len(common), dropped
+        raise ValueError("the runs share no sample id")
+    data = {t: [_task_data([m[i] for i in ids], _how(agg, t), t)
+                for m, (_, _, agg) in zip(maps, runs, strict=True)]
+            for t, ids in sorted(by_task.items())}
+    return data, len(common), dropped
+
+
+def _joint_units(weight: float, runs) -> tuple[list[_Unit], int, int]:
+    """``weight x sum(coef x accuracy(run))`` over the ids all ``runs`` ``(coef, samples,
+    aggregation)`` hold, every run resampled with the same draw (within tasks)."""
+    data, n, dropped = _joint_data(runs)
+    coefs = [c for c, _, _ in runs]
+
+    def fn(c: np.ndarray, ds: list[_Task]) -> np.ndarray:
+        return sum(k * _agg(d, c) for k, d in zip(coefs, ds, strict=True))
+
+    units = [_Unit(len(ds[0].scores), (lambda c, ds=ds: fn(c, ds)), weight / len(data))
+             for ds in data.values()]
+    return units, n, dropped
 
 
 def _ids(samples: Sequence[Mapping]) -> dict[str, Mapping]:
@@ -244,7 +279,7 @@ def _quantile(vals: np.ndarray, weights: np.ndarray | None, q: float) -> float:
     return float(v[min(i, len(v) - 1)])
 
 
-def bootstrap_distribution(terms: Sequence[Term], *, n_resamples: int = N_RESAMPLES,
+def bootstrap_distribution(terms: Sequence[Term | Joint], *, n_resamples: int = N_RESAMPLES,
                            seed: int = 0, stratify: bool = True, exact: bool | None = None,
                            exact_limit: int = EXACT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """The bootstrap distribution of ``sum(term)`` as (values, probabilities); random
@@ -254,7 +289,7 @@ def bootstrap_distribution(terms: Sequence[Term], *, n_resamples: int = N_RESAMP
     return vals, (np.full(len(vals), 1.0 / len(vals)) if w is None else w)
 
 
-def weighted_bootstrap(terms: Sequence[Term], *, level: float = 0.95,
+def weighted_bootstrap(terms: Sequence[Term | Joint], *, level: float = 0.95,
                        n_resamples: int = N_RESAMPLES, seed: int = 0, stratify: bool = True,
                        exact: bool | None = None, exact_limit: int = EXACT_LIMIT) -> Interval:
     """Percentile interval of ``sum(term.weight x term statistic)``, each term resampled
@@ -292,3 +327,87 @@ def paired_bootstrap_diff(samples: Sequence[Mapping], reference: Sequence[Mappin
     resample applied to both runs). ``Interval.dropped`` counts samples found in one run only.
     Significant when the interval does not contain 0 (``not contains_zero()``)."""
     return weighted_bootstrap([Term(1.0, samples, aggregation, reference)], **kw)
+
+
+# ----------------------------------------------------------------------------- tests
+MIN_N = 10  # fewer samples in a cell: no test, no significance mark, its range instead
+ALPHA = 0.05  # family-wise error rate of the Holm-corrected tests
+N_PERMUTATIONS = 10_000
+EXACT_PERMUTATIONS = 16  # up to this many paired samples, all 2^n sign flips are enumerated
+
+
+def permutation_p(terms: Sequence[Term], *, n_permutations: int = N_PERMUTATIONS,
+                  seed: int = 0) -> float:
+    """Two-sided p-value of a paired permutation test of ``sum(term.weight x (accuracy(samples)
+    - accuracy(reference)))`` = 0: under the null hypothesis the two runs' results of a sample
+    are exchangeable, so each sample's pair is swapped or not (a sign flip of its difference for
+    mean tasks; geomean tasks recompute their aggregate). p = the share of swap patterns whose
+    statistic is at least as far from 0 as the observed one: all ``2^n`` patterns when there
+    are at most :data:`EXACT_PERMUTATIONS` samples in all, else ``n_permutations`` random ones
+    (``(1 + hits) / (1 + n_permutations)``, seeded). Three samples, all worse: p = 2/8 = 0.25."""
+    units: list[tuple[float, _Task, _Task]] = []
+    for t in terms:
+        if t.reference is None:
+            raise ValueError("permutation_p needs paired terms (a reference)")
+        data, _, _ = _joint_data([(1.0, t.samples, t.aggregation),
+                                  (-1.0, t.reference, t.aggregation)])
+        units += [(t.weight / len(data), a, b) for a, b in data.values()]
+    n = sum(len(a.scores) for _, a, _ in units)
+    if n <= EXACT_PERMUTATIONS:
+        swaps = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(float)
+    else:
+        swaps = np.random.default_rng(seed).integers(0, 2, size=(n_permutations, n)).astype(float)
+    swaps = np.vstack([np.zeros((1, n)), swaps])  # row 0: the observed assignment
+    stat = np.zeros(len(swaps))
+    lo = 0
+    for coef, a, b in units:
+        s = swaps[:, lo:lo + len(a.scores)]
+        lo += len(a.scores)
+        stat += coef * (_swapped(a, b, s) - _swapped(b, a, s))
+    hits = np.abs(stat[1:]) >= abs(stat[0]) - 1e-9
+    if n <= EXACT_PERMUTATIONS:
+        return float(hits.mean())
+    return float((1 + hits.sum()) / (1 + len(hits)))
+
+
+def _swapped(a: _Task, b: _Task, swap: np.ndarray) -> np.ndarray:
+    """Task aggregate of run ``a`` with the samples where ``swap`` is 1 taken from ``b``."""
+    keep, n = 1.0 - swap, swap.shape[1]
+    if a.how == MEAN:
+        return (keep @ a.scores + swap @ b.scores) / n
+    means = (keep @ a.parts + swap @ b.parts) / n
+    return np.prod(means, axis=1) ** (1.0 / a.parts.shape[1])
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[list[float], list[bool]]:
+    """Holm's step-down correction. NaN p-values are not tested (not counted in ``m``, never
+    rejected). Returns the adjusted p-values (``max over j <= i of min(1, (m - j + 1) p_(j))``
+    in ascending order of p) and whether each hypothesis is rejected at family-wise ``alpha``
+    (``p_(i) <= alpha / (m - i + 1)`` for every ``j <= i``, i.e. adjusted p <= alpha)."""
+    p = np.asarray(pvalues, dtype=float)
+    tested = np.flatnonzero(np.isfinite(p))
+    m = len(tested)
+    adj = np.full(len(p), np.nan)
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adj[i] = running
+    return adj.tolist(), [bool(np.isfinite(a) and a <= alpha) for a in adj]
+
+
+def testable(n: int | float | None) -> bool:
+    """Whether a cell of ``n`` samples is tested (and marked) at all: ``n >= MIN_N``."""
+    return n is not None and np.isfinite(n) and n >= MIN_N
+
+
+def trapezoid_weights(xs: Sequence[float]) -> np.ndarray:
+    """Weights ``w`` with ``sum(w * y)`` = the trapezoid area under ``y(x)`` over ``xs``
+    (sorted, distinct, at least two) divided by ``max(xs) - min(xs)``: a mean score over the
+    range. They sum to 1."""
+    x = np.asarray(xs, dtype=float)
+    if len(x) < 2 or np.any(np.diff(x) <= 0):
+        raise ValueError(f"trapezoid over {list(xs)}: needs at least two increasing values")
+    w = np.zeros(len(x))
+    w[:-1] += np.diff(x) / 2
+    w[1:] += np.diff(x) / 2
+    return w / (x[-1] - x[0])

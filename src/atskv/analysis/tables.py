@@ -1,355 +1,304 @@
-"""Tables of one report section (one benchmark setting) for :mod:`atskv.analysis.report`.
+"""Cells and tables of one report section (one setting: data, protocol, model, hardware, ...)
+for :mod:`atskv.analysis.report`.
+
+A :class:`Cell` is one configuration (method variant, budget, context length) with its runs (one
+per seed). Nothing is averaged over context lengths: every table is per context length, or has
+a context-length column. Comparisons (:mod:`atskv.analysis.intervals`): each cell against the
+matching ``full`` run and against the best tuned baseline of its context length and budget (the
+dev-tuned preset of another method, ``full`` excluded, with the highest accuracy there), each
+family Holm-corrected over the comparisons of its table; a cell with fewer than
+``stats.MIN_N`` samples shows ranges, never a test.
 
 A *block* is a tuple rendered by :mod:`atskv.analysis.render`: ``("h", level, text)``,
-``("p", text)``, ``("note", text)``, ``("list", items)``, ``("table", header, rows)``,
-``("img", path, caption)``.
+``("p", text)``, ``("caption", text)``, ``("note", text)``, ``("list", items)``,
+``("table", header, rows)``, ``("img", path, caption)``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from atskv.analysis import stats
-from atskv.analysis.data import FULL, load_samples
+from atskv.analysis.data import FULL, method_order
+from atskv.analysis.intervals import Comparison, Intervals
 
+SIG = "*"
 LOAD_MARK = "‡"
-NS_MARK = "ns"
+OWN_MARK = "§"
 BUCKETS = ["0-4k", "4-8k", "8k+"]
-# (column, header, decimals)
-SUMMARY_COLS = [("kv_cache_mib", "KV cache (MiB)", 3),
-                ("kv_prefill_mib", "KV at prefill end (MiB)", 3),
-                ("memory_reduction_pct", "Memory reduction %", 1),
-                ("peak_memory_reduction_pct", "Peak memory reduction %", 1),
-                ("kept", "Prompt tokens kept (min-max)", 1),
-                ("needle_recall", "Needle recall", 3),
-                ("ttft_s", "Avg time to first token (s)", 3),
-                ("decode_tokens_per_s", "Avg throughput (tokens/s)", 1),
-                ("accuracy", "Avg accuracy [95% CI]", 1),
-                ("delta", "Δ vs full [95% CI]", 1)]
-CTX_COLS = [("kv_cache_mib", "KV cache (MiB)", 3),
-            ("kv_prefill_mib", "KV at prefill end (MiB)", 3),
-            ("memory_reduction_pct", "Memory reduction %", 1),
-            ("peak_memory_mib", "Peak memory (MiB)", 1),
-            ("peak_memory_reduction_pct", "Peak memory reduction %", 1),
-            ("decode_kv_read_mib", "KV read / decode step (MiB)", 3),
-            ("kept", "Prompt tokens kept (min-max)", 1),
-            ("needle_recall", "Needle recall", 3),
-            ("ttft_s", "Time to first token (s)", 3),
-            ("prefill_s", "Prefill (s)", 3),
-            ("compress_s", "Compression (s)", 3),
-            ("decode_tokens_per_s", "Throughput (tokens/s)", 1),
-            ("accuracy", "Accuracy [95% CI]", 1),
-            ("delta", "Δ vs full [95% CI]", 1)]
-OPTIONAL = ("needle_recall", "prefill_s", "compress_s", "kv_prefill_mib", "kept")
-TIMING = ("ttft_s", "decode_tokens_per_s", "prefill_s", "compress_s")
-REDUCTIONS = ("memory_reduction_pct", "peak_memory_reduction_pct")
+# (column, header, decimals) of the memory and time table; optional ones only when recorded
+MEMORY_COLS = [("kv_cache_mib", "KV cache (MiB)", 3),
+               ("memory_reduction_pct", "Memory reduction %", 1),
+               ("peak_memory_reduction_pct", "Peak memory reduction %", 1),
+               ("decode_kv_read_mib", "KV read / decode step (MiB)", 3),
+               ("kept", "Prompt tokens kept (min-max)", 1),
+               ("needle_recall", "Needle recall", 3),
+               ("ttft_s", "Time to first token (s)", 3),
+               ("decode_tokens_per_s", "Throughput (tokens/s)", 1)]
+OPTIONAL = ("peak_memory_reduction_pct", "decode_kv_read_mib", "needle_recall", "kept")
+TIMING = ("ttft_s", "decode_tokens_per_s")
+NUMBERS = ["kv_cache_mib", "kv_prefill_mib", "memory_reduction_pct", "peak_memory_mib",
+           "peak_memory_reduction_pct", "decode_kv_read_mib", "needle_recall", "ttft_s",
+           "prefill_s", "compress_s", "decode_tokens_per_s", "kept_mean", "kept_min", "kept_max"]
 
 
-class Intervals:
-    """Samples of each run (read once) and bootstrap intervals of cells of runs."""
+@dataclass
+class Cell:
+    variant: str
+    method: str
+    size: str  # "0.2", "kv256" or "" (full)
+    budget: float
+    ctx: float
+    tuned: bool
+    preset: str
+    runs: pd.DataFrame  # one row per seed
+    n: int  # samples per run (smallest)
+    acc: float
+    acc_std: float
+    ci: stats.Interval | None = None
+    lo: float = np.nan  # range of the per-sample scores
+    hi: float = np.nan
+    vs_full: Comparison | None = None
+    base: Cell | None = None
+    vs_base: Comparison | None = None
+    sig: dict = field(default_factory=dict)  # family -> (holm-adjusted p, rejected)
 
-    def __init__(self, n_resamples: int = stats.N_RESAMPLES, seed: int = 0):
-        self.n_resamples, self.seed = n_resamples, seed
-        self.notes: list[str] = []
-        self._rows: dict[str, list[dict] | None] = {}
-        self._pairs: set[tuple[str, str]] = set()
+    @property
+    def is_full(self) -> bool:
+        return self.method == FULL
 
-    def samples(self, run) -> list[dict] | None:
-        path = str(run.path)
-        if path not in self._rows:
-            rows, why = load_samples(path)
-            agg = run.task_aggregation if isinstance(run.task_aggregation, dict) else None
-            if rows is not None:
-                try:
-                    acc = stats.accuracy(rows, agg)
-                    if np.isfinite(run.accuracy) and abs(acc - run.accuracy) > 0.01:
-                        self.notes.append(f"`{path}`: its samples give accuracy {acc:.2f}, "
-                                          f"result.json says {run.accuracy:.2f}; the tables show "
-                                          "result.json's value, the intervals are the samples'.")
-                except (ValueError, KeyError, TypeError) as e:
-                    rows, why = None, f"its samples cannot be aggregated ({e})"
-            if rows is None:
-                self.notes.append(f"Accuracy interval n/a for `{path}`: {why}.")
-            self._rows[path] = rows
-        return self._rows[path]
-
-    def _full(self, run) -> list[dict] | None:
-        ref = self.samples(_Path(run.full_path, run.full_aggregation, run.full_accuracy))
-        rows = self.samples(run)
-        if ref is not None and rows is not None and (run.path, run.full_path) not in self._pairs:
-            self._pairs.add((run.path, run.full_path))
-            a, b = {str(r.get("id")) for r in rows}, {str(r.get("id")) for r in ref}
-            if a != b:
-                self.notes.append(
-                    f"`{run.path}` and its `full` run `{run.full_path}` share {len(a & b)} "
-                    f"sample ids; {len(a ^ b)} sample(s) found in only one of them are left out "
-                    "of Δ vs full.")
-        return ref
-
-    def interval(self, groups: list[list], paired: bool) -> stats.Interval | None:
-        """``groups``: per context length, its runs (one per seed); the statistic is the mean
-        over groups of the mean over runs (each run's accuracy, or its difference to its
-        matching full run over their common sample ids)."""
-        terms = []
-        groups = [g for g in groups if g]
-        for g in groups:
-            for run in g:
-                rows = self.samples(run)
-                agg = run.task_aggregation if isinstance(run.task_aggregation, dict) else None
-                ref = self._full(run) if paired else None
-                if rows is None or (paired and ref is None):
-                    return None
-                terms.append(stats.Term(1.0 / (len(groups) * len(g)), rows, agg, ref))
-        if not terms:
-            return None
-        try:
-            return stats.weighted_bootstrap(terms, n_resamples=self.n_resamples, seed=self.seed)
-        except ValueError as e:
-            paths = ", ".join(f"`{r.path}`" for g in groups for r in g)
-            self.notes.append(f"Accuracy interval n/a for {paths}: {e}.")
-            return None
+    @property
+    def label(self) -> str:
+        return self.variant + (f"@{self.size}" if self.size else "")
 
 
-class _Path:  # the few fields Intervals.samples reads, for a full run known by its path
-    def __init__(self, path, agg, acc):
-        self.path, self.task_aggregation = path, agg
-        self.accuracy = float(acc) if acc is not None and np.isfinite(acc) else np.nan
+def _rank(method: str, variant: str) -> tuple:
+    order = {m: i for i, m in enumerate(method_order())}
+    hp = variant.partition("[")[2].rstrip("]")
+    return (order.get(method, len(order)), method, hp != "", hp != "tuned", hp)
 
 
-# ----------------------------------------------------------------------------- numbers
-def _stats(sec: pd.DataFrame, col: str, per_ctx: bool) -> pd.DataFrame:
-    """mean/std/n per label (or label, context); the spread is over seeds. Over context
-    lengths the mean is of per-context means, and the std is over the context averages of
-    the seeds that cover every context length of that label (none: no std)."""
-    s = sec.groupby(["label", "context_len", "seed"])[col].mean().dropna()
-    if per_ctx:
-        g = s.groupby(level=["label", "context_len"])
-        return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()})
-    cell = s.groupby(level=["label", "context_len"]).mean()
-    n_ctx = cell.groupby(level="label").size()
-    g = s.groupby(level=["label", "seed"])
-    seeds = pd.DataFrame({"v": g.mean(), "k": g.size()})
-    full_cover = seeds["k"].to_numpy() == n_ctx.reindex(seeds.index.get_level_values(0)).to_numpy()
-    per_seed = seeds.loc[full_cover, "v"].groupby(level="label")
-    return pd.DataFrame({"mean": cell.groupby(level="label").mean(),
-                         "std": per_seed.std(ddof=1), "n": per_seed.count()})
+def _size_key(size: str) -> tuple:
+    if not size:
+        return (0, 0.0)
+    return (2, float(size[2:])) if size.startswith("kv") else (1, float(size))
+
+
+def build_cells(sec: pd.DataFrame, ivs: Intervals) -> list[Cell]:
+    """Every cell of a section with its interval and comparisons, Holm-corrected per context
+    length (one family for Δ vs full, one for Δ vs the best tuned baseline)."""
+    cells = []
+    for (ctx, variant, size), runs in sec.groupby(["context_len", "variant", "size"]):
+        first = runs.iloc[0]
+        n = runs["n_samples"].dropna()
+        cell = Cell(variant, first["method"], size, first["budget"], ctx, bool(first["tuned"]),
+                    first["preset"], runs, int(n.min()) if len(n) else 0,
+                    runs["accuracy"].mean(), runs["accuracy"].std(ddof=1))
+        cell.ci, cell.lo, cell.hi = ivs.accuracy(list(runs.itertuples(index=False)))
+        cells.append(cell)
+    cells.sort(key=lambda c: (c.ctx, _size_key(c.size), _rank(c.method, c.variant)))
+    by_path = {r.path: r for r in sec.itertuples(index=False)}
+    for ctx in sorted({c.ctx for c in cells}):
+        here = [c for c in cells if c.ctx == ctx]
+        for c in here:
+            if c.is_full:
+                continue
+            pairs = [(r, by_path[r.full_path]) for r in c.runs.itertuples(index=False)
+                     if isinstance(r.full_path, str) and r.full_path in by_path]
+            c.vs_full = ivs.compare(pairs) if len(pairs) == c.runs.shape[0] else None
+            bases = [b for b in here if b.tuned and not b.is_full and b.method != c.method
+                     and b.size == c.size and np.isfinite(b.acc)]
+            if bases:
+                c.base = max(bases, key=lambda b: b.acc)  # first of equals, in table order
+                seeds = {r.seed: r for r in c.base.runs.itertuples(index=False)}
+                pairs = [(r, seeds[r.seed]) for r in c.runs.itertuples(index=False)
+                         if r.seed in seeds]
+                c.vs_base = ivs.compare(pairs) if pairs else None
+        for family, get in (("full", lambda c: c.vs_full), ("base", lambda c: c.vs_base)):
+            tested = [c for c in here if get(c) is not None]
+            adj, rej = stats.holm([get(c).p for c in tested])
+            for c, a, r in zip(tested, adj, rej, strict=True):
+                c.sig[family] = (a, r)
+    return cells
+
+
+# ----------------------------------------------------------------------------- formatting
+def num(x, dec: int) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{round(float(x), dec) + 0.0:.{dec}f}"  # + 0.0 turns -0.0 into 0.0
 
 
 def fmt(mean, std, dec: int) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "n/a"
-    r = round(float(mean), dec) + 0.0  # + 0.0 turns -0.0 into 0.0
-    out = f"{r:.{dec}f}"
-    if std is not None and np.isfinite(std):
+    out = num(mean, dec)
+    if out != "n/a" and std is not None and np.isfinite(std):
         out += f" ± {float(std):.{dec}f}"
     return out
 
 
-def _num(x, dec: int) -> str:
-    return f"{round(float(x), dec) + 0.0:.{dec}f}"
+def fmt_acc(c: Cell) -> str:
+    out = fmt(c.acc, c.acc_std, 1)
+    if out == "n/a":
+        return out
+    if not stats.testable(c.n):
+        return out + (f" (range {num(c.lo, 1)} to {num(c.hi, 1)})" if np.isfinite(c.lo) else "")
+    return out + (f" [{num(c.ci.low, 1)}, {num(c.ci.high, 1)}]" if c.ci else " [n/a]")
 
 
-def fmt_ci(ci: stats.Interval | None, dec: int) -> str:
-    return " [n/a]" if ci is None else f" [{_num(ci.low, dec)}, {_num(ci.high, dec)}]"
-
-
-def fmt_delta(ci: stats.Interval | None, dec: int, is_full: bool) -> str:
-    if is_full:
-        return "reference"
-    if ci is None:
+def fmt_cmp(cmp: Comparison | None, sig: tuple | None) -> str:
+    if cmp is None or cmp.ci is None:
         return "n/a"
-    return (f"{_num(ci.estimate, dec)}{fmt_ci(ci, dec)}"
-            + (f" {NS_MARK}" if ci.contains_zero() else ""))
+    out = num(cmp.ci.estimate, 1)
+    if not stats.testable(cmp.n):
+        return out + f" (range {num(cmp.low, 1)} to {num(cmp.high, 1)})"
+    out += f" [{num(cmp.ci.low, 1)}, {num(cmp.ci.high, 1)}]"
+    return out + (f" {SIG}" if sig and sig[1] else "")
 
 
-def _get(st: pd.DataFrame, idx, what: str):
-    return st[what].get(idx, np.nan) if len(st) else np.nan
-
-
-def _kept(runs: pd.DataFrame) -> tuple[float, float, float]:
-    """Mean (over context lengths of the mean over seeds), min of mins, max of maxes."""
-    mean = runs.groupby("context_len")["kept_mean"].mean().mean()
-    return mean, runs["kept_min"].min(), runs["kept_max"].max()
-
-
-def _fmt_kept(mean, lo, hi) -> str:
-    if not np.isfinite(mean):
-        return "n/a"
-    rng = f" ({lo:.0f}-{hi:.0f})" if np.isfinite(lo) and np.isfinite(hi) else ""
-    return f"{mean:.1f}{rng}"
-
-
-def _n_text(runs: pd.DataFrame) -> str:
-    n = runs["n_samples"].dropna()
+def _n_text(c: Cell) -> str:
+    n = c.runs["n_samples"].dropna()
     if n.empty:
         return "n/a"
     lo, hi = int(n.min()), int(n.max())
-    return str(lo) if lo == hi else f"{lo}-{hi}"
+    seeds = f" x {len(c.runs)} seeds" if len(c.runs) > 1 else ""
+    return (str(lo) if lo == hi else f"{lo}-{hi}") + seeds
 
 
-def _shown(sec: pd.DataFrame, cols):
-    """Columns with data in this section (optional ones are left out when all missing)."""
-    have = {c: (sec["kept_mean"] if c == "kept" else sec[c]).notna().any() for c in OPTIONAL}
-    return [c for c in cols if c[0] not in OPTIONAL or have[c[0]]]
+def reduction_runs(c: Cell) -> tuple[pd.DataFrame, bool]:
+    """The runs a cell's memory reduction is the mean over: those with a matching ``full`` run
+    when any has one (a mean never mixes the two references), else all (against their own
+    uncompressed bytes: True)."""
+    vs_full = c.runs[c.runs["memory_reduction_ref"] == FULL]
+    return (vs_full, False) if len(vs_full) else (c.runs, bool(
+        (c.runs["memory_reduction_ref"] == "own").any()))
 
 
-def _cells(runs, cols, stats_of, idx, ivs: Intervals, groups, marks: set):
-    """Formatted cells and numeric values of one row (summary: idx = label; per context:
-    idx = (label, context))."""
-    row, num = [], {}
-    is_full = bool((runs["method"] == FULL).all())
-    for col, _, dec in cols:
-        if col == "kept":
-            m, lo, hi = _kept(runs)
-            row.append(_fmt_kept(m, lo, hi))
-            num.update(kept_mean=m, kept_min=lo, kept_max=hi)
-            continue
-        if col == "delta":
-            paired = [[r for r in g if isinstance(r.full_path, str)] for g in groups]
-            ci = ivs.interval(paired, paired=True) if not is_full else None
-            cell = fmt_delta(ci, dec, is_full)
-            if ci is not None and ci.contains_zero():
-                marks.add(NS_MARK)
-            if ci is not None and sum(map(len, paired)) < sum(map(len, groups)):
-                cell, _ = cell + " †", marks.add("†")
-            row.append(cell)
-            num.update(delta=0.0 if is_full else (ci.estimate if ci else np.nan),
-                       delta_low=0.0 if is_full else (ci.low if ci else np.nan),
-                       delta_high=0.0 if is_full else (ci.high if ci else np.nan))
-            continue
-        m, s = _get(stats_of[col], idx, "mean"), _get(stats_of[col], idx, "std")
-        cell = fmt(m, s, dec)
-        if col == "accuracy":
-            ci = ivs.interval(groups, paired=False)
-            cell += fmt_ci(ci, dec) if cell != "n/a" else ""
-            num.update(accuracy_low=ci.low if ci else np.nan, accuracy_high=ci.high if ci else np.nan,
-                       accuracy_n=ci.n if ci else np.nan)
-        if col in TIMING and runs["oversubscribed"].any() and cell != "n/a":
-            cell, _ = cell + f" {LOAD_MARK}", marks.add(LOAD_MARK)
-        if col in REDUCTIONS and not isinstance(idx, tuple):
-            n_ctx = runs["context_len"].nunique()
-            n_red = runs.groupby("context_len")[col].apply(lambda x: x.notna().any()).sum()
-            if 0 < n_red < n_ctx:
-                cell, _ = cell + " †", marks.add("†")
-        row.append(cell)
-        num[col], num[f"{col}_std"] = m, s
-    return row, num
+def _budget_text(c: Cell) -> str:
+    return "all (full cache)" if c.is_full else (c.size or "default")
 
 
-def section(sec: pd.DataFrame, title: str, labels_all: list[str], ivs: Intervals
-            ) -> tuple[list, list, list]:
-    """Blocks, summary rows and per-context rows for one section."""
-    labels = [lab for lab in labels_all if lab in set(sec["label"])]
-    ctxs = sorted(sec["context_len"].dropna().unique())
-    ctx_txt = ", ".join(f"{c:g}" for c in ctxs)
-    blocks: list = [("h", 2, title)]
-    missing_methods = [lab for lab in labels_all if lab not in labels]
-    if missing_methods:
-        blocks.append(("note", f"No successful run of {', '.join(missing_methods)} in this "
-                               "section (they appear elsewhere in the results)."))
-    for lab in labels:
-        have = set(sec.loc[sec["label"] == lab, "context_len"])
-        if gap := [c for c in ctxs if c not in have]:
-            blocks.append(("note", f"`{lab}` has no result at context length "
-                                   f"{', '.join(f'{c:g}' for c in gap)}; its averages cover "
-                                   f"{', '.join(f'{c:g}' for c in ctxs if c in have)} only."))
-    first = sec.iloc[0]
-    meta = {"section": title, "benchmark": first["benchmark"], "model": first["model"]}
-    setting = {"hardware": first["hardware"], "dtype": first["dtype"], "split": first["split"]}
-    scols, ccols = _shown(sec, SUMMARY_COLS), _shown(sec, CTX_COLS)
-    plain = [c for c, _, _ in CTX_COLS if c not in ("kept", "delta")]
-    sst = {c: _stats(sec, c, False) for c in plain}
-    cst = {c: _stats(sec, c, True) for c in plain}
-    rows, num_rows, marks = [], [], set()
-    for lab in labels:
-        runs = sec[sec["label"] == lab]
-        groups = [list(g.itertuples(index=False)) for _, g in runs.groupby("context_len")]
-        row, num = _cells(runs, scols, sst, lab, ivs, groups, marks)
-        rows.append([lab, _n_text(runs)] + row)
-        num_rows.append({**meta, "method": lab, **setting, "context_lens": ctx_txt,
-                         "n_seeds": int(runs["seed"].nunique()), "n_samples": _n_text(runs), **num})
-    blocks += [("h", 3, "Summary"),
-               ("p", f"Averaged over context lengths {ctx_txt} (each weighted equally; seeds "
-                     "averaged first). `± std` is over seeds where several exist; `[low, high]` "
-                     "is the 95% percentile bootstrap interval over samples (resampled within "
-                     "tasks; runs at different context lengths and seeds resampled "
-                     "independently). Δ vs full: accuracy minus the matching `full` run's over "
-                     "the same sample ids, paired bootstrap. Memory reduction = 1 - KV "
-                     "bytes(method) / KV bytes(full), same setting, context length and seed. "
-                     "Samples: per run."),
-               ("table", ["Method", "Samples"] + [h for _, h, _ in scols], rows)]
-    blocks += _mark_notes(marks)
-    rows, ctx_rows, marks = [], [], set()
-    for lab in labels:
-        for c in ctxs:
-            runs = sec[(sec["label"] == lab) & (sec["context_len"] == c)]
-            if runs.empty:
+# ----------------------------------------------------------------------------- tables
+def accuracy_table(cells: list[Cell]) -> list:
+    """One context length's accuracy table with both comparisons and their captions."""
+    rows = []
+    for c in cells:
+        base = (f"{c.base.variant} ({num(c.base.acc, 1)})" if c.base else
+                "—" if c.is_full else "none tuned")
+        rows.append([c.variant, c.preset if not c.is_full else "—", _budget_text(c),
+                     _n_text(c), fmt_acc(c),
+                     "reference" if c.is_full else fmt_cmp(c.vs_full, c.sig.get("full")),
+                     base, "—" if c.is_full else fmt_cmp(c.vs_base, c.sig.get("base"))])
+    m_full = sum(1 for c in cells if "full" in c.sig and np.isfinite(c.sig["full"][0]))
+    m_base = sum(1 for c in cells if "base" in c.sig and np.isfinite(c.sig["base"][0]))
+    small = [c for c in cells if not stats.testable(c.n)]
+    caption = ("Accuracy: mean over tasks (0-100), mean over seeds; `[low, high]`: 95% "
+               "percentile bootstrap interval over samples (resampled within tasks). Δ: accuracy "
+               "minus the reference's over the same sample ids, paired bootstrap interval "
+               "(unadjusted). ")
+    if m_full or m_base:
+        caption += (f"`{SIG}`: significant after Holm's correction at family-wise α = "
+                    f"{stats.ALPHA} (two-sided paired permutation test), over the {m_full} "
+                    f"comparison{'s' if m_full != 1 else ''} with `full` in this table, and "
+                    f"separately over the {m_base} with the best tuned baseline. ")
+    else:
+        caption += "Nothing is tested here. "
+    caption += ("Best tuned baseline: at the same budget, the dev-tuned preset of another "
+                "method (`full` excluded) with the highest accuracy in this table; it is picked "
+                "on these results, so its column favours the baseline.")
+    if small:
+        caption += (f" Fewer than {stats.MIN_N} samples: a cell shows the range of its "
+                    "per-sample scores (or differences) instead of an interval, and is not "
+                    "tested.")
+    kind = ("[95% CI]" if not small else "(range)" if len(small) == len(cells)
+            else "[95% CI] or (range)")
+    return [("table", ["Method", "Preset", "Budget", "Samples", f"Accuracy {kind}",
+                       f"Δ vs full {kind}", "Best tuned baseline (accuracy)",
+                       f"Δ vs best tuned baseline {kind}"], rows),
+            ("caption", caption)]
+
+
+def memory_table(cells: list[Cell], sec: pd.DataFrame) -> list:
+    rest = sec[sec["method"] != FULL]  # a column only full has a value in says nothing
+    have = {c: (rest["kept_mean"] if c == "kept" else rest[c]).notna().any() for c in OPTIONAL}
+    cols = [c for c in MEMORY_COLS if c[0] not in OPTIONAL or have[c[0]]]
+    rows, marks = [], set()
+    for c in cells:
+        row = [c.variant, _budget_text(c)]
+        for col, _, dec in cols:
+            r = c.runs
+            if col == "kept":
+                m = r["kept_mean"].mean()
+                rng = (f" ({r['kept_min'].min():.0f}-{r['kept_max'].max():.0f})"
+                       if np.isfinite(r["kept_min"].min()) else "")
+                row.append("n/a" if not np.isfinite(m) else f"{m:.1f}{rng}")
                 continue
-            n = runs["seed"].nunique()
-            row, num = _cells(runs, ccols, cst, (lab, c), ivs,
-                              [list(runs.itertuples(index=False))], marks)
-            rows.append([lab, f"{c:g}", str(n), _n_text(runs)] + row)
-            ctx_rows.append({**meta, "method": lab, **setting, "context_len": c, "n_seeds": n,
-                             "n_samples": _n_text(runs), **num})
-    blocks += [("h", 3, "Per context length"),
-               ("table", ["Method", "Context length", "Seeds", "Samples"]
-                + [h for _, h, _ in ccols], rows)]
-    blocks += _mark_notes(marks)
-    blocks += _task_tables(sec, labels, ctx_txt, ivs)
-    return blocks, num_rows, ctx_rows
+            own = False
+            if col == "memory_reduction_pct":
+                r, own = reduction_runs(c)
+            cell = fmt(r[col].mean(), r[col].std(ddof=1), dec)
+            if own:
+                cell, _ = cell + f" {OWN_MARK}", marks.add(OWN_MARK)
+            if col in TIMING and r["oversubscribed"].any() and cell != "n/a":
+                cell, _ = cell + f" {LOAD_MARK}", marks.add(LOAD_MARK)
+            row.append(cell)
+        rows.append(row)
+    caption = ("Memory reduction = 1 - KV bytes / KV bytes of the matching `full` run (same "
+               "setting, context length and seed); KV bytes are the largest footprint of every "
+               "tensor a method keeps while decoding, generated tokens included. `± std` over "
+               "seeds where several exist.")
+    if OWN_MARK in marks:
+        caption += (f" {OWN_MARK} no matching `full` run: against the run's own "
+                    "`kv_cache_bytes_uncompressed` (a full cache of the same tokens).")
+    if LOAD_MARK in marks:
+        caption += (f" {LOAD_MARK} measured while the machine was oversubscribed (1-minute load "
+                    "above its usable CPUs at the start or end of the run): timings inflated.")
+    return [("table", ["Method", "Budget"] + [h for _, h, _ in cols], rows), ("caption", caption)]
 
 
-def _mark_notes(marks: set) -> list:
-    text = {"†": "† averaged only over the context lengths (and seeds) where a matching "
-                 "`full` run exists (see the n/a cells and the notes).",
-            LOAD_MARK: f"{LOAD_MARK} measured while the machine was oversubscribed (its 1-minute "
-                       "load exceeded its usable CPUs at the start or end of a run): timings are "
-                       "inflated and noisy.",
-            NS_MARK: f"`{NS_MARK}`: the 95% interval of the difference to `full` contains 0 "
-                     "(not significant)."}
-    return [("note", text[m]) for m in ("†", LOAD_MARK, NS_MARK) if m in marks]
-
-
-def _scores(sec: pd.DataFrame, field: str, keys: list[tuple]) -> pd.DataFrame:
-    out = sec.copy()
-    for k in keys:
-        def get(d, k=k):
-            for part in k:
-                d = d.get(part) if isinstance(d, dict) else None
-            return d
-        out["task::" + "::".join(k)] = pd.to_numeric(out[field].map(get), errors="coerce")
+def numbers(cells: list[Cell], meta: dict) -> list[dict]:
+    """Numeric rows (one per cell) for ``per_context.csv``."""
+    out = []
+    for c in cells:
+        row = {**meta, "method": c.method, "variant": c.variant, "preset": c.preset,
+               "tuned": c.tuned, "budget": c.budget, "size": c.size, "context_len": c.ctx,
+               "n_seeds": len(c.runs), "n_samples": c.n, "accuracy": c.acc,
+               "accuracy_std": c.acc_std,
+               "accuracy_low": c.ci.low if c.ci else np.nan,
+               "accuracy_high": c.ci.high if c.ci else np.nan,
+               "score_min": c.lo, "score_max": c.hi}
+        for name, cmp, fam in (("delta", c.vs_full, "full"), ("base_delta", c.vs_base, "base")):
+            ok = cmp is not None and cmp.ci is not None
+            adj, rej = c.sig.get(fam, (np.nan, False))
+            ref = 0.0 if c.is_full and name == "delta" else np.nan  # full against itself
+            row.update({name: cmp.ci.estimate if ok else ref,
+                        f"{name}_low": cmp.ci.low if ok else ref,
+                        f"{name}_high": cmp.ci.high if ok else ref,
+                        f"{name}_p": cmp.p if ok else np.nan, f"{name}_p_holm": adj,
+                        f"{name}_significant": bool(rej)})
+        row["baseline"] = c.base.variant if c.base else ""
+        for col in NUMBERS:
+            row[col], row[f"{col}_std"] = c.runs[col].mean(), c.runs[col].std(ddof=1)
+        runs, own = reduction_runs(c)
+        row["memory_reduction_pct"] = runs["memory_reduction_pct"].mean()
+        row["memory_reduction_pct_std"] = runs["memory_reduction_pct"].std(ddof=1)
+        row["memory_reduction_ref"] = "own" if own else FULL
+        out.append(row)
     return out
 
 
-def _task_tables(sec: pd.DataFrame, labels: list[str], ctx_txt: str, ivs: Intervals) -> list:
-    tasks = sorted({t for d in sec["task_scores"] if isinstance(d, dict) for t in d})
-    if not tasks:
-        return []
-    metric = {}
-    for d in sec["task_metrics"]:
-        for t, m in (d.items() if isinstance(d, dict) else ()):
-            metric.setdefault(t, m)
-    counts: dict[str, set] = {}
-    for run in sec.itertuples(index=False):
-        rows = ivs.samples(run)
-        for t in tasks:
-            if rows is not None:
-                counts.setdefault(t, set()).add(sum(1 for r in rows if r.get("task") == t))
-    tsec = _scores(sec, "task_scores", [(t,) for t in tasks])
-    tst = {t: _stats(tsec, f"task::{t}", False) for t in tasks}
+def _nested(d, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
-    def head(t):
-        inner = ", ".join(x for x in (metric.get(t, ""), _n_range(counts.get(t, ()))) if x)
-        return f"{t} ({inner})" if inner else t
 
-    rows = [[lab] + [fmt(_get(tst[t], lab, "mean"), _get(tst[t], lab, "std"), 1) for t in tasks]
-            for lab in labels]
-    blocks = [("h", 3, "Per task"),
-              ("p", f"Each task's score in its own metric (named in the header; n = samples "
-                    f"per run), averaged over context lengths {ctx_txt}; `± std` over seeds."),
-              ("table", ["Method"] + [head(t) for t in tasks], rows)]
-    return blocks + _bucket_table(sec, labels, ctx_txt, ivs)
+def _mean_of(c: Cell, field_name: str, *keys) -> float:
+    vals = pd.to_numeric(pd.Series([_nested(d, *keys) for d in c.runs[field_name]]),
+                         errors="coerce")
+    return vals.mean() if vals.notna().any() else np.nan
 
 
 def _n_range(values) -> str:
@@ -357,35 +306,86 @@ def _n_range(values) -> str:
     return "" if not n else f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
 
 
-def _bucket_table(sec: pd.DataFrame, labels: list[str], ctx_txt: str, ivs: Intervals) -> list:
+def task_table(cells: list[Cell], ivs: Intervals) -> list:
+    tasks = sorted({t for c in cells for d in c.runs["task_scores"] if isinstance(d, dict)
+                    for t in d})
+    if len(tasks) < 2:  # one task: its score is the accuracy
+        return []
+    metric = {}
+    for c in cells:
+        for d in c.runs["task_metrics"]:
+            for t, m in (d.items() if isinstance(d, dict) else ()):
+                metric.setdefault(t, m)
+    counts: dict[str, set] = {}
+    for c in cells:
+        for run in c.runs.itertuples(index=False):
+            rows = ivs.samples(run) or []
+            for t in tasks:
+                if rows:
+                    counts.setdefault(t, set()).add(sum(1 for r in rows if r.get("task") == t))
+
+    def head(t):
+        inner = ", ".join(x for x in (metric.get(t, ""), _n_range(counts.get(t, ()))) if x)
+        return f"{t} ({inner})" if inner else t
+
+    rows = [[c.variant, _budget_text(c), f"{c.ctx:g}"]
+            + [num(_mean_of(c, "task_scores", t), 1) for t in tasks] for c in cells]
+    return [("h", 3, "Per task"),
+            ("table", ["Method", "Budget", "Context length"] + [head(t) for t in tasks], rows),
+            ("caption", "Each task's score in its own metric (named in the header; n = samples "
+                        "per run), mean over seeds.")]
+
+
+def position_table(cells: list[Cell]) -> list:
+    """Accuracy per question position (multi-question tasks: ``accuracy_by_position``)."""
+    pos = sorted({int(p) for d in pd.concat([c.runs["accuracy_by_position"] for c in cells])
+                  if isinstance(d, dict) for p in d}, key=int)
+    if not pos:
+        return []
+    rows = [[c.variant, _budget_text(c), f"{c.ctx:g}"]
+            + [num(_mean_of(c, "accuracy_by_position", str(p)), 1) for p in pos] for c in cells
+            if c.runs["accuracy_by_position"].map(lambda d: isinstance(d, dict)).any()]
+    return [("h", 3, "Accuracy by question position"),
+            ("table", ["Method", "Budget", "Context length"]
+             + [f"question {p + 1}" for p in pos], rows),
+            ("caption", "Accuracy (0-100) of the questions asked at each position after one "
+                        "compressed context (question 1 first), mean over seeds.")]
+
+
+def bucket_table(cells: list[Cell], ivs: Intervals) -> list:
     """LongBench-E: task scores per length bucket (``task_scores_by_bucket``)."""
-    buckets = sorted({(t, b) for d in sec["task_scores_by_bucket"] if isinstance(d, dict)
-                      for t, v in d.items() if isinstance(v, dict) for b in v})
+    buckets = sorted({(t, b) for c in cells for d in c.runs["task_scores_by_bucket"]
+                      if isinstance(d, dict) for t, v in d.items() if isinstance(v, dict)
+                      for b in v})
     if not buckets:
         return []
     seen = {b for _, b in buckets}
     names = [b for b in BUCKETS if b in seen] + sorted(seen - set(BUCKETS))
     btasks = sorted({t for t, _ in buckets})
-    bsec = _scores(sec, "task_scores_by_bucket", buckets)
-    for b in names:  # mean over the tasks of each run that have this bucket
-        bsec[f"task::*::{b}"] = bsec[[f"task::{t}::{b}" for t in btasks
-                                      if (t, b) in set(buckets)]].mean(axis=1, skipna=True)
-    st = {(t, b): _stats(bsec, f"task::{t}::{b}", False)
-          for t in ["*"] + btasks for b in names if f"task::{t}::{b}" in bsec}
     counts: dict[str, list[int]] = {b: [] for b in names}
-    for run in sec.itertuples(index=False):
-        rows = ivs.samples(run) or []
-        got = [(r.get("meta") or {}).get("length_bucket") for r in rows]
-        for b in names:
-            if b in got:
-                counts[b].append(got.count(b))
-    rows = [[lab, "mean over tasks" if t == "*" else t]
-            + [fmt(_get(st[(t, b)], lab, "mean"), _get(st[(t, b)], lab, "std"), 1)
-               if (t, b) in st else "n/a" for b in names]
-            for lab in labels for t in ["*"] + btasks]
+    for c in cells:
+        for run in c.runs.itertuples(index=False):
+            got = [(r.get("meta") or {}).get("length_bucket") for r in ivs.samples(run) or []]
+            for b in names:
+                if b in got:
+                    counts[b].append(got.count(b))
+    rows = []
+    for c in cells:
+        for t in ["*"] + btasks:
+            vals = []
+            for b in names:
+                if t == "*":
+                    v = [_mean_of(c, "task_scores_by_bucket", x, b) for x in btasks
+                         if (x, b) in buckets]
+                    v = [x for x in v if np.isfinite(x)]
+                    vals.append(num(np.mean(v), 1) if v else "n/a")
+                else:
+                    vals.append(num(_mean_of(c, "task_scores_by_bucket", t, b), 1))
+            rows.append([c.variant, _budget_text(c), f"{c.ctx:g}",
+                         "mean over tasks" if t == "*" else t] + vals)
     heads = [f"{b} ({_n_range(counts[b])})" if counts[b] else b for b in names]
     return [("h", 3, "Per length bucket (LongBench-E)"),
-            ("p", "Task scores by the sample's length bucket (n = samples per run in the "
-                  f"bucket), averaged over context lengths {ctx_txt}; the first row of each "
-                  "method is the mean over its tasks."),
-            ("table", ["Method", "Task"] + heads, rows)]
+            ("table", ["Method", "Budget", "Context length", "Task"] + heads, rows),
+            ("caption", "Task scores by the sample's length bucket (n = samples per run in the "
+                        "bucket), mean over seeds; the first row of each method is the mean "
+                        "over its tasks.")]

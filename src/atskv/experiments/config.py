@@ -96,6 +96,8 @@ class RunConfig:
     seed: int = 0
     # sweeps: jobs differing only in method / budget share each sample's prefill
     share_prefill: bool = True
+    # sweeps: "full" adds the full-cache run a setting of the sweep lacks; "none" does not
+    reference: str = "full"
     atskv_group: str | None = None  # set by the sweeper: the members of a prefill-sharing group
     overwrite: bool = False
     warmup: bool = True
@@ -113,7 +115,8 @@ BUDGET_FIELDS = ("budget", "kv_size")  # the shared budget: top-level keys, not 
 #: overrides that never go into a run folder's key (they are elsewhere in the path, or do not
 #: change results); keys starting with "method." are in the key as the method's variant
 SUFFIX_EXCLUDED = {"method", "benchmark", "model", "context_len", "hardware", "budget", "kv_size",
-                   "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group"}
+                   "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group",
+                   "reference"}
 
 
 def method_fields(cls: type) -> list[dataclasses.Field]:
@@ -268,6 +271,9 @@ def validate(cfg: DictConfig) -> None:
     from atskv.experiments.protocol import check_protocol
 
     check_protocol(cfg.protocol)
+    if cfg.reference not in ("full", "none"):
+        raise ConfigError(f"reference={cfg.reference!r}; choose full (a sweep adds the full-cache "
+                          "run its settings lack) or none")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose one of {', '.join(WANDB_MODES)}")
     if cfg.benchmark.batch_size < 1:

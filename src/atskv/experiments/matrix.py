@@ -2,7 +2,7 @@
 paper defaults and with its dev-tuned preset (``conf/method/tuned/``), then the report.
 
     python -m atskv.experiments.matrix [--date YYYY-MM-DD] [--variants paper,tuned] [--parts ...]
-                                   [--dry-run] [extra Hydra overrides]
+                                   [--budgets 0.05,0.1,0.25,0.5] [--dry-run] [extra Hydra overrides]
 
 Parts (each one ``run.py -m`` sweep; every job of a sweep that differs only in method and budget
 shares each sample's prefill):
@@ -11,6 +11,9 @@ shares each sample's prefill):
   per task and cell (the user's own sweep, ``context_len=512,4096``);
 * ``longbench``: LongBench multi_news at budget 0.2, context 2048, 3 samples;
 * ``zeroscrolls``: the five ZeroSCROLLS fixture tasks at budget 0.2, context 2048, 3 samples each.
+
+``--budgets`` replaces every part's budgets with one list (a sweep over ``budget=``; the jobs of a
+setting share each sample's prefill).
 
 The LongBench and ZeroSCROLLS parts need their data (``../shared/data`` beside the repository by
 default; ``--data ROOT`` points elsewhere) and are skipped with a note when it is missing.
@@ -66,8 +69,23 @@ def methods(variant: str) -> list[str]:
     return [f"tuned/{m}" if m in have else m for m in METHODS.names() if m != "full"]
 
 
+def parse_budgets(text: str | None) -> str | None:
+    """``--budgets``: comma-separated fractions in (0, 1], returned as Hydra's sweep list."""
+    if not text:
+        return None
+    try:
+        values = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--budgets {text!r}: give comma-separated fractions, e.g. "
+                          "0.05,0.1,0.25,0.5") from None
+    if not values or any(not 0.0 < b <= 1.0 for b in values):
+        raise ConfigError(f"--budgets {text!r}: every budget must be in (0, 1] (a fraction of "
+                          "the prompt's KV cache)")
+    return ",".join(f"{b:g}" for b in values)
+
+
 def commands(out: Path, variants: list[str], parts: list[str], data: Path,
-             extra: list[str]) -> list[tuple[str, list[str]]]:
+             extra: list[str], budgets: str | None = None) -> list[tuple[str, list[str]]]:
     cmds = []
     for part in parts:
         if part != "synthetic" and not (data / ("longbench" if part == "longbench"
@@ -76,6 +94,8 @@ def commands(out: Path, variants: list[str], parts: list[str], data: Path,
             continue
         for variant in variants:
             args = [a.format(data=data) for a in PARTS[part]]
+            if budgets:
+                args = [f"budget={budgets}" if a.startswith("budget=") else a for a in args]
             cmds.append((f"{part}/{variant}", [
                 sys.executable, str(ROOT / "run.py"), "-m", f"method={','.join(methods(variant))}",
                 *args, *COMMON, f"hydra.sweep.dir={out / 'runs'}", *extra]))
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="paper,tuned")
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--budgets", default=None, metavar="B,B,...",
+                   help="budgets for every part (default: each part's own)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--report-only", action="store_true", help="only re-render the report/docs")
     p.add_argument("--dry-run", action="store_true")
@@ -141,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"unknown part/variant {bad}; parts: {', '.join(PARTS)}; "
                               f"variants: paper, tuned")
+        budgets = parse_budgets(args.budgets)
         cmds = [] if args.report_only else commands(out, variants, parts, Path(args.data),
-                                                      args.overrides)
+                                                      args.overrides, budgets)
     except ConfigError as e:
         print(f"atskv.experiments.matrix: error: {e}", file=sys.stderr)
         return 2

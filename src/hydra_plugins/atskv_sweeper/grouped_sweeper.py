@@ -10,6 +10,12 @@ own copy, each writing its own run folder exactly as if it had run alone. So eve
 (basic, joblib, submitit local, SLURM: one array element per group) works unchanged, resume and
 failure handling stay per member, and the command line does not change. ``share_prefill=false``
 launches every job on its own.
+
+A sweep brings its own reference: every setting of a batch (the overrides that are not member
+keys) with no job running ``full`` gets one ``method=full`` job (no budget override: the full
+cache ignores the budget, so one run serves every budget, and its folder is found again by the
+next sweep of that setting). With prefill sharing it joins the setting's group and costs one
+decode per sample. ``reference=none`` turns this off (:func:`with_reference`).
 """
 
 from __future__ import annotations
@@ -30,16 +36,58 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from atskv.core.types import ConfigError
+
 log = logging.getLogger(__name__)
 
 GROUP_KEY = "atskv_group"
 #: override keys that members of a group may differ in (plus any ``method.<field>``)
 MEMBER_KEYS = ("method", "budget", "kv_size", "protocol")
+REFERENCE_KEY = "reference"
+REFERENCES = ("full", "none")
+FULL = "full"
 
 
 def member_key(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
     return key in MEMBER_KEYS or key.startswith("method.")
+
+
+def _value(job: Sequence[str], key: str) -> str | None:
+    """The value the job's overrides give ``key`` (the last one wins), or None."""
+    out = None
+    for o in job:
+        k, sep, v = o.partition("=")
+        if sep and k.lstrip("+~") == key:
+            out = v.strip().strip("'\"")
+    return out
+
+
+def with_reference(batch: Sequence[Sequence[str]], default_method: str | None,
+                   default_reference: str = FULL) -> tuple[list[list[str]], int]:
+    """``batch`` plus one ``method=full`` job for every setting (the job's overrides that are
+    not member keys) and protocol that has no job running ``full`` (``method=full``,
+    ``method=tuned/full``, or no method override while the config's method is ``full``), unless
+    the setting says ``reference=none``. Returns (jobs, number added)."""
+    settings: dict[tuple[str, ...], list[Sequence[str]]] = {}
+    for job in batch:
+        settings.setdefault(tuple(o for o in job if not member_key(o)), []).append(job)
+    out = [list(j) for j in batch]
+    for shared, jobs in settings.items():
+        ref = _value(shared, REFERENCE_KEY) or default_reference
+        if ref not in REFERENCES:
+            raise ConfigError(f"{REFERENCE_KEY}={ref!r}; choose one of {', '.join(REFERENCES)} "
+                              "(full: a sweep adds the full-cache run its settings lack)")
+        # one reference per protocol the setting's jobs run (the report never mixes protocols)
+        by_protocol: dict[str | None, set[str]] = {}
+        for j in jobs:
+            method = (_value(j, "method") or default_method or "").rpartition("/")[2]
+            by_protocol.setdefault(_value(j, "protocol"), set()).add(method)
+        for protocol, methods in by_protocol.items():
+            if ref == FULL and FULL not in methods:
+                given = [f"protocol={protocol}"] if protocol is not None else []
+                out.append([*shared, *given, f"method={FULL}"])
+    return out, len(out) - len(batch)
 
 
 def encode(members: list[list[str]]) -> str:
@@ -146,7 +194,13 @@ class GroupedSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns: list[Sequence[JobReturn]] = []
         initial_job_idx = 0
+        method = OmegaConf.select(self.config, "method.name", default=None)
+        reference = OmegaConf.select(self.config, REFERENCE_KEY, default=FULL)
         for batch in batches:
+            batch, added = with_reference(batch, method, reference)
+            if added:
+                log.info("reference: %d setting(s) of this sweep had no `full` run; one each is "
+                         "added (reference=none turns this off)", added)
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             for r in results:
