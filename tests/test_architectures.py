@@ -241,3 +241,21 @@ def test_attention_arguments_that_change_the_math_are_refused():
                          ({"dropout": 0.1}, "dropout")):
             with pytest.raises(seam.UnsupportedModel, match=f"LlamaAttention.*{what}"):
                 seam._attention(module, q, k, v, None, **kw)
+
+
+def test_a_multimodal_gemma3_checkpoint_runs_on_its_text():
+    """Gemma-3-12B-it loads as Gemma3ForConditionalGeneration (a vision tower beside the
+    language model): the engine reads the text config and feeds token ids only."""
+    text = tf.Gemma3TextConfig(**SMALL, head_dim=16, query_pre_attn_scalar=24,
+                               sliding_window=WINDOW, layer_types=["sliding_attention"] * 2
+                               + ["full_attention", "sliding_attention"])
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=250, boi_token_index=251, eoi_token_index=252)
+    cfg._attn_implementation = "sdpa"
+    model = _tiny(tf.Gemma3ForConditionalGeneration, cfg)
+    ref = seam.reference_greedy(model, torch.tensor([PROMPT]), NEW)
+    out = generate(model, METHODS.get("snapkv")(budget=1.0), PROMPT, NEW, return_logits=True)
+    _assert_same_greedy(out, *ref)
+    assert out.stats["window_layers"] == [0, 1, 3]
