@@ -259,3 +259,19 @@ def test_a_multimodal_gemma3_checkpoint_runs_on_its_text():
     out = generate(model, METHODS.get("snapkv")(budget=1.0), PROMPT, NEW, return_logits=True)
     _assert_same_greedy(out, *ref)
     assert out.stats["window_layers"] == [0, 1, 3]
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv"])
+def test_compiled_decoding_with_window_rings_equals_eager(name):
+    """The rings are static stores: the compiled step (fullgraph) decodes what eager decodes."""
+    model = _build("gemma3")
+    method = METHODS.get(name)(budget=0.2)
+    eager = Engine(model, None).generate(PROMPT, method, NEW, stop_at_eos=False,
+                                         return_logits=True)
+    compiled = Engine(model, None, compile=True).generate(PROMPT, method, NEW, stop_at_eos=False,
+                                                          return_logits=True)
+    assert compiled.stats["compiled"] is True
+    assert compiled.token_ids == eager.token_ids
+    assert max(float((a - b).abs().max()) for a, b in
+               zip(compiled.stats["logits"], eager.stats["logits"])) < 1e-4
+    assert compiled.kv_bytes_peak == eager.kv_bytes_peak
