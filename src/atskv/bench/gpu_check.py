@@ -8,6 +8,10 @@ machine with a GPU and no network (SmolLM2 comes from the PyPI wheel, as everywh
 3. the same methods at 16K-64K tokens for speed only: SmolLM2 has 8192 positions, so the RoPE
    is extrapolated there (``model.max_position_embeddings`` raised) and accuracy is not claimed.
 
+``--model <preset> --model-path <folder>`` runs the bench parts on another model preset (e.g.
+``--model qwen3_8b --model-path /models/Qwen3-8B``, the weights already on the machine): part 3
+then stays within the model's own positions (no extrapolation, accuracy not claimed either).
+
 Writes ``outputs/gpu/``: ``tests.log``, ``bench.json`` (the three bench runs), ``bench.md`` and
 each run's own folder. Exit status 0 only when every part passed.
 """
@@ -44,11 +48,41 @@ def run(cmd: list[str], log: Path, timeout: int) -> int:
     return rc
 
 
+def runs_for(model: str | None, model_path: str | None, new_tokens: int
+             ) -> list[tuple[str, str, list[str], str]]:
+    """:data:`RUNS` for a model preset (None: SmolLM2, the default): the preset and its folder
+    as overrides, and the long run at the context lengths within its positions."""
+    if model is None:
+        return RUNS
+    from omegaconf import OmegaConf
+
+    preset = Path(__file__).resolve().parents[3] / "conf" / "model" / f"{model}.yaml"
+    if not preset.is_file():
+        names = sorted(f.stem for f in preset.parent.glob("*.yaml"))
+        raise SystemExit(f"atskv.bench.gpu_check: error: --model {model!r}; choose one of "
+                         f"{', '.join(names)}")
+    positions = OmegaConf.load(preset).get("max_position_embeddings") or 0
+    over = [f"model={model}", *([f"model.path={model_path}"] if model_path else [])]
+    long = ",".join(str(n) for n in (16384, 32768, 65536) if n + new_tokens <= positions)
+    runs = [(name, lens, [*over, *extra], claim) for name, lens, extra, claim in RUNS[:2]]
+    if long:
+        runs.append(("long", long, [*over, "--reps", "1"],
+                     f"speed only, within {model}'s {positions} positions"))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m atskv.bench.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/gpu")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--model", default=None,
+                   help="a conf/model preset to bench instead of SmolLM2 (e.g. qwen3_8b)")
+    p.add_argument("--model-path", default=None,
+                   help="the preset's weights: a local folder (or a hub id)")
     args = p.parse_args(argv)
+    if args.model_path and not args.model:
+        p.error("--model-path needs --model (the preset whose weights it holds)")
+    runs = runs_for(args.model, args.model_path, args.new_tokens)
     import torch
 
     if not torch.cuda.is_available():
@@ -63,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     rcs = {"tests": run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
                         out / "tests.log", 240)}
-    merged: dict[str, object] = {"device": torch.cuda.get_device_name(0), "runs": {}}
-    md = [f"# GPU check on {merged['device']}", ""]
-    for name, lens, extra, claim in RUNS:
+    merged: dict[str, object] = {"device": torch.cuda.get_device_name(0),
+                                 "model": args.model or "smollm2_135m", "runs": {}}
+    md = [f"# GPU check on {merged['device']} ({merged['model']})", ""]
+    for name, lens, extra, claim in runs:
         folder = out / f"bench_{name}"
         cmd = [py, "-m", "atskv.bench", "--sections", "main", "--methods", methods,
                "--context-lens", lens, "--new-tokens", str(args.new_tokens), "--out", str(folder),
                "hardware=cuda", *extra]
-        rcs[name] = run(cmd, out / f"bench_{name}.log", 150)
+        rcs[name] = run(cmd, out / f"bench_{name}.log", 150 if args.model is None else 600)
         bench = folder / "bench.json"
         if bench.is_file():
             merged["runs"][name] = {"claim": claim, **json.loads(bench.read_text())}  # type: ignore[index]

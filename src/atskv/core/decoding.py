@@ -38,6 +38,29 @@ class Row:
     position: int
 
 
+def method_layers(state: State) -> dict[int, int]:
+    """Model layer -> the method's layer (its index in ``state.stores``): the method never sees
+    the sliding-window layers (``state.windows``), so its layer ``j`` is the ``j``-th other."""
+    n = len(state.stores) + len(state.windows)
+    return {layer: j for j, layer in enumerate(i for i in range(n) if i not in state.windows)}
+
+
+def attend_row(row: Row, layers: dict[int, int], layer: int, q: Tensor, k: Tensor, v: Tensor,
+               scale: float, extend: bool = False) -> tuple[Tensor, int]:
+    """One row's layer: its new key and value ``(H_kv, d)`` into its store and its query
+    ``(H_kv, g, d)``'s attention, through its method (:meth:`Method.decode_layer`, or
+    :meth:`Method.extend_layer` for a question's tokens), or, for a sliding-window layer, its
+    ring's own append and exact attention. The output and the KV bytes read."""
+    ring = row.state.windows.get(layer)
+    if ring is not None:
+        ring.append(k, v)
+        return ring.attend(q, scale)
+    j = layers[layer]
+    hook = row.method.extend_layer if extend else row.method.decode_layer
+    res = hook(row.state, j, row.state.stores[j], q, k, v, scale)
+    return res.out, res.read_bytes
+
+
 class DecodeSession:
     """Seam callbacks during decode steps of a batch of rows: each row's new key and value go
     into its own stores and its query attends through its own method (one method call per row
@@ -45,6 +68,7 @@ class DecodeSession:
 
     def __init__(self, rows: Sequence[Row]):
         self.rows = list(rows)
+        self.layers = [method_layers(r.state) for r in self.rows]
         #: per row, the KV bytes the current step reads (sizes of what it reads: also inside a
         #: compiled step, where the compiled function sets them, and a captured one, at capture)
         self.step_read_bytes = [0] * len(self.rows)
@@ -55,19 +79,19 @@ class DecodeSession:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return k, v  # stored by each row's method in :meth:`attention`, which receives them next
 
-    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  window: int | None = None) -> Tensor:
         """Rows' queries ``(B, H_q, 1, d)`` and new keys and values ``(B, H_kv, 1, d)`` ->
-        ``(B, H_q, 1, d)``."""
+        ``(B, H_q, 1, d)`` (a sliding-window layer's ``window`` is its ring's)."""
         _, h_q, _, d = q.shape
+        h_kv = k.shape[1]
         outs = []
         for b, row in enumerate(self.rows):
-            store = row.state.stores[layer]
-            h_kv = store.n_heads
-            res = row.method.decode_layer(row.state, layer, store,
-                                          q[b, :, 0].view(h_kv, h_q // h_kv, d), k[b, :, 0],
-                                          v[b, :, 0], scale)
-            self.step_read_bytes[b] += res.read_bytes
-            outs.append(res.out.reshape(h_q, d))
+            out, read = attend_row(row, self.layers[b], layer,
+                                   q[b, :, 0].view(h_kv, h_q // h_kv, d), k[b, :, 0], v[b, :, 0],
+                                   scale)
+            self.step_read_bytes[b] += read
+            outs.append(out.reshape(h_q, d))
         return torch.stack(outs)[:, :, None]
 
 
@@ -78,24 +102,26 @@ class ExtendSession(DecodeSession):
     compressed tokens and the chunk itself, and respects whatever a store evicts as tokens
     arrive."""
 
-    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  window: int | None = None) -> Tensor:
         (row,) = self.rows
         _, h_q, t, d = q.shape
-        store = row.state.stores[layer]
-        h_kv = store.n_heads
+        h_kv = k.shape[1]
         outs = []
         for i in range(t):
-            res = row.method.extend_layer(row.state, layer, store,
-                                          q[0, :, i].view(h_kv, h_q // h_kv, d), k[0, :, i],
-                                          v[0, :, i], scale)
-            self.step_read_bytes[0] += res.read_bytes
-            outs.append(res.out.reshape(h_q, d))
+            out, read = attend_row(row, self.layers[0], layer,
+                                   q[0, :, i].view(h_kv, h_q // h_kv, d), k[0, :, i], v[0, :, i],
+                                   scale, extend=True)
+            self.step_read_bytes[0] += read
+            outs.append(out.reshape(h_q, d))
         return torch.stack(outs, dim=1)[None]
 
 
 def static(rows: Sequence[Row]) -> bool:
     """Whether every row's decode step is static (fixed shapes, no host sync)."""
-    return all(r.method.static_decode() and all(s.static for s in r.state.stores) for r in rows)
+    return all(r.method.static_decode()
+               and all(s.static for s in (*r.state.stores, *r.state.windows.values()))
+               for r in rows)
 
 
 class EagerStep:

@@ -50,7 +50,7 @@ from atskv.core.decoding import (
     static,
 )
 from atskv.core.method import Method, PrefillContext, State
-from atskv.core.stores import DenseKV
+from atskv.core.stores import DenseKV, StaticKV
 from atskv.core.types import GenerationOutput
 from atskv.metrics.timing import synchronize
 
@@ -61,9 +61,12 @@ log = logging.getLogger(__name__)
 class Prefill:
     """A prompt's uncompressed state after prefill (read-only for the methods).
 
-    keys, values: per layer ``(H_kv, L, d)`` (keys after RoPE); queries: per layer the last
-    ``w`` prompt queries ``(H_q, w, d)`` (``w`` as asked for, at most L); logits: ``(vocab,)`` of
-    the last prompt position; seconds: the device-synchronised prefill time.
+    keys, values: per layer ``(H_kv, L, d)`` (keys after RoPE; a sliding-window layer may hold
+    only its last tokens, at least ``min(L, window)``); queries: per layer the last ``w`` prompt
+    queries ``(H_q, w, d)`` (``w`` as asked for, at most L); logits: ``(vocab,)`` of the last
+    prompt position; seconds: the device-synchronised prefill time; windows: per layer the
+    sliding window its attention keeps (None: every earlier token); scale: the attention's
+    logit scale (as the model passes it).
     """
 
     keys: list[Tensor | None]
@@ -73,16 +76,22 @@ class Prefill:
     prompt_len: int
     seconds: float
     kv_bytes: int  # the uncompressed KV held at the end of prefill
+    windows: list[int | None]
+    scale: float
 
 
 class _PrefillSession:
     """Seam callbacks during prefill: keys/values accumulate uncompressed, attention is exact and
-    causal, and the last ``window`` queries of every layer are kept for the method's scoring."""
+    causal (over each sliding-window layer's window), and the last ``window`` queries of every
+    layer are kept for the method's scoring."""
 
-    def __init__(self, n_layers: int, window: int, base: Prefill | None = None):
+    def __init__(self, n_layers: int, window: int, windows: list[int | None],
+                 base: Prefill | None = None):
         self.kv = [DenseKV() for _ in range(n_layers)]
         self.queries: list[Tensor | None] = [None] * n_layers
         self.window = window
+        self.windows = windows  # per layer, as the model's config declares them
+        self.scales: list[float] = [base.scale] if base is not None else []
         self.position = 0
         if base is not None:  # continue it: its tensors are read, never written
             for layer, kv in enumerate(self.kv):
@@ -94,21 +103,36 @@ class _PrefillSession:
         return self.position
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.kv[layer].append(k[0], v[0])
+        kv, w = self.kv[layer], self.windows[layer]
+        if w is not None and kv.length > w - 1:  # no query from here on sees the older tokens
+            kv.keys, kv.values = kv.keys[:, kv.length - w + 1:], kv.values[:, kv.length - w + 1:]
+        return kv.append(k[0], v[0])
 
-    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Causal attention of a prompt chunk ``q`` ``(1, H_q, t, d)`` over all prompt keys so
-        far ``(H_kv, T, d)``."""
+    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  window: int | None) -> Tensor:
+        """Causal attention of a prompt chunk ``q`` ``(1, H_q, t, d)`` over the prompt keys the
+        layer holds ``(H_kv, T, d)`` (the last T tokens up to the chunk's end), each query over
+        at most ``window`` of them (itself included) when the layer slides."""
+        if window != self.windows[layer]:
+            raise seam.UnsupportedModel(
+                f"layer {layer} of the model attends over a sliding window of {window} tokens, "
+                f"but its config declares {self.windows[layer]}: the engine would not reproduce it")
+        self.scales.append(scale)
         t, total = q.shape[2], k.shape[1]
         if self.window:
             prev = self.queries[layer]
             cur = q[0] if prev is None else torch.cat([prev, q[0]], dim=1)
             self.queries[layer] = cur[:, -self.window:]
         kwargs: dict[str, Any] = {"scale": scale, "enable_gqa": True}
-        if t == total:
+        if t == total and (window is None or window >= t):
             kwargs["is_causal"] = True
-        else:  # a later chunk: all earlier tokens plus causal inside the chunk
-            kwargs["attn_mask"] = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(total - t)
+        else:  # earlier tokens, causal inside the chunk, within the window
+            qpos = torch.arange(total - t, total, device=q.device)[:, None]
+            kpos = torch.arange(total, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            kwargs["attn_mask"] = mask
         return F.scaled_dot_product_attention(q, k[None], v[None], **kwargs)
 
 
@@ -163,10 +187,11 @@ class Engine:
         self.compile = compile and dynamo.available()
         if compile and not self.compile:
             log.warning("torch.compile is disabled here (TORCH_COMPILE_DISABLE): decoding eagerly")
+        seam.check_supported(model)  # a model the engine cannot run exactly fails here
         self.dims = seam.model_dims(model)
+        self.windows = seam.layer_windows(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.scale = self.dims["head_dim"] ** -0.5
         self.eos_ids = seam.eos_token_ids(model, tokenizer)
 
     @classmethod
@@ -179,10 +204,12 @@ class Engine:
                    compile=bool(hw.compile))
 
     def full_kv_bytes(self, n_tokens: int) -> int:
-        """Bytes a full cache holds for ``n_tokens`` tokens (all layers, K and V)."""
+        """Bytes a full cache holds for ``n_tokens`` tokens (all layers, K and V; a
+        sliding-window layer holds at most its window)."""
         d = self.dims
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * d["n_layers"] * d["n_kv_heads"] * d["head_dim"] * itemsize * n_tokens
+        tokens = sum(n_tokens if w is None else min(w, n_tokens) for w in self.windows)
+        return 2 * d["n_kv_heads"] * d["head_dim"] * itemsize * tokens
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.dims["max_positions"]:
@@ -211,7 +238,8 @@ class Engine:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
         start = base.prompt_len if base is not None else 0
         prompt_len = start + ids.shape[1]
-        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len), base)
+        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len), self.windows,
+                                  base)
         with seam.use_engine_attention(self.model):
             synchronize(self.device)
             t0 = time.perf_counter()
@@ -229,7 +257,8 @@ class Engine:
             keys=[kv.keys for kv in session.kv], values=[kv.values for kv in session.kv],
             queries=[q if q is not None else empty for q in session.queries], logits=logits,
             prompt_len=prompt_len, seconds=seconds + (base.seconds if base is not None else 0.0),
-            kv_bytes=sum(kv.nbytes() for kv in session.kv))
+            kv_bytes=sum(kv.nbytes() for kv in session.kv), windows=list(self.windows),
+            scale=_one_scale(session.scales))
 
     @torch.inference_mode()
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
@@ -238,25 +267,48 @@ class Engine:
         tokens; room for ``max_new_tokens`` appended tokens: the generation, and the question's
         tokens when one is appended before it), the kept prompt-token indices per layer and KV
         head, and the time it took. With ``consume`` each layer's prefill tensors are dropped once
-        its store is built (a prefill nobody shares)."""
+        its store is built (a prefill nobody shares).
+
+        A sliding-window layer whose window is shorter than what this generation's queries
+        would see (``window < prompt + max_new_tokens - 1``) keeps exactly its window, as a ring
+        (:func:`window_store`; in ``state.windows``): its KV is bounded already and it is not
+        compressed further. The method compresses the other layers and never sees the sliding
+        ones: its :class:`PrefillContext` holds the other layers only, in order, and its layer
+        ``j`` is the ``j``-th of them. A layer whose window covers the whole generation attends
+        to everything, so the method compresses it like a full-attention layer."""
         synchronize(self.device)
         t0 = time.perf_counter()
         state = method.begin(pre.prompt_len, max_new_tokens)
         keys, values = pre.keys, pre.values
         assert all(k is not None for k in keys), "this prefill was consumed already"
-        ctx = PrefillContext(keys, values, pre.queries, pre.prompt_len, max_new_tokens, self.scale)  # type: ignore[arg-type]
-        keep = method.select(state, ctx)
+        ring = [w is not None and w < pre.prompt_len + max_new_tokens - 1 for w in pre.windows]
+        others = [i for i, r in enumerate(ring) if not r]
+        keep: list[list[Tensor]] | None = None
+        if others:
+            ctx = PrefillContext([keys[i] for i in others], [values[i] for i in others],  # type: ignore[misc]
+                                 [pre.queries[i] for i in others], pre.prompt_len,
+                                 max_new_tokens, pre.scale)
+            keep = method.select(state, ctx)
+            del ctx
         if keep is None:
             everything = torch.arange(pre.prompt_len, device=keys[0].device)  # type: ignore[union-attr]
-            keep = [[everything] * keys[0].shape[0] for _ in keys]  # type: ignore[union-attr]
-        del ctx
+            keep = [[everything] * keys[0].shape[0] for _ in others]  # type: ignore[union-attr]
+        kept: list[list[Tensor]] = []
         for layer in range(len(keys)):
-            state.stores.append(method.make_store(state, layer, keys[layer], values[layer],  # type: ignore[arg-type]
-                                                  keep[layer]))
+            if ring[layer]:
+                store, positions = window_store(keys[layer], values[layer], pre.prompt_len,  # type: ignore[arg-type]
+                                                pre.windows[layer])  # type: ignore[arg-type]
+                state.windows[layer] = store
+                kept.append(positions)
+            else:
+                j = len(state.stores)
+                state.stores.append(method.make_store(state, j, keys[layer], values[layer],  # type: ignore[arg-type]
+                                                      keep[j]))
+                kept.append(keep[j])
             if consume:
                 keys[layer] = values[layer] = None
         synchronize(self.device)
-        return Compressed(state, keep, time.perf_counter() - t0)
+        return Compressed(state, kept, time.perf_counter() - t0)
 
     @torch.inference_mode()
     def forget(self, compressed: Compressed, method: Method, position: int,
@@ -266,9 +318,15 @@ class Engine:
         the next question goes on at ``position`` (the question-aware protocol's later
         questions). Kept tokens are stored in position order, so they are each head's last."""
         c = compressed.copy() if copy else compressed
-        keep = []
-        for layer, (store, heads) in enumerate(zip(c.state.stores, c.keep, strict=True)):
-            method.truncate_layer(c.state, layer, store, [int((k >= position).sum()) for k in heads])
+        keep, j = [], 0
+        for layer, heads in enumerate(c.keep):
+            drop = [int((k >= position).sum()) for k in heads]
+            ring = c.state.windows.get(layer)
+            if ring is not None:  # (its window loses the dropped tokens' places until refilled)
+                ring.truncate(drop)
+            else:
+                method.truncate_layer(c.state, j, c.state.stores[j], drop)
+                j += 1
             keep.append([k[k < position] for k in heads])
         return Compressed(c.state, keep, c.seconds)
 
@@ -393,7 +451,8 @@ class Engine:
             "compile_steps": g.compile_steps,
             "decode_step_s": g.step_s,  # each timed decode step (token to token)
             "decode_batch_size": batch,  # sequences decoded together (timings are the batch's)
-            "kept_tokens": kept,
+            "kept_tokens": kept,  # per layer and KV head (a sliding-window layer: its window)
+            "window_layers": sorted(g.compressed.state.windows),
             "prompt_tokens_kept": {"mean": sum(flat) / len(flat), "min": min(flat), "max": max(flat)},
             "kv_bytes_prefill": r.pre.kv_bytes,
             "prefill_s": r.pre.seconds,
@@ -458,6 +517,28 @@ class Engine:
         for n in (64, 80):
             n = min(n, self.dims["max_positions"] - 6)
             self.generate(list(range(1, n + 1)), method, max_new_tokens=4, stop_at_eos=False)
+
+
+def window_store(keys: Tensor, values: Tensor, prompt_len: int,
+                 window: int) -> tuple[StaticKV, list[Tensor]]:
+    """A sliding-window layer's decode store: the last ``min(prompt_len, window)`` prompt tokens
+    of ``keys``, ``values`` ``(H_kv, T, d)`` (the layer's last T tokens) in a ring of ``window``
+    rows per head, where each new token overwrites the oldest (the query at position p sees
+    positions ``p - window + 1 .. p``, as transformers' sliding window); and the kept prompt
+    positions per head."""
+    n = min(prompt_len, window)
+    held = keys.shape[1]
+    rows = torch.arange(held - n, held, device=keys.device)
+    store = StaticKV(keys, values, [rows] * keys.shape[0], headroom=window - n, sinks=0)
+    return store, [rows + (prompt_len - held)] * keys.shape[0]
+
+
+def _one_scale(scales: list[float]) -> float:
+    """The attention scale every layer used (the methods score with one)."""
+    if len(set(scales)) != 1:
+        raise seam.UnsupportedModel(f"the model's layers scale attention differently "
+                                    f"({sorted(set(scales))}); the methods score with one scale")
+    return scales[0]
 
 
 @dataclass

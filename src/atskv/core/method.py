@@ -99,13 +99,16 @@ class State:
     max_new_tokens: int
     keep: int  # prompt tokens per layer and KV head the budget allows (average)
     stores: list[Store] = field(default_factory=list)
+    #: model layer -> the store of a sliding-window layer, which keeps exactly its window: built
+    #: and driven by the engine, never seen by the method (``stores`` are the other layers')
+    windows: dict[int, Store] = field(default_factory=dict)
 
     def own_tensors(self) -> Iterator[Tensor]:
         """The method's own tensors besides the stores (override in subclasses)."""
         return iter(())
 
     def tensors(self) -> Iterator[Tensor]:
-        for store in self.stores:
+        for store in (*self.stores, *self.windows.values()):
             yield from store.tensors()
         yield from self.own_tensors()
 
@@ -122,8 +125,8 @@ class State:
         """The stored KV footprint: :meth:`allocated_bytes` less the rows (and their page
         metadata) reserved for generated tokens that were never made (decoding stopped early, or
         not there yet)."""
-        return (self.allocated_bytes() - sum(s.spare_bytes() for s in self.stores)
-                - self.spare_bytes())
+        stores = (*self.stores, *self.windows.values())
+        return self.allocated_bytes() - sum(s.spare_bytes() for s in stores) - self.spare_bytes()
 
 
 S = TypeVar("S", bound=State)

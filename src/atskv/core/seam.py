@@ -33,20 +33,48 @@ class Session(Protocol):
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor: ...
+    def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  window: int | None) -> Tensor: ...
 
     def seen_tokens(self) -> int: ...
 
 
+class UnsupportedModel(ValueError):
+    """A model whose attention the engine cannot reproduce exactly (named in the message)."""
+
+
 _ACTIVE: list[Session] = []
+
+#: keyword arguments the attention function may receive that do not change its result (masks
+#: and positions are the engine's; these carry bookkeeping only)
+_NEUTRAL_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions",
+                             "output_hidden_states", "return_dict", "layer_idx", "cache"})
 
 
 def _attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-               scaling: float | None = None, dropout: float = 0.0, **_: Any):
+               scaling: float | None = None, dropout: float = 0.0,
+               sliding_window: int | None = None, softcap: float | None = None, **kwargs: Any):
+    """Every argument that changes the math is honoured (``scaling``, ``sliding_window``) or
+    refused (soft-capping, sinks, dropout, non-causal attention, anything unknown)."""
     if not _ACTIVE:
         raise RuntimeError("the 'atskv' attention runs only inside Engine.generate")
+    name = type(module).__name__
+    if softcap is not None:
+        raise UnsupportedModel(f"{name} soft-caps its attention logits (softcap={softcap}): "
+                               f"the engine's attention does not")
+    if dropout:
+        raise UnsupportedModel(f"{name} applies attention dropout ({dropout}): put the model in "
+                               f"eval mode")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise UnsupportedModel(f"{name} attends bidirectionally: the engine is causal only")
+    odd = sorted(k for k, v in kwargs.items()
+                 if v is not None and k not in _NEUTRAL_KWARGS and k != "is_causal")
+    if odd:
+        raise UnsupportedModel(f"{name} passes {', '.join(odd)} to its attention function, which "
+                               f"the engine's attention does not implement")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = _ACTIVE[-1].attention(module.layer_idx, query, key, value, scale)  # (B, H_q, q, d)
+    out = _ACTIVE[-1].attention(module.layer_idx, query, key, value, scale,
+                                sliding_window)  # (B, H_q, q, d)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -101,6 +129,64 @@ def model_dims(model: Any) -> dict[str, int]:
         "head_dim": head_dim,
         "max_positions": cfg.max_position_embeddings,
     }
+
+
+#: the attention layer kinds the engine runs (``config.layer_types``)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(model: Any) -> list[int | None]:
+    """Per layer, the sliding window its attention keeps (a query sees itself and the ``W - 1``
+    tokens before it, transformers' ``sliding_window``), or None for full causal attention.
+    Hybrid models (Gemma 3, Qwen2/3 with ``use_sliding_window``) say per layer in
+    ``config.layer_types``; others (Mistral, Phi-3) slide every layer when the config sets
+    ``sliding_window``. The engine checks these against what each layer's attention receives."""
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [window] * cfg.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def check_supported(model: Any) -> None:
+    """Raise :class:`UnsupportedModel`, naming the model and what it does, for a model whose
+    attention the engine would not reproduce exactly (so that it is never run wrongly or
+    uncompressed in silence): encoder-decoders, bidirectional attention, layers other than
+    full or sliding-window causal attention (chunked, linear, state-space), soft-capped
+    attention logits, attention sinks, latent (MLA) or shared KV, keys and values of different
+    widths. Multimodal checkpoints run on their text (the engine feeds token ids only)."""
+    cfg, text = model.config, text_config(model)
+    arch = type(model).__name__
+
+    def refuse(what: str) -> None:
+        raise UnsupportedModel(f"{arch} ({getattr(text, 'model_type', '?')}) {what}; the engine "
+                               f"runs decoder-only causal LMs whose layers attend over every "
+                               f"earlier token or a sliding window of them")
+
+    if getattr(cfg, "is_encoder_decoder", False):
+        refuse("is an encoder-decoder model")
+    if not getattr(text, "is_causal", True) or getattr(text, "use_bidirectional_attention", False):
+        refuse("attends bidirectionally")
+    missing = [a for a in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                           "max_position_embeddings") if getattr(text, a, None) is None]
+    if missing:
+        refuse(f"has no {', '.join(missing)} in its config (no multi-head attention KV cache)")
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if other:
+        refuse(f"has {', '.join(other)} layers")
+    for attr, what in (("attention_chunk_size", "attends in chunks (attention_chunk_size)"),
+                       ("attn_logit_softcapping", "soft-caps its attention logits"),
+                       ("kv_lora_rank", "compresses its KV into a latent (MLA)"),
+                       ("num_kv_shared_layers", "shares KV between layers")):
+        if getattr(text, attr, None):
+            refuse(f"{what} ({attr}={getattr(text, attr)})")
+    head_dim = model_dims(model)["head_dim"]
+    v_dim = getattr(text, "v_head_dim", None)
+    if v_dim is not None and v_dim != head_dim:
+        refuse(f"has values of {v_dim} dims and keys of {head_dim}")
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        refuse("has learned attention sinks")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

