@@ -126,3 +126,27 @@ def test_linear_rows_gives_each_row_what_it_gets_alone():
         exact = x.double() @ w.double().T + b.double()
         bound = gamma(k + 1) * (x.double().abs() @ w.double().abs().T + b.double().abs())
         assert ((every.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("names", [["full", "sliding_window", "snapkv", "atskv"] * 2])
+def test_a_graph_captured_batch_of_eight_decodes_every_sequence_as_alone(model, names):
+    """make gpu-check's batched step: eight rows captured in one CUDA graph. cuBLAS picks its
+    kernels by the number of rows (no atskv::linear_rows on CUDA), so the rows' logits agree with
+    decoding alone to float32 rounding (not bit for bit) and their tokens and byte counters are
+    the same."""
+    model = model.to("cuda")
+    try:
+        eng = Engine(model, None, cuda_graph=True)
+        methods = [method(n) for n in names]
+        alone = [eng.generate_batch([r])[0] for r in requests(eng, methods, [9] * 8)]
+        batched = eng.generate_batch(requests(eng, methods, [9] * 8))
+        assert all(o.stats["cuda_graph"] for o in batched)
+        for b, a in zip(batched, alone, strict=True):
+            for name in SAME:
+                assert getattr(b, name) == getattr(a, name), name
+            diff = max((x - y).abs().max().item()
+                       for x, y in zip(b.stats["logits"], a.stats["logits"]))
+            assert diff < 1e-3
+    finally:
+        model.to("cpu")

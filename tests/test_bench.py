@@ -232,3 +232,29 @@ def test_paired_bad_input_fails_before_loading(tmp_path, capsys):
     assert bench.main(["--quick", "--sections", "paired", "--context-lens", "8180",
                        "--paired-steps", "10", "--new-tokens", "2", "--out", str(tmp_path)]) == 2
     assert "--context-lens [8180]" in capsys.readouterr().err
+
+
+def test_batch_section_scales_with_the_batch_and_fills_a_memory_budget(tmp_path, smollm2_path):
+    """The batch section: every method at each batch size, its rate against itself alone, and
+    at a memory budget of 3 full-cache sequences the largest batch that fits, by bytes measured
+    from the tensors (a method that keeps a quarter of the prompt fits more rows than full)."""
+    rc = bench.main(["--quick", "--sections", "batch", "--methods", "snapkv,sliding_window",
+                     "--batch-sizes", "1,2", "--budget-seqs", "3", "--max-batch", "16",
+                     "--new-tokens", "4", "--out", str(tmp_path), "hardware.threads=1",
+                     "budget=0.25"])
+    assert rc == 0
+    section = json.loads((tmp_path / "bench.json").read_text())["batch"]
+    scaling, budget = section["rows"]["scaling"], section["rows"]["budget"]
+    assert {(r["method"], r["batch"]) for r in scaling} == {
+        (m, b) for m in ("full", "snapkv", "sliding_window") for b in (1, 2)}
+    for r in scaling:
+        assert r["tokens_per_s"] > 0 and (r["batch"] != 1 or r["x_batch_1"] == 1.0)
+    fits = {r["method"]: r for r in budget}
+    assert fits["full"]["batch"] == 3 and fits["full"]["x_full"] == 1.0
+    for name in ("snapkv", "sliding_window"):
+        row = fits[name]
+        want = min(16, int(3 * fits["full"]["kv_bytes_per_seq"] // row["kv_bytes_per_seq"]))
+        assert row["batch"] == want > 3 and row["x_full"] > 0
+        assert row["budget_bytes"] == 3 * fits["full"]["kv_bytes_per_seq"]
+    assert (tmp_path / "batch.png").stat().st_size > 0
+    assert "## Decoding sequences together" in (tmp_path / "bench.md").read_text()

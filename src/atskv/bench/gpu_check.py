@@ -1,7 +1,8 @@
 """``make gpu-check``: the checks that need a CUDA GPU, as one script of at most ~8 minutes for a
 machine with a GPU and no network (SmolLM2 comes from the PyPI wheel, as everywhere).
 
-1. the ``gpu``-marked tests (CUDA-graph replay equals eager decoding, CUDA peak memory);
+1. the ``gpu``-marked tests (CUDA-graph replay equals eager decoding, a graph-captured batch of
+   eight sequences decodes each as alone, CUDA peak memory);
 2. ``make bench`` on CUDA (bf16) with every registered method at 4096
    and 8192 tokens, with the static decode step captured in a CUDA graph and without
    (``hardware.cuda_graph=false``), each against transformers' ``generate()``;
@@ -30,6 +31,8 @@ from atskv.experiments import results
 RUNS = [  # (name, context lengths, extra arguments, what it claims)
     ("graph", "4096,8192", [], "decode step captured in a CUDA graph"),
     ("eager", "4096,8192", ["hardware.cuda_graph=false"], "the same step, eager"),
+    ("batch", "4096", ["--sections", "batch", "--batch-lens", "4096", "--batch-sizes", "1,8"],
+     "sequences decoded together in one captured graph; throughput at a memory budget"),
     ("long", "16384,32768,65536", ["model.max_position_embeddings=131072", "--reps", "1"],
      "speed only: RoPE extrapolated past SmolLM2's 8192 positions, accuracy not claimed"),
 ]
@@ -64,7 +67,8 @@ def runs_for(model: str | None, model_path: str | None, new_tokens: int
     positions = OmegaConf.load(preset).get("max_position_embeddings") or 0
     over = [f"model={model}", *([f"model.path={model_path}"] if model_path else [])]
     long = ",".join(str(n) for n in (16384, 32768, 65536) if n + new_tokens <= positions)
-    runs = [(name, lens, [*over, *extra], claim) for name, lens, extra, claim in RUNS[:2]]
+    runs = [(name, lens, [*over, *extra], claim) for name, lens, extra, claim in RUNS
+            if name != "long"]
     if long:
         runs.append(("long", long, [*over, "--reps", "1"],
                      f"speed only, within {model}'s {positions} positions"))

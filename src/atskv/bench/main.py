@@ -68,7 +68,7 @@ CUDA_LENS = [4096, 8192, 16384, 32768]
 CUDA_LONG_LENS = [65536, 131072]
 QUICK_LENS = [256, 512]
 QUICK_MODEL = "tiny_random"
-SECTIONS = ("main", "paired", "sweep")
+SECTIONS = ("main", "paired", "sweep", "batch")
 MIB = float(2**20)
 # (row field, what a larger value means for growth) - the metrics ratios and growth cover
 METRICS = [("ttft_s", "TTFT"), ("decode_tokens_per_s", "decode tok/s"), ("kv_bytes", "KV"),
@@ -108,7 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", type=_csv, default=["main", "sweep"],
                    help="main (every method vs full), paired (every method's decode steps "
                         "paired with a reference method's, with an interval), sweep (a sweep "
-                        "with and without a shared prefill); default main,sweep")
+                        "with and without a shared prefill), batch (decoding sequences together: "
+                        "scaling with the batch, and throughput at a memory budget); default "
+                        "main,sweep")
     p.add_argument("--paired-ref", default=FULL,
                    help="the paired section's reference method, one of --methods (default full)")
     p.add_argument("--paired-rounds", type=int, default=None,
@@ -121,6 +123,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="budgets of the sweep section (default 0.1,0.2)")
     p.add_argument("--sweep-lens", type=lambda s: _csv(s, int), default=None,
                    help="context lengths of the sweep section (default 2048,4096; --quick: 256)")
+    p.add_argument("--batch-sizes", type=lambda s: _csv(s, int), default=None,
+                   help="the batch section's batch sizes (default 1,8)")
+    p.add_argument("--batch-lens", type=lambda s: _csv(s, int), default=None,
+                   help="the batch section's context lengths (default 2048; --quick: 256)")
+    p.add_argument("--budget-seqs", type=int, default=None,
+                   help="the batch section's memory budget: the KV of this many full-cache "
+                        "sequences (default 4)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the batch section's largest batch (default 64)")
     p.add_argument("--out", default="outputs/bench", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke run: model={QUICK_MODEL}, context lengths {QUICK_LENS}, 1 rep, "
@@ -453,6 +464,11 @@ def render_md(data: dict[str, Any]) -> str:
         from atskv.bench.sweep import render
 
         lines += render(data["sweep"])
+    if "batch" in data:
+        from atskv.bench.batch import render as render_batch
+
+        lines += render_batch(data["batch"])
+        lines += ["", "![decode tokens/s against KV memory](batch.png)"]
     mach = data["machine"]
     lines += ["", f"Machine: {mach['cpu_model']}, {mach['cpu_count']} logical cores "
                   f"({mach['cpu_affinity']} usable), torch threads {mach['torch_threads']}, "
@@ -630,6 +646,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         data["sweep"] = {"methods": list(dict.fromkeys(n for n, _, _ in sweep_jobs)),
                          "budgets": sorted({b for _, b, _ in sweep_jobs}),
                          "new_tokens": args.new_tokens, "rows": rows}
+    if "batch" in args.sections:
+        from atskv.bench.batch import BATCH_SIZES, BUDGET_SEQS, MAX_BATCH, run_batch
+        from atskv.core.engine import Engine
+
+        lens = args.batch_lens or ([256] if args.quick else [2048])
+        engine = Engine.for_hardware(setup.model, setup.tokenizer, setup.cfg.hardware)
+        sizes = args.batch_sizes or BATCH_SIZES
+        seqs, cap = args.budget_seqs or BUDGET_SEQS, args.max_batch or MAX_BATCH
+        log(f"batch section: {', '.join(names)} at {lens}, batch sizes {sizes}, budget {seqs} "
+            f"full-cache sequences")
+        rows = run_batch(engine, {m: methods[m] for m in names},
+                         {c: prompt(setup.tokenizer, c, setup.cfg.seed) for c in lens},
+                         sizes, seqs, cap, args.reps, args.new_tokens, log)
+        data["batch"] = {"context_lens": lens, "batch_sizes": sizes, "budget_seqs": seqs,
+                         "max_batch": cap, "reps": args.reps, "new_tokens": args.new_tokens,
+                         "rows": rows}
     mach["loadavg_end"] = _loadavg()
     data["notes"] += _notes(data["samples"], setup.device, mach)
     data["duration_s"] = time.perf_counter() - t_start
@@ -720,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     md = render_md(data)
+    if "batch" in data:
+        from atskv.bench.batch import plot
+
+        out.mkdir(parents=True, exist_ok=True)
+        plot(data["batch"], out / "batch.png")
     results.write_json(out / "bench.json", data)
     results.atomic_write_text(out / "bench.md", md)
     print(md)
