@@ -71,6 +71,9 @@ class HardwareConfig:
     cuda_graph: bool = False  # capture the static decode step (methods that have one)
     compile: bool = False  # torch.compile the static decode step (methods that have one)
     device_map: str | None = None  # e.g. "auto" to spread a model over several GPUs
+    # sequences decoded together at most (a sweep group's members x benchmark.batch_size
+    # samples x questions of a context): more are decoded in turns, each as alone
+    max_batch: int = 64
 
 
 @dataclass
@@ -117,7 +120,9 @@ BUDGET_FIELDS = ("budget", "kv_size")  # the shared budget: top-level keys, not 
 #: change results); keys starting with "method." are in the key as the method's variant
 SUFFIX_EXCLUDED = {"method", "benchmark", "model", "context_len", "hardware", "budget", "kv_size",
                    "seed", "overwrite", "warmup", "sweep_id", "share_prefill", "atskv_group",
-                   "reference"}
+                   "reference",
+                   # how many sequences decode together: each gets what it gets alone
+                   "benchmark.batch_size", "hardware.max_batch"}
 
 
 def method_fields(cls: type) -> list[dataclasses.Field]:
@@ -296,6 +301,9 @@ def validate_hardware(hw: Any) -> None:
         raise ConfigError(f"hardware.device={dev!r}; choose one of {', '.join(DEVICES)}")
     if hw.threads is not None and hw.threads < 1:
         raise ConfigError(f"hardware.threads={hw.threads} must be >= 1 (or null: all cores)")
+    if hw.max_batch < 1:
+        raise ConfigError(f"hardware.max_batch={hw.max_batch} must be >= 1 (sequences decoded "
+                          f"together at most)")
     if hw.prefill_chunk < 0:
         raise ConfigError(f"hardware.prefill_chunk={hw.prefill_chunk} must be >= 0 (tokens per "
                           f"prefill chunk; 0: the whole prompt in one pass)")

@@ -1,16 +1,22 @@
-"""``make results``: the reference results matrix, on the **test** split, for every method with its
-paper defaults and with its dev-tuned preset (``conf/method/tuned/``), then the report.
+"""``make results``: the reference results matrix, on the **test** split: every method's
+dev-tuned preset (``conf/method/tuned/``; ``--variants paper,tuned`` adds the paper defaults)
+and the full cache, in both protocols, then the report.
 
-    python -m atskv.experiments.matrix [--date YYYY-MM-DD] [--variants paper,tuned] [--parts ...]
+    python -m atskv.experiments.matrix [--date YYYY-MM-DD] [--variants tuned] [--parts ...]
                                    [--budgets 0.05,0.1,0.25,0.5] [--dry-run] [extra Hydra overrides]
 
-Parts (each one ``run.py -m`` sweep; every job of a sweep that differs only in method and budget
-shares each sample's prefill):
+Parts (each one ``run.py -m`` sweep; every job of a sweep that differs only in method, budget and
+protocol shares each sample's prefill, and they decode together):
 
-* ``synthetic``: the four synthetic tasks x budgets 0.1 and 0.2 x context 512 and 4096, 8 samples
-  per task and cell (the user's own sweep, ``context_len=512,4096``);
-* ``longbench``: LongBench multi_news at budget 0.2, context 2048, 3 samples;
-* ``zeroscrolls``: the five ZeroSCROLLS fixture tasks at budget 0.2, context 2048, 3 samples each.
+* ``synthetic``: the four synthetic tasks x budgets 0.05, 0.1, 0.2 and 0.5 x context 512, 2048
+  and 4096, 16 samples per task (64 per cell);
+* ``multi_question``: four questions of one context, 8 contexts (32 questions) at 2048 tokens and
+  budgets 0.1 and 0.2 (accuracy by question position);
+* ``longbench``: LongBench multi_news at budget 0.2, context 2048, 30 samples;
+* ``zeroscrolls``: the ZeroSCROLLS-format fixture's qasper and qmsum at budget 0.2, context 2048,
+  20 samples each.
+
+Every part runs ``protocol=question_aware,question_agnostic``.
 
 ``--budgets`` replaces every part's budgets with one list (a sweep over ``budget=``; the jobs of a
 setting share each sample's prefill).
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,15 +48,19 @@ ROOT = Path(__file__).resolve().parents[3]
 SYNTHETIC_TASKS = "[single_needle,multi_key,multi_value,variable_tracking]"
 PARTS = {
     "synthetic": ["benchmark=synthetic", f"benchmark.tasks={SYNTHETIC_TASKS}",
-                  "benchmark.n_samples=8", "budget=0.1,0.2", "context_len=512,4096"],
+                  "benchmark.n_samples=16", "budget=0.05,0.1,0.2,0.5",
+                  "context_len=512,2048,4096"],
+    "multi_question": ["benchmark=synthetic", "benchmark.tasks=[multi_question]",
+                       "benchmark.n_samples=8", "budget=0.1,0.2", "context_len=2048"],
     "longbench": ["benchmark=longbench", "benchmark.data_dir={data}/longbench",
-                  "benchmark.tasks=[multi_news]", "benchmark.n_samples=3", "budget=0.2",
+                  "benchmark.tasks=[multi_news]", "benchmark.n_samples=30", "budget=0.2",
                   "context_len=2048"],
     "zeroscrolls": ["benchmark=zeroscrolls", "benchmark.data_dir={data}/zero_scrolls",
-                    "benchmark.n_samples=3", "budget=0.2", "context_len=2048"],
+                    "benchmark.tasks=[qasper,qmsum]", "benchmark.n_samples=20", "budget=0.2",
+                    "context_len=2048"],
 }
 COMMON = ["benchmark.split=test", "model=smollm2_135m", "hardware=cpu", "hardware.compile=false",
-          "wandb.mode=disabled"]
+          "protocol=question_aware,question_agnostic", "wandb.mode=disabled"]
 
 
 def methods(variant: str) -> list[str]:
@@ -88,17 +99,20 @@ def commands(out: Path, variants: list[str], parts: list[str], data: Path,
              extra: list[str], budgets: str | None = None) -> list[tuple[str, list[str]]]:
     cmds = []
     for part in parts:
-        if part != "synthetic" and not (data / ("longbench" if part == "longbench"
-                                                else "zero_scrolls")).is_dir():
+        needs = {"longbench": "longbench", "zeroscrolls": "zero_scrolls"}.get(part)
+        if needs and not (data / needs).is_dir():
             print(f"[results] skipping {part}: no data under {data}", file=sys.stderr)
             continue
         for variant in variants:
-            args = [a.format(data=data) for a in PARTS[part]]
+            # paths as run from the repository (the runs record them; committed files hold
+            # no machine's absolute paths)
+            args = [a.format(data=os.path.relpath(data, ROOT)) for a in PARTS[part]]
             if budgets:
                 args = [f"budget={budgets}" if a.startswith("budget=") else a for a in args]
             cmds.append((f"{part}/{variant}", [
-                sys.executable, str(ROOT / "run.py"), "-m", f"method={','.join(methods(variant))}",
-                *args, *COMMON, f"hydra.sweep.dir={out / 'runs'}", *extra]))
+                sys.executable, "run.py", "-m", f"method={','.join(methods(variant))}",
+                *args, *COMMON, f"hydra.sweep.dir={os.path.relpath(out / 'runs', ROOT)}",
+                *extra]))
     return cmds
 
 
@@ -119,7 +133,7 @@ def write_docs(out: Path, log: list[dict], docs: Path) -> None:
     commits = sorted({results.short_commit(p.get("git_commit")) for p in prov})
     dirty = sum(1 for p in prov if str(p.get("git_commit")).endswith("-dirty"))
     head = [
-        "# Results: every method, paper defaults and dev-tuned, on the test split", "",
+        "# Results: every method, dev-tuned, in both protocols, on the test split", "",
         f"Made by `make results` (`python -m atskv.experiments.matrix`) into `{out.relative_to(ROOT)}`"
         f" on {mach['date'][:10]} (rendered at git {results.short_commit(mach['git_commit'])}; "
         f"the runs were made at git {', '.join(commits)}"
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m atskv.experiments.matrix",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--date", default=date.today().isoformat())
-    p.add_argument("--variants", default="paper,tuned")
+    p.add_argument("--variants", default="tuned")
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--budgets", default=None, metavar="B,B,...",

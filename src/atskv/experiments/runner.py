@@ -265,7 +265,9 @@ def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[li
             reqs = [r for r, (o, _) in zip(reqs, owners) if o is not m]
             owners = [o for o in owners if o[0] is not m]
     try:
-        outs = engine.generate_batch(reqs)
+        size = alive[0].job.cfg.hardware.max_batch  # rows decoded together, at most
+        outs = [o for at in range(0, len(reqs), size)
+                for o in engine.generate_batch(reqs[at : at + size])]
     except Exception:  # noqa: BLE001 - find the member it was
         if len({id(m) for m, _ in owners}) == 1 or consume:
             raise
