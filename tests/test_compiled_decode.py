@@ -67,19 +67,22 @@ def test_non_static_methods_decode_eagerly_when_compile_is_asked(tiny_model):
     assert out.stats["compiled"] is False
 
 
-def test_one_row_products_are_compiled_as_fused_multiply_and_sum(tiny_model):
-    """The compiled step decomposes every projection of the decode step (one row times a weight)
-    into a fused multiply-and-sum instead of a GEMV call: each layer's q, k, v, o, gate, up and
-    down projections (the head is written as one in the seam)."""
-    from torch._dynamo.utils import counters
+def test_the_compiled_steps_projections_are_row_exact_kernel_calls(tiny_model):
+    """The compiled decode step runs every projection of every layer (q, k, v, o, gate, up, down)
+    and the head through ``atskv::linear_rows`` and leaves no matrix product to the library's GEMV:
+    the code inductor generates calls the kernel seven times per layer and once for the head, and
+    holds no mm or addmm."""
+    from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    counters.clear()
-    out = Engine(tiny_model, None, compile=True).generate(PROMPT, METHODS.get("full")(), 4,
-                                                          stop_at_eos=False)
+    out, codes = run_and_get_code(
+        lambda: Engine(tiny_model, None, compile=True).generate(
+            PROMPT, METHODS.get("full")(), 4, stop_at_eos=False))
     assert out.stats["compiled"] is True
+    code = "\n".join(codes)
     layers = tiny_model.config.num_hidden_layers
-    assert counters["inductor"]["decompose_mm"] + counters["inductor"]["decompose_addmm"] == 7 * layers
+    assert len(re.findall(r"torch\.ops\.atskv\.linear_rows\.default\(", code)) == 7 * layers + 1
+    assert not re.search(r"extern_kernels\.(mm|addmm|bmm)\(", code)
 
 
 def test_the_models_insides_are_not_guarded_and_the_rest_is(make_tiny_model, monkeypatch):
