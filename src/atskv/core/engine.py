@@ -220,7 +220,9 @@ class Engine:
         state = method.begin(pre.prompt_len, max_new_tokens)
         keys, values = pre.keys, pre.values
         assert all(k is not None for k in keys), "this prefill was consumed already"
-        ctx = PrefillContext(keys, values, pre.queries, pre.prompt_len, max_new_tokens, self.scale)  # type: ignore[arg-type]
+        rope = seam.rotary(self.model)
+        ctx = PrefillContext(keys, values, pre.queries, pre.prompt_len, max_new_tokens, self.scale,  # type: ignore[arg-type]
+                             *(rope or (None, 1.0)))
         keep = method.select(state, ctx)
         if keep is None:
             everything = torch.arange(pre.prompt_len, device=keys[0].device)  # type: ignore[union-attr]

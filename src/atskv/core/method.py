@@ -50,7 +50,11 @@ class PrefillContext:
 
     keys, values: per layer ``(H_kv, L, d)``, keys after RoPE.
     queries: per layer ``(H_q, w, d)``, the last ``w`` prompt queries after RoPE, ``w`` at least
-        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones).
+        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones); they
+        sit at positions ``L - w .. L - 1``.
+    rope_inv_freq, rope_scaling: the model's rotary embedding (inverse frequencies ``(d / 2,)``
+        and the factor on cos/sin; Llama layout ``x cos + rotate_half(x) sin``), for methods that
+        undo or predict the rotation; None for a model without RoPE (or a hand-built context).
     """
 
     keys: list[Tensor]
@@ -59,6 +63,8 @@ class PrefillContext:
     prompt_len: int
     max_new_tokens: int
     scale: float
+    rope_inv_freq: Tensor | None = None
+    rope_scaling: float = 1.0
 
     @property
     def n_layers(self) -> int:
