@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from atskv.core import dynamo, seam
 from atskv.core.method import Method, PrefillContext, State
+from atskv.core.reconstruct import reconstruction_scores
 from atskv.core.stores import DenseKV
 from atskv.core.types import GenerationOutput
 from atskv.metrics.timing import synchronize
@@ -41,7 +42,8 @@ class Prefill:
 
     keys, values: per layer ``(H_kv, L, d)`` (keys after RoPE); queries: per layer the last
     ``w`` prompt queries ``(H_q, w, d)`` (``w`` as asked for, at most L); logits: ``(vocab,)`` of
-    the last prompt position; seconds: the device-synchronised prefill time.
+    the last prompt position; seconds: the device-synchronised prefill time; input_ids: the
+    prompt.
     """
 
     keys: list[Tensor | None]
@@ -51,6 +53,7 @@ class Prefill:
     prompt_len: int
     seconds: float
     kv_bytes: int  # the uncompressed KV held at the end of prefill
+    input_ids: list[int] = field(default_factory=list)
 
 
 class _PrefillSession:
@@ -210,7 +213,7 @@ class Engine:
             keys=[kv.keys for kv in session.kv], values=[kv.values for kv in session.kv],
             queries=[q if q is not None else empty for q in session.queries], logits=logits,
             prompt_len=prompt_len, seconds=seconds,
-            kv_bytes=sum(kv.nbytes() for kv in session.kv))
+            kv_bytes=sum(kv.nbytes() for kv in session.kv), input_ids=ids[0].tolist())
 
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
                  consume: bool = False) -> tuple[State, list[list[Tensor]]]:
@@ -223,6 +226,10 @@ class Engine:
         rope = seam.rotary(self.model)
         ctx = PrefillContext(keys, values, pre.queries, pre.prompt_len, max_new_tokens, self.scale,  # type: ignore[arg-type]
                              *(rope or (None, 1.0)))
+        passes = method.reconstruction(pre.input_ids, self.tokenizer)
+        if passes:  # part of compressing: timed with it, run again for every method that asks
+            ctx.reconstruction = reconstruction_scores(self.model, keys, values, pre.prompt_len,  # type: ignore[arg-type]
+                                                       passes)
         keep = method.select(state, ctx)
         if keep is None:
             everything = torch.arange(pre.prompt_len, device=keys[0].device)  # type: ignore[union-attr]

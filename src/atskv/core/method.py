@@ -33,7 +33,7 @@ No runner code knows which method it runs: a new method is one module in this pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -65,6 +65,9 @@ class PrefillContext:
     scale: float
     rope_inv_freq: Tensor | None = None
     rope_scaling: float = 1.0
+    #: per layer ``(H_kv, L)`` float32: what the :class:`Reconstruction` passes the method asked
+    #: for measured for each prompt token (0 where no pass scored it); None without passes
+    reconstruction: list[Tensor] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -78,6 +81,21 @@ class PrefillContext:
     def group(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.queries[0].shape[0] // self.n_kv_heads if self.queries[0].numel() else 1
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One extra forward pass after prefill (KVzip's context reconstruction), asked for by
+    :meth:`Method.reconstruction`: ``ids`` are fed at the positions after the prompt, attending to
+    the whole prompt's cache and causally to themselves (the cache is not changed). Each prompt
+    token in ``[start, end)`` is scored with the largest attention probability that any query
+    head of any fed token pays it, the softmax taken over the keys ``[0, sink)``, ``[start,
+    end)`` and the fed tokens (KVzip's), the maximum over the GQA group."""
+
+    ids: tuple[int, ...]
+    start: int
+    end: int
+    sink: int = 0
 
 
 @dataclass
@@ -205,6 +223,12 @@ class Method(Generic[S]):
         compiled (``torch.compile``, ``fullgraph=True``) or captured in a CUDA graph. True for
         the default store (:class:`StaticKV`) and hooks."""
         return True
+
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
+        """Forward passes the engine runs after prefill, before :meth:`select`, whose scores
+        reach it as ``PrefillContext.reconstruction`` (default: none). ``tokenizer`` may be None
+        (tests without one)."""
+        return []
 
     # -- per generation ---------------------------------------------------------------------
     def prompt_keep(self, prompt_len: int) -> int:
