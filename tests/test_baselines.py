@@ -265,3 +265,112 @@ def test_expected_attention_without_rope_model_fails_clearly(monkeypatch):
     monkeypatch.setattr(seam, "rotary", lambda model: None)
     with pytest.raises(ConfigError, match="method=expected_attention needs a model with rotary"):
         generate(model, METHODS.get("expected_attention")(budget=0.2), list(range(40)), 2)
+
+
+def test_subsampled_max_attention_matches_naive():
+    from atskv.core.reconstruct import subsampled_max_attention
+
+    torch.manual_seed(4)
+    sink, n, t, d = 2, 6, 5, 8
+    q, keys = torch.randn(4, t, d), torch.randn(2, sink + n + t, d)
+    got = subsampled_max_attention(q, keys, sink, n, 0.3)
+    want = torch.zeros(2, n, dtype=torch.float64)
+    for hq in range(4):
+        for i in range(t):
+            visible = list(range(sink + n)) + [sink + n + j for j in range(i + 1)]
+            logits = torch.tensor([0.3 * float(q[hq, i] @ keys[hq // 2, j]) for j in visible],
+                                  dtype=torch.float64)
+            p = torch.softmax(logits, 0)[sink : sink + n]
+            want[hq // 2] = torch.maximum(want[hq // 2], p)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_reconstruction_pass_scores_the_attention_the_model_pays(make_tiny_model):
+    """The engine's pass over a prefill gives, per prompt token, the largest attention the fed
+    tokens pay it: the same as computed from a prefill of the prompt followed by those tokens."""
+    from atskv.core.engine import Engine
+    from atskv.core.method import Reconstruction
+    from atskv.core.reconstruct import reconstruction_scores
+
+    model = make_tiny_model()
+    with torch.no_grad():  # peaked attention (a random init attends almost uniformly)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    prompt, fed = PROMPT[:60], tuple(range(500, 512))
+    engine = Engine(model, None)
+    pre = engine.prefill(prompt)
+    before = [k.clone() for k in pre.keys]
+    passes = [Reconstruction(fed, 4, 30, 4), Reconstruction(fed[:7], 30, 60, 4)]
+    with torch.inference_mode():
+        got = reconstruction_scores(model, pre.keys, pre.values, 60, passes)
+    assert all(torch.equal(a, b) for a, b in zip(before, pre.keys))  # the prefill is unchanged
+    for recon in passes:
+        t = len(recon.ids)
+        full = engine.prefill(prompt + list(recon.ids), queries=t)
+        for layer, scores in enumerate(got):
+            k = full.keys[layer]
+            q = full.queries[layer].view(2, 2, t, -1)
+            sub = torch.cat([k[:, :4], k[:, recon.start : recon.end], k[:, 60:]], dim=1)
+            logits = torch.einsum("hgtd,hsd->hgts", q, sub) * engine.scale
+            n = recon.end - recon.start
+            future = torch.ones(t, t, dtype=torch.bool).triu(1)
+            logits[..., 4 + n :] = logits[..., 4 + n :].masked_fill(future, float("-inf"))
+            want = torch.softmax(logits, -1)[..., 4 : 4 + n].amax(dim=(1, 2))
+            # one model, two schedules (one pass over 60 + t tokens, or 60 then t): float32
+            # rounding through 3 layers, as the engine's oracle tests allow
+            torch.testing.assert_close(scores[:, recon.start : recon.end], want, atol=1e-4,
+                                       rtol=1e-4)
+            assert (scores[:, :4] == 0).all()
+
+
+def _kvzip_ctx(n_layers=3, h=2, n=50, seed=5):
+    torch.manual_seed(seed)
+    keys = [torch.randn(h, n, 8) for _ in range(n_layers)]
+    scores = [torch.rand(h, n) ** (1 + 4 * layer) for layer in range(n_layers)]  # layer 0 flat
+    ctx = _ctx(keys, [torch.randn(2 * h, 1, 8) for _ in keys])
+    ctx.reconstruction = scores
+    return ctx, scores
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer", "head"])
+def test_kvzip_allocations_keep_the_budget_and_the_top_scored(allocation):
+    ctx, scores = _kvzip_ctx()
+    m = METHODS.get("kvzip")(kv_size=14, allocation=allocation)
+    kept = m.select(m.begin(50, 4), ctx)
+    lens = [[len(i) for i in layer] for layer in kept]
+    assert sum(map(sum, lens)) == 3 * 2 * 14  # the model's total
+    if allocation != "global":
+        assert all(sum(layer) == 2 * 14 for layer in lens)  # each layer's total
+    if allocation == "head":
+        assert lens == [[14, 14]] * 3
+    if allocation == "global":
+        assert sum(lens[0]) > sum(lens[2])  # the flat layer wins over the peaked one
+    kept_vals, dropped_vals = [], []
+    for layer, heads in enumerate(kept):
+        for h, idx in enumerate(heads):
+            assert idx[:4].tolist() == [0, 1, 2, 3]
+            chosen = torch.zeros(46, dtype=torch.bool)
+            chosen[idx[4:] - 4] = True
+            s = scores[layer][h, 4:]
+            assert s[chosen].min() >= s[~chosen].max()  # every head keeps its best
+            kept_vals.append(s[chosen])
+            dropped_vals.append(s[~chosen])
+    if allocation == "global":  # and the model keeps its best overall
+        assert torch.cat(kept_vals).min() >= torch.cat(dropped_vals).max()
+
+
+def test_kvzip_reconstructs_every_chunk_with_the_repeat_prompt(tiny_model, smollm2_tokenizer):
+    m = METHODS.get("kvzip")(budget=0.2, chunk=128)
+    passes = m.reconstruction(PROMPT, smollm2_tokenizer)
+    assert [(p.start, p.end, p.sink) for p in passes] == [(4, 132, 4), (132, 260, 4),
+                                                          (260, 300, 4)]
+    text = smollm2_tokenizer.decode(passes[1].ids)
+    assert text.startswith("\n\nRepeat the part of the previous context exactly, starting with")
+    assert list(passes[1].ids[-128:]) == PROMPT[132:260]
+    assert list(passes[1].ids).count(smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")) == 1
+    assert METHODS.get("kvzip")(budget=1.0).reconstruction(PROMPT, smollm2_tokenizer) == []
+    out = generate(tiny_model, m, PROMPT, 2, tokenizer=smollm2_tokenizer)
+    kept = out.stats["kept_tokens"]
+    assert sum(map(sum, kept)) == 3 * 2 * round(0.2 * len(PROMPT))
+    assert len({n for layer in kept for n in layer}) > 1  # budgets moved between heads/layers
