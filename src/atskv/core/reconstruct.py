@@ -16,7 +16,7 @@ from atskv.core import seam
 from atskv.core.method import Reconstruction
 
 #: fed tokens whose scoring logits are materialised at once (bounds the pass's extra memory)
-QUERY_BLOCK = 256
+QUERY_BLOCK = 128
 
 
 class _ReconstructSession:
@@ -56,21 +56,24 @@ def subsampled_max_attention(q: Tensor, keys: Tensor, sink: int, n: int, scale: 
     """``(H_kv, n)``: for each of the ``n`` keys after the first ``sink`` of ``keys`` ``(H_kv,
     sink + n + t, d)``, the largest softmax probability any query of ``q`` ``(H_q, t, d)`` gives
     it over the GQA group, the softmax over all of ``keys``; query ``i`` sees the last ``t``
-    keys (its own tokens) causally, up to its own."""
+    keys (its own tokens) causally, up to its own. Computed as ``exp(max_i (l_ij - lse_i))``
+    (one exponential per logit, inside the log-sum-exp)."""
     h_q, t, d = q.shape
-    h_kv = keys.shape[0]
-    qg = q.view(h_kv, h_q // h_kv, t, d).float()
-    kt = keys.float().transpose(1, 2)[:, None]  # (H_kv, 1, d, S)
+    h_kv, total, _ = keys.shape
+    g = h_q // h_kv
+    qg = q.view(h_kv, g, t, d).float()
+    kt = keys.float().transpose(1, 2).contiguous()  # (H_kv, d, S)
     own = torch.arange(t, device=q.device)
-    best = torch.zeros(h_kv, n, device=q.device)
+    best = torch.full((h_kv, n), float("-inf"), device=q.device)
     for a in range(0, t, QUERY_BLOCK):
         b = min(a + QUERY_BLOCK, t)
-        logits = torch.matmul(qg[:, :, a:b], kt) * scale  # (H_kv, g, b - a, S)
+        logits = torch.bmm(qg[:, :, a:b].reshape(h_kv, g * (b - a), d), kt).mul_(scale)
+        logits = logits.view(h_kv, g, b - a, total)
         future = own[None, :] > own[a:b, None]  # (b - a, t): a fed token after the query
-        logits[..., sink + n :] = logits[..., sink + n :].masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., sink : sink + n]
-        best = torch.maximum(best, probs.amax(dim=(1, 2)))
-    return best
+        logits[..., sink + n :].masked_fill_(future, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        best = torch.maximum(best, (logits[..., sink : sink + n] - lse).amax(dim=(1, 2)))
+    return best.exp()
 
 
 @torch.inference_mode()
