@@ -374,3 +374,11 @@ def test_kvzip_reconstructs_every_chunk_with_the_repeat_prompt(tiny_model, smoll
     kept = out.stats["kept_tokens"]
     assert sum(map(sum, kept)) == 3 * 2 * round(0.2 * len(PROMPT))
     assert len({n for layer in kept for n in layer}) > 1  # budgets moved between heads/layers
+
+
+@pytest.mark.parametrize("name", ["kvzip", "expected_attention"])
+def test_more_sinks_than_the_budget_keep_the_first_tokens(tiny_model, name):
+    """A prompt shorter than the sinks (a warm-up) compresses to its first ``keep`` tokens."""
+    out = generate(tiny_model, METHODS.get(name)(budget=0.2, n_sink=64), PROMPT[:60], 2,
+                   return_logits=True)
+    assert out.stats["kept_indices"][0][0].tolist() == list(range(12))

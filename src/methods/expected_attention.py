@@ -150,10 +150,8 @@ class ExpectedAttention(Method[State]):
         rotation ``rot`` ``(d, d)``."""
         n = ctx.prompt_len
         q = ctx.queries[layer]
-        w = min(q.shape[1], self.stats_window or q.shape[1], n - self.n_sink)
-        if w < 1:
-            raise ConfigError(f"method.n_sink={self.n_sink} leaves no prompt query for the "
-                              f"statistics of a {n}-token prompt")
+        # the positions after the sinks (at least the last one, for a prompt of sinks only)
+        w = min(q.shape[1], self.stats_window or q.shape[1], max(1, n - self.n_sink))
         positions = torch.arange(n - w, n, device=q.device)
         pre = unrotate(q[:, -w:], ctx.rope_inv_freq, ctx.rope_scaling, positions)  # type: ignore[arg-type]
         mu, cov = query_statistics(pre)

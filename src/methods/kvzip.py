@@ -76,9 +76,10 @@ class KVzip(Method[State]):
 
     def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
         n = len(prompt)
-        sinks = min(self.n_sink, n)
-        if self.prompt_keep(n) >= n or sinks >= n:
+        keep = self.prompt_keep(n)
+        if keep >= n:
             return []
+        sinks = min(self.n_sink, keep)  # a budget below the sinks keeps the first tokens
         if tokenizer is None:  # tests without a tokenizer: the chunks alone, said once
             log.warning("kvzip without a tokenizer: reconstructing without the repeat prompt")
             first, nxt, suffix = [], [], []
@@ -100,10 +101,10 @@ class KVzip(Method[State]):
         if ctx.reconstruction is None:
             raise ValueError("kvzip scores with the engine's reconstruction passes; this "
                              "PrefillContext has none (see Method.reconstruction)")
-        sinks = min(self.n_sink, n)
+        sinks = min(self.n_sink, state.keep)
         scores = torch.stack([s[:, sinks:] for s in ctx.reconstruction])  # (N, H, L - sinks)
         n_layers, h, m = scores.shape
-        per_head = max(0, state.keep - sinks)
+        per_head = state.keep - sinks
         if self.allocation == "head":
             counts = torch.full((n_layers, h), per_head)
         elif self.allocation == "layer":
