@@ -190,3 +190,34 @@ def pyramid_budgets(extra: int, n_layers: int, beta: int, limit: int) -> list[in
         return [min(extra, limit)] * n_layers
     raw = [hi - layer * (hi - lo) // (n_layers - 1) for layer in range(n_layers)]
     return fit_total(raw, extra * n_layers, [limit] * n_layers)
+
+
+def adaptive_head_budgets(scores: Tensor, per_head: int, floor_alpha: float) -> list[int]:
+    """AdaKV's head-wise budgets (arXiv 2407.11550): one layer's total ``H x per_head`` spread
+    over its heads by their scores.
+
+    ``scores`` ``(H, M)``: each head's candidates (higher is kept first), comparable across the
+    heads of the layer. ``c_h`` = how many of the layer's top ``H x per_head`` scores (all heads
+    pooled) are head ``h``'s: a head whose attention is concentrated on few tokens wins few,
+    a diffuse one many. The authors' safeguard blends this with the uniform split, ``b_h =
+    floor_alpha x per_head + (1 - floor_alpha) x c_h``, so that every head keeps at least
+    ``floor(floor_alpha x per_head)``; the real-valued ``b_h`` are rounded by largest remainder
+    so that they sum to exactly ``H x per_head`` (each at most ``M``).
+    """
+    h, m = scores.shape
+    per_head = max(0, min(per_head, m))
+    total = h * per_head
+    if total == 0:
+        return [0] * h
+    won = torch.topk(scores.float().flatten(), total).indices // m
+    counts = torch.bincount(won, minlength=h).double()
+    ideal = floor_alpha * per_head + (1.0 - floor_alpha) * counts
+    out = [min(m, int(x)) for x in ideal.floor().tolist()]
+    frac = (ideal - ideal.floor()).tolist()
+    # the largest fractional parts get one more each (ties: the lower head)
+    for i in sorted(range(h), key=lambda i: (-frac[i], i)):
+        if sum(out) == total:
+            break
+        if out[i] < m:
+            out[i] += 1
+    return out

@@ -50,6 +50,7 @@ from atskv.core.decoding import (
     static,
 )
 from atskv.core.method import Method, PrefillContext, State
+from atskv.core.reconstruct import reconstruction_scores
 from atskv.core.stores import DenseKV, StaticKV
 from atskv.core.types import GenerationOutput
 from atskv.metrics.timing import synchronize
@@ -66,7 +67,7 @@ class Prefill:
     queries ``(H_q, w, d)`` (``w`` as asked for, at most L); logits: ``(vocab,)`` of the last
     prompt position; seconds: the device-synchronised prefill time; windows: per layer the
     sliding window its attention keeps (None: every earlier token); scale: the attention's
-    logit scale (as the model passes it).
+    logit scale (as the model passes it); input_ids: the prompt.
     """
 
     keys: list[Tensor | None]
@@ -78,6 +79,7 @@ class Prefill:
     kv_bytes: int  # the uncompressed KV held at the end of prefill
     windows: list[int | None]
     scale: float
+    input_ids: list[int] = field(default_factory=list)
 
 
 class _PrefillSession:
@@ -258,7 +260,8 @@ class Engine:
             queries=[q if q is not None else empty for q in session.queries], logits=logits,
             prompt_len=prompt_len, seconds=seconds + (base.seconds if base is not None else 0.0),
             kv_bytes=sum(kv.nbytes() for kv in session.kv), windows=list(self.windows),
-            scale=_one_scale(session.scales))
+            scale=_one_scale(session.scales),
+            input_ids=(base.input_ids if base is not None else []) + ids[0].tolist())
 
     @torch.inference_mode()
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
@@ -285,9 +288,15 @@ class Engine:
         others = [i for i, r in enumerate(ring) if not r]
         keep: list[list[Tensor]] | None = None
         if others:
+            rope = seam.rotary(self.model)
             ctx = PrefillContext([keys[i] for i in others], [values[i] for i in others],  # type: ignore[misc]
                                  [pre.queries[i] for i in others], pre.prompt_len,
-                                 max_new_tokens, pre.scale)
+                                 max_new_tokens, pre.scale, *(rope or (None, 1.0)))
+            passes = method.reconstruction(pre.input_ids, self.tokenizer)
+            if passes:  # part of compressing: timed with it, run again for every method that asks
+                scores = reconstruction_scores(self.model, keys, values, pre.prompt_len,  # type: ignore[arg-type]
+                                               passes)
+                ctx.reconstruction = [scores[i] for i in others]
             keep = method.select(state, ctx)
             del ctx
         if keep is None:

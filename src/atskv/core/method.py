@@ -37,7 +37,7 @@ No runner code knows which method it runs: a new method is one module in this pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -54,7 +54,11 @@ class PrefillContext:
 
     keys, values: per layer ``(H_kv, L, d)``, keys after RoPE.
     queries: per layer ``(H_q, w, d)``, the last ``w`` prompt queries after RoPE, ``w`` at least
-        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones).
+        :meth:`Method.queries_needed` (a shared prefill may hold more: slice the last ones); they
+        sit at positions ``L - w .. L - 1``.
+    rope_inv_freq, rope_scaling: the model's rotary embedding (inverse frequencies ``(d / 2,)``
+        and the factor on cos/sin; Llama layout ``x cos + rotate_half(x) sin``), for methods that
+        undo or predict the rotation; None for a model without RoPE (or a hand-built context).
     """
 
     keys: list[Tensor]
@@ -63,6 +67,11 @@ class PrefillContext:
     prompt_len: int
     max_new_tokens: int
     scale: float
+    rope_inv_freq: Tensor | None = None
+    rope_scaling: float = 1.0
+    #: per layer ``(H_kv, L)`` float32: what the :class:`Reconstruction` passes the method asked
+    #: for measured for each prompt token (0 where no pass scored it); None without passes
+    reconstruction: list[Tensor] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -76,6 +85,21 @@ class PrefillContext:
     def group(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.queries[0].shape[0] // self.n_kv_heads if self.queries[0].numel() else 1
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One extra forward pass after prefill (KVzip's context reconstruction), asked for by
+    :meth:`Method.reconstruction`: ``ids`` are fed at the positions after the prompt, attending to
+    the whole prompt's cache and causally to themselves (the cache is not changed). Each prompt
+    token in ``[start, end)`` is scored with the largest attention probability that any query
+    head of any fed token pays it, the softmax taken over the keys ``[0, sink)``, ``[start,
+    end)`` and the fed tokens (KVzip's), the maximum over the GQA group."""
+
+    ids: tuple[int, ...]
+    start: int
+    end: int
+    sink: int = 0
 
 
 @dataclass
@@ -206,6 +230,12 @@ class Method(Generic[S]):
         compiled (``torch.compile``, ``fullgraph=True``) or captured in a CUDA graph. True for
         the default store (:class:`StaticKV`) and hooks."""
         return True
+
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
+        """Forward passes the engine runs after prefill, before :meth:`select`, whose scores
+        reach it as ``PrefillContext.reconstruction`` (default: none). ``tokenizer`` may be None
+        (tests without one)."""
+        return []
 
     # -- per generation ---------------------------------------------------------------------
     def prompt_keep(self, prompt_len: int) -> int:

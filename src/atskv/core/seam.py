@@ -189,6 +189,22 @@ def check_supported(model: Any) -> None:
         refuse("has learned attention sinks")
 
 
+def rotary(model: Any) -> tuple[Tensor, float] | None:
+    """The model's rotary position embedding as ``(inv_freq, attention_scaling)``: the inverse
+    frequencies ``(d / 2,)`` (float32; the current ones, for RoPE types that update them with the
+    sequence length) and the factor on cos/sin, read off the decoder's ``rotary_emb`` (Llama
+    layout: ``q * cos + rotate_half(q) * sin``, halves paired). None when the model has none."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    rope = getattr(decoder, "rotary_emb", None)
+    # hybrid models (Gemma 3) hold one rotation per layer kind: the methods compress the
+    # full-attention layers, so theirs
+    for prefix in ("", "full_attention_"):
+        inv_freq = getattr(rope, f"{prefix}inv_freq", None)
+        if isinstance(inv_freq, Tensor):
+            return inv_freq.float(), float(getattr(rope, f"{prefix}attention_scaling", 1.0))
+    return None
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """Every id that ends generation: the tokenizer's EOS and the model's generation config's."""
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None

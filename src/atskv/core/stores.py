@@ -527,16 +527,16 @@ class StaticPagedKV:
 
     def spare_bytes(self) -> int:
         """Bytes of the headroom rows reserved for generated tokens not appended (yet), and of
-        the page summaries of headroom pages that hold no token yet; page rounding, and the
-        summary slots that pad a head to the longest head's pages, are not spare (they are paid
-        for)."""
+        the page metadata (summaries, pinned flags) of headroom pages that hold no token yet;
+        page rounding, and the metadata slots that pad a head to the longest head's pages, are
+        not spare (they are paid for)."""
         lens = self.lens.tolist()  # a host sync: never inside a decode step
         appended = sum(lens) - self.initial
         spare = max(0, self.reserved - appended) * self.token_bytes()
+        slot = self.pinned.element_size()
         if self.summary is not None:
-            empty = unreached_pages(self.capacities, lens, self.page)
-            spare += empty * 3 * self.summary.shape[-1] * self.summary.element_size()
-        return spare
+            slot += 3 * self.summary.shape[-1] * self.summary.element_size()
+        return spare + unreached_pages(self.capacities, lens, self.page) * slot
 
     def summary_bytes(self) -> int:
         """Bytes of every page slot's key min, max and sum (what a ranking over them reads)."""
