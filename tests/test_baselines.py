@@ -382,3 +382,31 @@ def test_more_sinks_than_the_budget_keep_the_first_tokens(tiny_model, name):
     out = generate(tiny_model, METHODS.get(name)(budget=0.2, n_sink=64), PROMPT[:60], 2,
                    return_logits=True)
     assert out.stats["kept_indices"][0][0].tolist() == list(range(12))
+
+
+def test_a_prefill_runs_each_reconstruction_once_and_charges_it_to_every_compression(
+        tiny_model, monkeypatch):
+    """Two budgets of kvzip over one prefill ask for the same passes: they run once, the second
+    compression reuses the scores (the same tokens kept as from a fresh run) and its time
+    includes what the passes took."""
+    from atskv.core import engine as engine_mod
+    from atskv.core.engine import Engine
+
+    runs = []
+    real = engine_mod.reconstruction_scores
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "reconstruction_scores", counting)
+    engine = Engine(tiny_model, None)
+    pre = engine.prefill(PROMPT[:80])
+    engine.compress(pre, METHODS.get("kvzip")(kv_size=30, n_sink=4, chunk=32), 4)
+    second = engine.compress(pre, METHODS.get("kvzip")(kv_size=20, n_sink=4, chunk=32), 4)
+    assert len(runs) == 1
+    (_, spent), = pre.reconstructed.values()
+    assert second.seconds >= spent > 0
+    fresh = engine.compress(engine.prefill(PROMPT[:80]),
+                            METHODS.get("kvzip")(kv_size=20, n_sink=4, chunk=32), 4)
+    assert all(torch.equal(a, b) for x, y in zip(second.keep, fresh.keep) for a, b in zip(x, y))
