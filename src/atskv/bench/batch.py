@@ -60,18 +60,17 @@ def run_batch(engine: Any, methods: dict[str, Any], prompts: dict[int, list[int]
         full_bytes = per_seq.get("full") or max(per_seq.values())
         fits = {n: max(1, min(max_batch, int(budget_seqs * full_bytes // per_seq[n])))
                 for n in names}
-        sizes = sorted({*batch_sizes, *fits.values()})
+        sizes = {n: sorted({*batch_sizes, fits[n]}) for n in names}
         for n in names:
-            for b in sizes:  # warm-up: a fixed batch compiles once per batch size
+            for b in sizes[n]:  # warm-up: a fixed batch compiles once per batch size
                 decode_batch(engine, pre, methods[n], b, 2)
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in range(reps):
             order = names[r % len(names):] + names[: r % len(names)]
             for n in order:
-                for b in sizes:
-                    if b in batch_sizes or b == fits[n]:
-                        runs.setdefault((n, b), []).append(
-                            decode_batch(engine, pre, methods[n], b, new_tokens))
+                for b in sizes[n]:
+                    runs.setdefault((n, b), []).append(
+                        decode_batch(engine, pre, methods[n], b, new_tokens))
             log(f"batch section ctx {ctx}: rep {r + 1}/{reps} done")
         rate = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in runs.items()}
         for n in names:
