@@ -38,6 +38,18 @@ def model():
     return small_llama(tie=False)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """A character tokenizer over the model's 96 ids ("\\n" and printable ASCII), for methods
+    that build prompts of their own (kvzip's reconstruction)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, merges=[])))
+
+
 def greedy(model, ids, **kw):
     kw.setdefault("max_new_tokens", NEW)
     return model.generate(ids, do_sample=False, pad_token_id=0, output_logits=True,
@@ -80,8 +92,9 @@ def untouched(model) -> None:
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_budget_one_equals_plain_generate_and_leaves_the_model_untouched(model, plain, name):
-    with compress(model, name, budget=1.0):
+def test_budget_one_equals_plain_generate_and_leaves_the_model_untouched(model, tok, plain,
+                                                                         name):
+    with compress(model, name, budget=1.0, tokenizer=tok):
         out = greedy(model, prompt())
     assert_same_greedy(out, plain)
     untouched(model)
@@ -91,13 +104,14 @@ def test_budget_one_equals_plain_generate_and_leaves_the_model_untouched(model, 
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_drop_in_decodes_what_the_engine_decodes(model, name):
-    """Same prefill, compression and decode steps as :meth:`Engine.generate`: the same tokens
-    and logits bit for bit, the same prompt tokens kept and the same KV bytes."""
+def test_drop_in_decodes_what_the_engine_decodes(model, tok, name):
+    """Same prefill, compression (kvzip's reconstruction passes included) and decode steps as
+    :meth:`Engine.generate`: the same tokens and logits bit for bit, the same prompt tokens kept
+    and the same KV bytes."""
     method = METHODS.get(name)(budget=0.2)
-    ref = Engine(model, None).generate(prompt()[0].tolist(), method, NEW, stop_at_eos=False,
-                                       return_logits=True)
-    press = compress(model, method)
+    ref = Engine(model, tok).generate(prompt()[0].tolist(), method, NEW, stop_at_eos=False,
+                                      return_logits=True)
+    press = compress(model, method, tokenizer=tok)
     with press:
         out = greedy(model, prompt())
     assert out.sequences[0, PROMPT_LEN:].tolist() == ref.token_ids
@@ -151,6 +165,9 @@ def test_sampling_is_reproducible_and_processors_and_stopping_apply(model, plain
             runs.append(model.generate(ids, max_new_tokens=NEW, do_sample=True, temperature=1.0,
                                        pad_token_id=0))
         assert torch.equal(*runs)
+        several = model.generate(ids, max_new_tokens=NEW, do_sample=True, pad_token_id=0,
+                                 num_return_sequences=2)
+        assert several.shape == (2, PROMPT_LEN + NEW) and len(press.stats) == 2
         # top_k=1 sampling draws the argmax: greedy, whatever the seed
         top1 = model.generate(ids, max_new_tokens=NEW, do_sample=True, top_k=1, pad_token_id=0)
         assert torch.equal(top1, greedy(model, ids).sequences)
@@ -208,6 +225,8 @@ def test_padding_and_unsupported_calls_are_refused_by_name(model, plain):
         compress(model, "snapkvv", budget=0.2)
     with pytest.raises(ConfigError, match="budget"):
         compress(model, "snapkv")
+    with pytest.raises(ConfigError, match=r"'kvzip'.*tokenizer=tokenizer\)"):
+        compress(model, "kvzip", budget=0.2)
     assert torch.equal(greedy(model, prompt()).sequences, plain.sequences)
 
 
@@ -280,7 +299,7 @@ def engine_answers(model, tokenizer, pre, method, proto, new):
 
 
 @pytest.mark.parametrize("proto", protocol.PROTOCOLS)
-@pytest.mark.parametrize("name", ["snapkv", "h2o", "atskv"])
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "atskv", "kvzip"])
 def test_pipeline_answers_two_questions_as_the_engine_protocol_does(
         chat_model, smollm2_tokenizer, monkeypatch, proto, name):
     calls = []

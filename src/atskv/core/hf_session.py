@@ -87,16 +87,16 @@ class GenerateSession:
 
     ``appended``: the tokens that go on top of the prompt (a question appended after the
     compression, and ``max_new_tokens``): the stores are built with room for them, and a call
-    that would append more is stopped with an error rather than overflow them."""
+    that would append more is stopped with an error rather than overflow them. Made by
+    :meth:`prefilling` (prompts to prefill and compress) or :meth:`resume` (a compression to
+    continue)."""
 
     def __init__(self, engine: Engine, method: Method, prompt_len: int, batch: int,
                  appended: int):
         self.engine, self.method = engine, method
         self.prompt_len, self.batch, self.appended = prompt_len, batch, appended
-        n_layers = engine.dims["n_layers"]
-        queries = min(method.queries_needed(), prompt_len)
-        self.prefills: list[PrefillSession] | None = [
-            PrefillSession(n_layers, queries, engine.windows) for _ in range(batch)]
+        self.prompts: list[list[int]] = []
+        self.prefills: list[PrefillSession] | None = None
         self.compressed: list[Compressed] = []
         #: with ``keep_copy``, each row's compression as it was before anything was appended
         self.keep_copy = False
@@ -105,12 +105,25 @@ class GenerateSession:
         self.fed = 0  # tokens appended after the compression
         self.extend_left = 0  # of those, the first ones extend (a question), not decode
         self.mode = "prefill"
+        self.rows: list[Row] = []
         self.decoder: DecodeSession | None = None
         self.extenders: list[ExtendSession] = []
         self._kv: list[tuple[Tensor, Tensor]] = []
         self.kv_after: list[int] = []
         self.kv_peak: list[int] = []
         self.reads: list[list[int]] = [[] for _ in range(batch)]
+
+    @classmethod
+    def prefilling(cls, engine: Engine, method: Method, prompts: list[list[int]],
+                   appended: int) -> GenerateSession:
+        """A session whose forward passes start with the prompts (one per batch row, of equal
+        length): they are prefilled, then compressed."""
+        s = cls(engine, method, len(prompts[0]), len(prompts), appended)
+        s.prompts = prompts
+        queries = min(method.queries_needed(), s.prompt_len)
+        s.prefills = [PrefillSession(engine.dims["n_layers"], queries, engine.windows)
+                      for _ in prompts]
+        return s
 
     @classmethod
     def resume(cls, engine: Engine, method: Method, compressed: Compressed, position: int,
@@ -120,7 +133,6 @@ class GenerateSession:
         attention (a question), the rest decoded; ``appended`` in all (the room its stores were
         built with)."""
         s = cls(engine, method, position, 1, appended)
-        s.prefills = None
         s.seen, s.extend_left = position, extend
         s._start([compressed])
         return s
@@ -207,8 +219,8 @@ class GenerateSession:
         assert self.prefills is not None
         dev = self.engine.device
         comps = []
-        for p in self.prefills:
-            pre = p.result(self.prompt_len, torch.empty(0, device=dev), 0.0, self.engine.dtype)
+        for p, ids in zip(self.prefills, self.prompts):
+            pre = p.result(ids, torch.empty(0, device=dev), 0.0, self.engine.dtype)
             comps.append(self.engine.compress(pre, self.method, self.appended, consume=True))
         self.prefills, self._kv = None, []
         if self.keep_copy:
@@ -262,17 +274,20 @@ class GenerateSession:
         attention in the model, this session active, every forward pass in inference mode (the
         stores are inference tensors; what generate() makes between forward passes is not), and
         from the first pass after the prompt on, the decode step's exact linear layers
-        (:func:`atskv.core.seam.exact_linears`: a row gets what it gets alone)."""
+        (:func:`atskv.core.seam.exact_linears`: a row gets what it gets alone). Forward passes
+        the compression runs inside the prompt's last one (a method's reconstruction passes)
+        run as in the engine."""
         stack = contextlib.ExitStack()
         passes: list[torch.inference_mode] = []
         exact = False
 
         def before(module: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
             nonlocal exact
-            check_unpadded(kwargs.get("attention_mask"))
-            if not exact and not self.next_is_prefill():
-                stack.enter_context(seam.exact_linears(model))
-                exact = True
+            if not passes:  # generate()'s pass, not one the engine runs inside it (kvzip's)
+                check_unpadded(kwargs.get("attention_mask"))
+                if not exact and not self.next_is_prefill():
+                    stack.enter_context(seam.exact_linears(model))
+                    exact = True
             passes.append(torch.inference_mode())
             passes[-1].__enter__()
 

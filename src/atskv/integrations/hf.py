@@ -11,7 +11,7 @@ The drop-in::
     press.stats[0].kv_bytes_peak, press.stats[0].prompt_tokens_kept  # per batch row
 
 Inside the block ``model.generate`` prefills the prompt exactly, compresses it with the method
-at the first decode step and decodes through the method's stores
+once the prompt is in and decodes through the method's stores
 (:class:`atskv.core.hf_session.GenerateSession`); sampling, logits processors, stopping criteria
 and streamers are transformers' own. Outside the block the model is untouched (its ``generate``,
 attention implementation and layers are restored), and inside it everything but ``generate``
@@ -104,9 +104,10 @@ def generation_length(model: Any, prompt_len: int, generation_config: Any,
     return int(total) - prompt_len
 
 
-def check_call(model: Any, ids: Any, generation_config: Any, kwargs: dict[str, Any]) -> int:
-    """Refuse, naming the argument, a generate() call the drop-in cannot serve; the number of
-    sequences its forward passes carry."""
+def check_call(model: Any, ids: Any, generation_config: Any,
+               kwargs: dict[str, Any]) -> list[list[int]]:
+    """Refuse, naming the argument, a generate() call the drop-in cannot serve; the prompts of
+    the sequences its forward passes carry (each ``num_return_sequences`` times)."""
     given = [k for k in _REFUSED_KWARGS if kwargs.get(k) is not None]
     if given:
         raise ConfigError(f"generate({given[0]}=...) is not supported inside compress(): it "
@@ -122,7 +123,7 @@ def check_call(model: Any, ids: Any, generation_config: Any, kwargs: dict[str, A
                               f"criteria, are)")
     check_unpadded(kwargs.get("attention_mask"))
     copies = _setting("num_return_sequences", model, generation_config, kwargs) or 1
-    return ids.shape[0] * int(copies)
+    return ids.repeat_interleave(int(copies), dim=0).tolist()
 
 
 class Compress:
@@ -130,6 +131,10 @@ class Compress:
     the last generation's :class:`KVStats`, one per batch row (empty before one)."""
 
     def __init__(self, model: Any, method: Method, tokenizer: Any = None):
+        if method.uses_tokenizer and tokenizer is None:
+            raise ConfigError(f"method {method.name!r} builds prompts of its own with the "
+                              f"model's tokenizer: pass it, compress(model, method="
+                              f"{method.name!r}, budget=..., tokenizer=tokenizer)")
         self.model, self.method = model, method
         self.engine = Engine(model, tokenizer)  # a model the engine cannot run fails here
         self.stats: list[KVStats] = []
@@ -159,10 +164,10 @@ class Compress:
                  **kwargs: Any) -> Any:
         """``original(inputs, generation_config, **kwargs)`` with this method's cache."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        rows = check_call(self.model, ids, generation_config, kwargs)
+        prompts = check_call(self.model, ids, generation_config, kwargs)
         new = generation_length(self.model, ids.shape[1], generation_config, kwargs)
         self.engine.check_fits(ids.shape[1], new)
-        session = GenerateSession(self.engine, self.method, ids.shape[1], rows, new)
+        session = GenerateSession.prefilling(self.engine, self.method, prompts, new)
         return self.run(session, original, inputs, generation_config, kwargs)
 
     def run(self, session: GenerateSession, original: Any, inputs: Any, generation_config: Any,
@@ -177,13 +182,14 @@ class Compress:
 
 
 def compress(model: Any, method: str | Method = "atskv", budget: float | None = None,
-             kv_size: int | None = None, **hyperparameters: Any) -> Compress:
+             kv_size: int | None = None, tokenizer: Any = None,
+             **hyperparameters: Any) -> Compress:
     """A context manager in which ``model.generate()`` runs with a KV-cache method (module
-    docstring): ``method`` a registered name (``full``, ``sliding_window``, ``snapkv``,
-    ``pyramidkv``, ``h2o``, ``quest``, ``dynamic_kv``, ``rocket_kv``, ``atskv``) or a
+    docstring): ``method`` a registered name (``atskv.methods.METHODS.names()``) or a
     :class:`Method`; ``budget`` the fraction of the prompt's KV cache it keeps (or ``kv_size``:
-    prompt tokens per layer and KV head); ``hyperparameters`` the method's own fields."""
-    return Compress(model, make_method(method, budget, kv_size, **hyperparameters))
+    prompt tokens per layer and KV head); ``tokenizer`` the model's, for a method that builds
+    prompts of its own (kvzip); ``hyperparameters`` the method's own fields."""
+    return Compress(model, make_method(method, budget, kv_size, **hyperparameters), tokenizer)
 
 
 class KVCompressionPipeline(Pipeline):
@@ -294,7 +300,7 @@ class QuestionAnswering:
                     for i in range(len(q))]
         room = max([self.max_new] + [len(x) + self.max_new for x in q[1:]])
         prompt = self.context + q[0]
-        first = GenerateSession(self.engine, self.method, len(prompt), 1, room)
+        first = GenerateSession.prefilling(self.engine, self.method, [prompt], room)
         first.keep_copy = len(q) > 1
         outs = [self.generate(first, prompt)]
         for i in range(1, len(q)):
