@@ -59,6 +59,7 @@ class KVzip(Method[State]):
     allocation: str = "global"
 
     paper = "https://arxiv.org/abs/2505.23416"
+    uses_tokenizer = True
     # the reconstruction's chunking, the sinks and how the budget is spread
     search_space = {
         "chunk": "choice(256, 512, 1024, 2048)",

@@ -85,7 +85,7 @@ class Prefill:
         default_factory=dict, repr=False)
 
 
-class _PrefillSession:
+class PrefillSession:
     """Seam callbacks during prefill: keys/values accumulate uncompressed, attention is exact and
     causal (over each sliding-window layer's window), and the last ``window`` queries of every
     layer are kept for the method's scoring."""
@@ -139,6 +139,18 @@ class _PrefillSession:
                 mask &= kpos > qpos - window
             kwargs["attn_mask"] = mask
         return F.scaled_dot_product_attention(q, k[None], v[None], **kwargs)
+
+    def result(self, input_ids: list[int], logits: Tensor, seconds: float,
+               dtype: torch.dtype) -> Prefill:
+        """What the prefill of the prompt ``input_ids`` (a continued base's included) holds, as a
+        :class:`Prefill` (its tensors, not copies)."""
+        empty = torch.empty(0, dtype=dtype, device=logits.device)
+        return Prefill(
+            keys=[kv.keys for kv in self.kv], values=[kv.values for kv in self.kv],
+            queries=[q if q is not None else empty for q in self.queries], logits=logits,
+            prompt_len=len(input_ids), seconds=seconds,
+            kv_bytes=sum(kv.nbytes() for kv in self.kv), windows=list(self.windows),
+            scale=_one_scale(self.scales), input_ids=list(input_ids))
 
 
 @dataclass
@@ -243,8 +255,8 @@ class Engine:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
         start = base.prompt_len if base is not None else 0
         prompt_len = start + ids.shape[1]
-        session = _PrefillSession(self.dims["n_layers"], min(queries, prompt_len), self.windows,
-                                  base)
+        session = PrefillSession(self.dims["n_layers"], min(queries, prompt_len), self.windows,
+                                 base)
         with seam.use_engine_attention(self.model):
             synchronize(self.device)
             t0 = time.perf_counter()
@@ -257,14 +269,9 @@ class Engine:
                 logits = seam.forward(self.model, session, piece, pos)[0]
             synchronize(self.device)
             seconds = time.perf_counter() - t0
-        empty = ids.new_empty(0, dtype=self.dtype)
-        return Prefill(
-            keys=[kv.keys for kv in session.kv], values=[kv.values for kv in session.kv],
-            queries=[q if q is not None else empty for q in session.queries], logits=logits,
-            prompt_len=prompt_len, seconds=seconds + (base.seconds if base is not None else 0.0),
-            kv_bytes=sum(kv.nbytes() for kv in session.kv), windows=list(self.windows),
-            scale=_one_scale(session.scales),
-            input_ids=(base.input_ids if base is not None else []) + ids[0].tolist())
+        return session.result((base.input_ids if base is not None else []) + ids[0].tolist(),
+                              logits, seconds + (base.seconds if base is not None else 0.0),
+                              self.dtype)
 
     @torch.inference_mode()
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,

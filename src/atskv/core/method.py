@@ -28,7 +28,7 @@ then go on top of the compressed cache, uncompressed, through :meth:`Method.exte
 append, then exact attention), before decoding starts.
 
 Capabilities the runner or the tests need are declared once on the class (``compresses``,
-``evicts_while_decoding``, ``sparse_reads``) or answered by a method of the settings
+``evicts_while_decoding``, ``sparse_reads``, ``uses_tokenizer``) or answered by a method of the settings
 (:meth:`Method.queries_needed`, :meth:`Method.static_decode`); nothing is probed with getattr.
 No runner code knows which method it runs: a new method is one module in this package with a
 ``@METHODS.register("name")`` class, discovered on import.
@@ -174,6 +174,8 @@ class Method(Generic[S]):
     evicts_while_decoding: ClassVar[bool] = False
     #: reads only a subset of the stored KV per decode step
     sparse_reads: ClassVar[bool] = False
+    #: builds token prompts of its own with the tokenizer (:meth:`reconstruction`)
+    uses_tokenizer: ClassVar[bool] = False
     #: the per-generation state class :meth:`begin` creates
     state_type: ClassVar[type[State]] = State
     #: defaults of inherited hyperparameters that differ from the parent class's (e.g.
