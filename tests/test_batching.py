@@ -150,3 +150,19 @@ def test_a_graph_captured_batch_of_eight_decodes_every_sequence_as_alone(model, 
             assert diff < 1e-3
     finally:
         model.to("cpu")
+
+
+def test_a_batch_beyond_the_compiled_rows_decodes_eagerly_as_alone(model, monkeypatch):
+    """A batch larger than a compiled step may hold is decoded by the eager step (one weight
+    read per step, no compile), each row as alone."""
+    from atskv.core import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MAX_COMPILED_ROWS", 2)
+    eng = Engine(model, None, compile=True)
+    methods = [method("snapkv") for _ in range(3)]
+    alone = [Engine(model, None).generate_batch([r])[0]
+             for r in requests(eng, methods, [5] * 3)]
+    batched = eng.generate_batch(requests(eng, methods, [5] * 3))
+    check_same(batched, alone)
+    assert not any(o.stats["compiled"] for o in batched)
+    assert all(o.stats["decode_batch_size"] == 3 for o in batched)

@@ -117,6 +117,12 @@ class ExtendSession(DecodeSession):
         return torch.stack(outs, dim=1)[None]
 
 
+#: the most rows a compiled step holds: its graph unrolls every row's attention, and compiling it
+#: takes longer than linearly in the rows (SmolLM2 on 2 cores: minutes at 8 rows, tens of minutes
+#: beyond 16); a larger batch decodes eagerly, still one weight read per step
+MAX_COMPILED_ROWS = 8
+
+
 def static(rows: Sequence[Row]) -> bool:
     """Whether every row's decode step is static (fixed shapes, no host sync)."""
     return all(r.method.static_decode()

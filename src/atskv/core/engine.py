@@ -42,6 +42,7 @@ from torch import Tensor
 
 from atskv.core import dynamo, seam
 from atskv.core.decoding import (
+    MAX_COMPILED_ROWS,
     CompiledStep,
     EagerStep,
     ExtendSession,
@@ -428,13 +429,13 @@ class Engine:
 
     def _decode(self, gens: list[_Generation]) -> None:
         """Decode steps until every generation has finished. Rows whose steps are static and
-        equally long run as one fixed batch (compiled or captured where the engine does so; a
-        finished row keeps running within its own room and its outputs are dropped); otherwise
-        the batch shrinks as rows finish."""
+        equally long run as one fixed batch (captured where the engine does so, or compiled when
+        there are at most :data:`MAX_COMPILED_ROWS`; a finished row keeps running within its own
+        room and its outputs are dropped); otherwise the batch shrinks as rows finish."""
         rows = [Row(g.request.method, g.compressed.state,
                     g.request.position() + len(g.question)) for g in gens]
         fixed = (static(rows) and len({g.request.max_new_tokens for g in gens}) == 1
-                 and (self.compile or self.cuda_graph))
+                 and (self.cuda_graph or (self.compile and len(rows) <= MAX_COMPILED_ROWS)))
         with seam.use_engine_attention(self.model), seam.exact_linears(self.model):
             step: EagerStep | None = self._stepper(rows) if fixed else None
             while not all(g.done for g in gens):
