@@ -405,8 +405,34 @@ def test_a_prefill_runs_each_reconstruction_once_and_charges_it_to_every_compres
     engine.compress(pre, METHODS.get("kvzip")(kv_size=30, n_sink=4, chunk=32), 4)
     second = engine.compress(pre, METHODS.get("kvzip")(kv_size=20, n_sink=4, chunk=32), 4)
     assert len(runs) == 1
-    (_, spent), = pre.reconstructed.values()
+    (memo,) = pre.memo.values()
+    ((_, spent),) = memo.values()
     assert second.seconds >= spent > 0
     fresh = engine.compress(engine.prefill(PROMPT[:80]),
                             METHODS.get("kvzip")(kv_size=20, n_sink=4, chunk=32), 4)
     assert all(torch.equal(a, b) for x, y in zip(second.keep, fresh.keep) for a, b in zip(x, y))
+
+
+def test_h2o_budgets_over_one_prefill_share_the_accumulated_attention(tiny_model, monkeypatch):
+    """The accumulated attention does not depend on the budget: two budgets of h2o over one
+    prefill compute it once per layer and keep what fresh prefills keep."""
+    from atskv.core.engine import Engine
+    from atskv.methods import h2o
+
+    calls = []
+    real = h2o.accumulated_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(h2o, "accumulated_attention", counting)
+    engine = Engine(tiny_model, None)
+    make = [METHODS.get("h2o")(budget=b) for b in (0.3, 0.5)]
+    pre = engine.prefill(PROMPT, make[0].queries_needed())
+    shared = [engine.compress(pre, m, 4) for m in make]
+    assert len(calls) == tiny_model.config.num_hidden_layers
+    assert shared[1].seconds > 0
+    for m, got in zip(make, shared):
+        fresh = engine.compress(engine.prefill(PROMPT, m.queries_needed()), m, 4)
+        assert all(torch.equal(a, b) for x, y in zip(got.keep, fresh.keep) for a, b in zip(x, y))

@@ -6,7 +6,8 @@ half and half). Every token's score is the attention it has received, summed ove
 at prefill from every prompt query (``prefill_window = 0``, exact; a positive value uses only the
 last that many prompt queries, a cheaper approximation), then from each decode query. The exact
 prefill scores recompute every prompt attention row (fused prefill kernels return none): O(L^2)
-extra work, several times the model's prefill on CPU at 2K tokens. After prefill each head keeps
+extra work, several times the model's prefill on CPU at 2K tokens (computed once per prefill
+for every budget that uses it: :meth:`PrefillContext.shared`). After prefill each head keeps
 the top ``heavy`` older tokens plus the ``recent`` newest; at each decode step the lowest-scored
 token outside the recent window is evicted before the new one is appended, so the cache stays at
 ``C`` (as in the paper). When the budget covers the prompt nothing is compressed or evicted. The
@@ -15,6 +16,7 @@ scores (float32, one per stored token) are part of the stored bytes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -82,7 +84,9 @@ class H2O(Method[H2OState]):
             return None
         keep = []
         for layer in range(ctx.n_layers):
-            s = accumulated_attention(ctx.queries[layer], ctx.keys[layer], ctx.scale)
+            q, k = ctx.queries[layer], ctx.keys[layer]
+            s = ctx.shared(("accumulated_attention", layer, q.shape[1]),
+                           functools.partial(accumulated_attention, q, k, ctx.scale))
             old = max(0, ctx.prompt_len - state.recent)
             kept = keep_topk_plus_window(s[:, :old], state.heavy, ctx.prompt_len - old)
             buf = s.new_zeros(s.shape[0], state.keep)

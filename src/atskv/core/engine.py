@@ -81,9 +81,10 @@ class Prefill:
     windows: list[int | None]
     scale: float
     input_ids: list[int] = field(default_factory=list)
-    #: the reconstruction passes run over this prefill so far: their scores and seconds
-    reconstructed: dict[tuple[Any, ...], tuple[list[Tensor], float]] = field(
-        default_factory=dict, repr=False)
+    #: scores computed over this prefill so far, shared by the compressions that ask for them
+    #: (:meth:`PrefillContext.shared`), per set of compressed layers
+    memo: dict[tuple[int, ...], dict[Any, tuple[Any, float]]] = field(default_factory=dict,
+                                                                       repr=False)
 
 
 class PrefillSession:
@@ -303,12 +304,15 @@ class Engine:
             rope = seam.rotary(self.model)
             ctx = PrefillContext([keys[i] for i in others], [values[i] for i in others],  # type: ignore[misc]
                                  [pre.queries[i] for i in others], pre.prompt_len,
-                                 max_new_tokens, pre.scale, *(rope or (None, 1.0)))
+                                 max_new_tokens, pre.scale, *(rope or (None, 1.0)),
+                                 memo=pre.memo.setdefault(tuple(others), {}))
             passes = tuple(method.reconstruction(pre.input_ids, self.tokenizer))
-            if passes:
-                scores, charged = self._reconstruct(pre, passes)
+            if passes:  # part of compressing, run once per prefill for the same passes
+                scores = ctx.shared(("reconstruction", passes), lambda: reconstruction_scores(
+                    self.model, keys, values, pre.prompt_len, passes))  # type: ignore[arg-type]
                 ctx.reconstruction = [scores[i] for i in others]
             keep = method.select(state, ctx)
+            charged = ctx.charged
             del ctx
         if keep is None:
             everything = torch.arange(pre.prompt_len, device=keys[0].device)  # type: ignore[union-attr]
@@ -329,21 +333,6 @@ class Engine:
                 keys[layer] = values[layer] = None
         synchronize(self.device)
         return Compressed(state, kept, time.perf_counter() - t0 + charged)
-
-    def _reconstruct(self, pre: Prefill, passes: tuple[Any, ...]) -> tuple[list[Tensor], float]:
-        """The scores of the reconstruction ``passes`` over ``pre`` (part of compressing), and
-        the seconds to charge for them beyond the time spent here: the passes run once per
-        prefill; a later compression asking for the same ones (another budget of a sweep group)
-        reuses their scores and is charged the time they took."""
-        if passes in pre.reconstructed:
-            return pre.reconstructed[passes]
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        scores = reconstruction_scores(self.model, pre.keys, pre.values, pre.prompt_len,  # type: ignore[arg-type]
-                                       passes)
-        synchronize(self.device)
-        pre.reconstructed[passes] = (scores, time.perf_counter() - t0)
-        return scores, 0.0
 
     @torch.inference_mode()
     def forget(self, compressed: Compressed, method: Method, position: int,

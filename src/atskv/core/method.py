@@ -37,7 +37,8 @@ No runner code knows which method it runs: a new method is one module in this pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -46,6 +47,7 @@ from torch import Tensor
 from atskv.core.registry import Registry
 from atskv.core.stores import StaticKV, StaticPagedKV, Store, tensor_bytes
 from atskv.core.types import ConfigError
+from atskv.metrics.timing import synchronize
 
 
 @dataclass
@@ -72,6 +74,30 @@ class PrefillContext:
     #: per layer ``(H_kv, L)`` float32: what the :class:`Reconstruction` passes the method asked
     #: for measured for each prompt token (0 where no pass scored it); None without passes
     reconstruction: list[Tensor] | None = None
+    #: results of :meth:`shared` computations over the same prefill (and layers), with their
+    #: seconds; None: nothing is shared
+    memo: dict[Any, tuple[Any, float]] | None = field(default=None, repr=False)
+    #: seconds of reused :meth:`shared` results, charged to this compression
+    charged: float = 0.0
+
+    def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per prefill for every compression that asks with the
+        same ``key`` (a score that depends on the prefill and the method's settings but not on
+        the budget: the other budgets of a sweep group reuse it). The key must name everything
+        the result depends on besides the prefill. A reuse is charged the seconds the
+        computation took (:attr:`charged`), so every compression's time includes it."""
+        if self.memo is None:
+            return compute()
+        if key in self.memo:
+            value, seconds = self.memo[key]
+            self.charged += seconds
+            return value
+        synchronize(self.keys[0].device)
+        t0 = time.perf_counter()
+        value = compute()
+        synchronize(self.keys[0].device)
+        self.memo[key] = (value, time.perf_counter() - t0)
+        return value
 
     @property
     def n_layers(self) -> int:
