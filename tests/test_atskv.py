@@ -8,7 +8,7 @@ import torch
 from atskv.core.engine import Engine
 from atskv.core.stores import StaticPagedKV, page_minmax
 from atskv.methods import METHODS
-from atskv.methods.atskv import ATSKV, allocate, chunk_sum
+from atskv.methods.atskv import ATSKV, allocate, chunk_sum, consensus
 
 PROMPT = list(range(100, 400))  # 300 tokens
 
@@ -59,7 +59,7 @@ def test_sparse_decode_over_every_page_is_exact_attention(static):
 
 @pytest.mark.parametrize("budget", [0.1, 0.3])
 def test_static_path_gives_the_same_tokens_as_the_dynamic_path(tiny_model, budget):
-    kw = dict(budget=budget, window=16, max_pages=4, min_pages=1, mass=0.6)
+    kw = dict(budget=budget, window=16, max_pages=4, min_pages=1, mass=0.6, dense_small=False)
     static = gen(tiny_model, ATSKV(static=True, **kw), n=20)
     dynamic = gen(tiny_model, ATSKV(static=False, **kw), n=20)
     assert static.token_ids == dynamic.token_ids
@@ -69,12 +69,13 @@ def test_static_path_gives_the_same_tokens_as_the_dynamic_path(tiny_model, budge
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
-def test_stored_bytes_stay_within_the_budget(tiny_model, full_out, budget):
+@pytest.mark.parametrize("costs", [{"dense_small": False, "consensus_top": 0}, {}])
+def test_stored_bytes_stay_within_the_budget(tiny_model, full_out, budget, costs):
     """Page summaries and page rounding are paid out of the prompt budget: the compressed cache
     (before any generated token) stays within budget x the prompt's full KV bytes."""
     prompt = list(range(100, 1100))  # long enough that window and sinks are a small part
     full = gen(tiny_model, METHODS.get("full")(), n=24, prompt=prompt)
-    out = gen(tiny_model, ATSKV(budget=budget, window=16), n=24, prompt=prompt)
+    out = gen(tiny_model, ATSKV(budget=budget, window=16, **costs), n=24, prompt=prompt)
     frac = out.kv_bytes_after_compression / full.kv_bytes_after_compression
     assert budget * 0.85 <= frac <= budget * 1.03, frac  # rounding varies with few heads
     kept = out.stats["prompt_tokens_kept"]["mean"]
@@ -90,6 +91,60 @@ def test_allocations_sum_to_the_global_budget():
     floor = int(0.2 * 123 / 15)
     assert int(counts.min()) >= floor
     assert int(allocate(scores, 10_000, 0.2).sum()) == 5 * 3 * 40  # capped at what exists
+
+
+def test_allocation_cap_bounds_every_head():
+    torch.manual_seed(0)
+    scores = torch.rand(4, 3, 40)
+    scores[0, 0] *= 100  # one head holds the best chunks: uncapped, it takes more than 9
+    scores = scores / scores.sum(-1, keepdim=True)
+    assert int(allocate(scores, 80, 0.0).max()) > 9
+    counts = allocate(scores, 80, 0.0, cap=9)
+    assert int(counts.max()) <= 9 and int(counts.sum()) == 80
+    assert int(allocate(scores, 200, 0.5, cap=3).sum()) == 4 * 3 * 3  # what the cap allows
+
+
+def test_small_budget_decodes_densely_and_spends_no_bytes_on_pages(tiny_model):
+    """dense_small: a budget whose heads cannot need ranking stores no page summaries, caps every
+    head (its generated tokens included) at fit() pages, and spends the summaries' bytes on
+    prompt tokens instead."""
+    prompt = list(range(100, 700))
+    m = ATSKV(budget=0.2, window=16, dense_small=True, page_size=8, max_pages=6, fit_pages=30)
+    assert m.capped(m.prompt_keep(len(prompt)))
+    state = m.begin(len(prompt), 12)
+    ctx_out = gen(tiny_model, m, n=12, prompt=prompt)
+    paged = gen(tiny_model, ATSKV(budget=0.2, window=16, page_size=8, max_pages=6,
+                                  fit_pages=30, dense_small=False), n=12, prompt=prompt)
+    kept = [n for layer in ctx_out.stats["kept_tokens"] for n in layer]
+    assert max(kept) + state.max_new_tokens - 1 <= 30 * 8
+    assert sum(kept) > sum(n for layer in paged.stats["kept_tokens"] for n in layer)
+    full = gen(tiny_model, METHODS.get("full")(), n=12, prompt=prompt)
+    assert ctx_out.kv_bytes_after_compression <= 0.2 * full.kv_bytes_after_compression * 1.03
+    # bytes per kept token: a full cache's (K and V; index tensors are ~1% of a tiny head's
+    # 128-byte token), where the paged store adds its page summaries
+    per_token = ctx_out.kv_bytes_after_compression / sum(kept)
+    assert per_token <= full.kv_bytes_after_compression / (len(prompt) * len(kept)) * 1.05
+    paged_kept = sum(n for layer in paged.stats["kept_tokens"] for n in layer)
+    assert paged.kv_bytes_after_compression / paged_kept > per_token
+    assert not ATSKV(budget=0.9, dense_small=True, page_size=8, fit_pages=30).capped(540)
+
+
+def test_consensus_of_the_top_heads_keeps_what_few_heads_single_out():
+    """consensus(top=k): a token that one head attends sharply outweighs tokens that every head
+    attends a little (a shared preamble), which the mean over every head favours."""
+    n_layers, n_heads, m = 2, 6, 40
+    rel = torch.full((n_layers, n_heads, m), 0.5 / m)
+    rel[..., :4] += 0.5 / 4  # every head: half of its mass on the preamble's 4 tokens
+    rel[1, 2] = 0.0
+    rel[1, 2, 30] = 1.0  # one retrieval head: all of its mass on token 30
+    mean = consensus(rel)
+    assert float(mean[30]) < float(mean[:4].min())
+    torch.testing.assert_close(mean, rel.mean(dim=(0, 1)))
+    for top in (1, 3):
+        shared = consensus(rel, top)
+        assert int(shared.argmax()) == 30
+        assert abs(float(shared.sum()) - 1.0) < 1e-6
+    torch.testing.assert_close(consensus(rel, 100), mean)  # every head: the mean again
 
 
 def test_concentrated_head_gets_less_than_uniform_head():
@@ -162,8 +217,10 @@ def test_static_store_keeps_true_page_bounds():
 
 def test_ablation_switches_are_config_fields(compose):
     cfg = compose("method=atskv", "method.signal=vnorm", "method.adaptive=false",
-                  "method.sparse_decode=false", "method.static=false", "method.chunk=1")
+                  "method.sparse_decode=false", "method.static=false", "method.chunk=1",
+                  "method.consensus_top=3", "method.dense_small=false")
     assert cfg.method.signal == "vnorm" and cfg.method.adaptive is False
+    assert cfg.method.consensus_top == 3 and cfg.method.dense_small is False
 
 
 def test_bad_signal_is_rejected():

@@ -7,10 +7,13 @@ Three components, each with an ablation switch:
    GQA group and max-pooled so neighbours share relevance (``attn``); optionally weighted by the
    token's value norm, a cheap predictor of how much a token can move the output once attended
    (``attn_vnorm``, the value-aware pruning idea); or the value norm alone (``vnorm``).
-   Relevance is then mixed with its mean over every layer and head (``consensus``): a fact that
-   the question's retrieval heads single out is kept in every head, not only in those whose
-   window attention happened to find it (measured on SmolLM2: without it, most heads dropped
-   some digits of the needle and answers came out truncated).
+   Relevance is then mixed with a consensus shared by every layer and head (``consensus``): a
+   fact that the question's retrieval heads single out is kept in every head, not only in those
+   whose window attention happened to find it (measured on SmolLM2: without it, most heads
+   dropped some digits of the needle and answers came out truncated). A token's consensus is
+   its mean relevance over the ``consensus_top`` heads that give it the most (0: over every
+   head, which favours what all heads attend a little, such as the prompt's preamble: at 512
+   tokens that took the whole budget; see :func:`consensus` and docs/atskv_research.md).
    Relevance also flows forward over ``span`` tokens: what follows a relevant token (the value
    after its key) inherits its score.
 2. **Span-aware, adaptive budgets** (``chunk``, ``adaptive``). Selection is by chunks of
@@ -20,7 +23,11 @@ Three components, each with an ablation switch:
    normalised to a distribution, every head keeps a floor of ``min_share`` of the uniform share,
    and the rest goes to the globally most relevant chunks, so concentrated heads keep few tokens
    and diffuse ones many. Sinks and the observation window are always kept. Storage is ragged
-   per head (no padding, no masks).
+   per head (no padding, no masks). A budget too small for ranking to pay (``dense_small``:
+   the average head holds at most half of :meth:`ATSKV.fit`'s pages) caps every head at
+   ``fit()`` pages instead, so the decode is dense by construction and stores neither page
+   summaries nor page rounding: their bytes (about 1/6 of the budget at 512 tokens and budget
+   0.2) hold tokens.
 3. **Sparse decode** (``sparse_decode``). Each step, per KV head, page summaries (Quest-style
    key min/max plus the key sum over ``page_size`` tokens) estimate every page's share of the
    attention (see :meth:`ATSKV.rank_pages`); pages are ranked by it and the smallest set whose
@@ -66,6 +73,8 @@ class ATSKVState(State):
     #: every layer's pages fit ``max_pages``: decode attends densely everywhere (one decision
     #: per generation, so that a compiled step does not branch differently per layer)
     dense: bool = True
+    #: heads were capped so that none is ranked (``dense_small``): stores without page summaries
+    capped: bool = False
 
     def own_tensors(self) -> Iterator[Tensor]:
         for layer in self.pins:
@@ -100,6 +109,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
     pin_chunks: int = 4
     mass: float = 0.999
     static: bool = True
+    # consensus_top and dense_small: chosen on the dev split by hand (docs/atskv_research.md)
+    consensus_top: int = 3
+    dense_small: bool = True
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, consensus) and budgets (chunk,
@@ -122,7 +134,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         if self.fit_pages is not None:
             self.check("fit_pages", self.fit_pages, self.fit_pages >= 1,
                        "must be >= 1 (or null: the pages for which ranking cannot pay)")
-        for name in ("n_sink", "span", "pin_chunks"):
+        for name in ("n_sink", "span", "pin_chunks", "consensus_top"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
         for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0)):
             value = getattr(self, name)
@@ -155,10 +167,18 @@ class ATSKV(ScoredSelection[ATSKVState]):
         Generated tokens, and their pages' summaries, come on top as for every appending
         method."""
         keep = self.prompt_keep(prompt_len)
-        if not self.sparse_decode or keep >= prompt_len:  # no summaries, no rounding
-            return keep
+        if not self.sparse_decode or keep >= prompt_len or self.capped(keep):
+            return keep  # no summaries, no rounding
         p = self.page_size
         return max(0, int(keep * p / (p + 1.5) - (p - 1) / 2))
+
+    def capped(self, keep: int) -> bool:
+        """Whether a budget of ``keep`` tokens per head decodes densely by construction
+        (``dense_small``): the average head holds at most half of :meth:`fit`'s pages, so every
+        head is capped at :meth:`fit` pages, no head is ranked, and neither page summaries nor
+        page rounding are stored (their bytes go to tokens instead)."""
+        return (self.dense_small and self.sparse_decode
+                and 2 * keep <= self.fit() * self.page_size)
 
     # -- prefill: relevance and allocation ----------------------------------------------------
     def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float, n_sink: int) -> Tensor:
@@ -189,15 +209,19 @@ class ATSKV(ScoredSelection[ATSKVState]):
         rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n)
                            for q, k, v in zip(ctx.queries, ctx.keys, ctx.values)])  # (N, H, M)
         if self.consensus:
-            shared = rel.mean(dim=(0, 1), keepdim=True)
+            shared = consensus(rel, self.consensus_top)
             rel = (1 - self.consensus) * rel + self.consensus * shared
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
         chunk_scores = [chunk_sum(r, self.chunk) for r in rel]
         n_chunks = chunk_scores[0].shape[1]
         total = int(per_head / self.chunk * ctx.n_kv_heads * ctx.n_layers)
+        cap = None
+        if self.capped(state.keep):  # no head past fit() pages, its generated tokens included
+            state.capped = True
+            cap = max(0, self.fit() * self.page_size - headroom(state) - w - sinks_n) // self.chunk
         if self.adaptive:
-            counts = allocate(torch.stack(chunk_scores), total, self.min_share)
+            counts = allocate(torch.stack(chunk_scores), total, self.min_share, cap)
         else:
             counts = torch.full((ctx.n_layers, ctx.n_kv_heads), total // (ctx.n_layers * ctx.n_kv_heads))
         dev = ctx.keys[0].device
@@ -216,14 +240,15 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 best = tok[: self.pin_chunks * self.chunk]  # the most relevant chunks' tokens
                 pins.append(torch.searchsorted(kept, best))  # their rows in the head's segment
             keep.append(heads)
-            state.pins.append(pins)
+            # a store that is never ranked takes no pins (they would be held for nothing)
+            state.pins.append(pins if self.sparse_decode and not state.capped else None)
         return keep
 
     # -- decode -------------------------------------------------------------------------------
     def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> StaticPagedKV:
         rows = [headroom(state)] * len(keep)
-        if not self.sparse_decode:
+        if not self.sparse_decode or state.capped:
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
         store = StaticPagedKV(keys, values, keep, rows, self.page_size)
         state.dense = state.dense and store.n_pages <= self.fit()
@@ -315,6 +340,20 @@ class ATSKV(ScoredSelection[ATSKVState]):
         return order, chosen
 
 
+def consensus(rel: Tensor, top: int = 0) -> Tensor:
+    """``(N, H, M)`` per-head relevance (each head's sums to 1) -> ``(M,)`` the relevance every
+    head shares, summing to 1: each token's mean over the ``top`` heads that give it the most
+    (``top`` 0: over every layer and head). The mean over every head favours what all heads
+    attend a little (the prompt's preamble, the text nearest the window); the top heads' mean
+    favours what a few retrieval heads single out (at 512 tokens on SmolLM2 the needle took
+    most of one head's attention and little of the others')."""
+    flat = rel.flatten(0, 1)
+    if not top:
+        return flat.mean(dim=0)
+    shared = flat.topk(min(top, flat.shape[0]), dim=0).values.mean(dim=0)
+    return shared / shared.sum().clamp_min(1e-30)
+
+
 def spread_forward(scores: Tensor, span: int) -> Tensor:
     """``(H, M)`` -> each token takes the largest score among itself and the ``span`` tokens
     before it, so what follows a relevant token (a key's value: "... for X is: 6392092") is
@@ -331,20 +370,21 @@ def chunk_sum(scores: Tensor, chunk: int) -> Tensor:
     return F.pad(scores, (0, pad)).view(scores.shape[0], -1, chunk).sum(-1)
 
 
-def allocate(scores: Tensor, total: int, min_share: float) -> Tensor:
+def allocate(scores: Tensor, total: int, min_share: float, cap: int | None = None) -> Tensor:
     """Spread ``total`` chunks over ``(layers, heads)`` by relevance.
 
     ``scores`` ``(N, H, C)``: per-head normalised chunk scores. Every head first gets its best
     ``floor(min_share * total / (N * H))`` chunks; the remaining budget goes to the globally
-    highest-scoring chunks not yet taken. Returns ``(N, H)`` counts summing to
-    ``min(total, N * H * C)``.
+    highest-scoring chunks not yet taken, at most ``cap`` chunks a head (None: ``C``). Returns
+    ``(N, H)`` counts summing to ``min(total, N * H * min(C, cap))``.
     """
     n, h, c = scores.shape
+    c = c if cap is None else min(c, cap)
     total = min(total, n * h * c)
     floor = min(c, int(min_share * total / (n * h)))
     ranked = scores.sort(dim=-1, descending=True).values
     counts = torch.full((n, h), floor, dtype=torch.long)
-    rest = ranked[..., floor:].reshape(-1)
+    rest = ranked[..., floor:c].reshape(-1)
     extra = total - floor * n * h
     if extra > 0 and rest.numel():
         owner = torch.arange(n * h).repeat_interleave(c - floor)
