@@ -117,3 +117,22 @@ def test_gpu_check_benches_another_preset_within_its_positions():
         runs_for("nope", None, 32)
     with pytest.raises(SystemExit):
         main(["--model-path", "/models/m"])  # a folder without its preset
+
+
+def test_qwen3_answers_without_thinking_through_every_prompt_builder(compose, smollm2_tokenizer):
+    """The qwen3_8b preset renders its chat template with enable_thinking false; the variable is
+    set inside the template itself, so every caller of apply_chat_template gets it."""
+    import copy
+
+    from atskv.experiments.models import with_template_vars
+
+    cfg = compose("model=qwen3_8b")
+    assert dict(cfg.model.chat_template_vars) == {"enable_thinking": False}
+    assert dict(compose().model.chat_template_vars) == {}
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = ("{% if enable_thinking is defined and enable_thinking is false %}"
+                         "<think></think>{% endif %}{{ messages[0]['content'] }}")
+    msg = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msg, tokenize=False) == "hi"
+    with_template_vars(tok, dict(cfg.model.chat_template_vars))
+    assert tok.apply_chat_template(msg, tokenize=False) == "<think></think>hi"

@@ -44,6 +44,8 @@ class ModelConfig:
     path: str = ""
     max_position_embeddings: int | None = None
     chat_template: bool = True
+    #: variables the chat template is rendered with (Qwen3: enable_thinking false)
+    chat_template_vars: dict[str, Any] = field(default_factory=dict)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

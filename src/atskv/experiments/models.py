@@ -226,9 +226,22 @@ def max_positions(cfg: Any, path: str | Path) -> int:
 
 
 def load_tokenizer(cfg: Any, path: str | Path):
+    """The model's tokenizer, its chat template given the preset's ``chat_template_vars``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return with_template_vars(AutoTokenizer.from_pretrained(path),
+                              dict(getattr(cfg, "chat_template_vars", None) or {}))
+
+
+def with_template_vars(tokenizer: Any, variables: dict[str, Any]) -> Any:
+    """``tokenizer`` whose chat template sets ``variables`` first (Qwen3's ``enable_thinking:
+    false``: answer without a thinking block), so that every prompt built from the template,
+    by any caller, gets them."""
+    template = getattr(tokenizer, "chat_template", None)
+    if variables and isinstance(template, str):
+        head = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in variables.items())
+        tokenizer.chat_template = head + template
+    return tokenizer
 
 
 def load_model(cfg: Any, path: str | Path, device: str, dtype: str, device_map: str | None = None):
