@@ -103,3 +103,16 @@ def test_newline_stop_string_ends_generation_through_run_py(tmp_path):
         assert "\n" not in r["prediction"]
         assert r["generated_tokens"] < 128
     assert any(r["stopped_by"] == "stop" for r in rows)
+
+
+def test_a_compiled_run_compiles_once_and_records_it(tmp_path):
+    """The warm-up (prompts of 64 and 80 tokens) and the samples (512) share one compiled decode
+    step: result.json counts one compile, and the seconds it took are recorded (the warm-up's)."""
+    args = ["method=snapkv", "context_len=512", "budget=0.25", "benchmark.n_samples=3",
+            "model=tiny_random", "hardware.threads=1", "hardware.compile=true",
+            "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"]
+    proc = run_py(*args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = results_under(tmp_path)
+    assert res["compiles"] == 1
+    assert res["warmup_compile_s"] > 0 and res["compile_s"] == 0

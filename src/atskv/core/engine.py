@@ -535,12 +535,17 @@ class Engine:
             return CompiledStep(self.model, rows, self.device)
         return EagerStep(self.model, rows, self.device)
 
-    def warmup(self, method: Method) -> None:
+    def warmup(self, method: Method) -> float:
         """Short generations so that one-time costs (first calls, compiling the decode step for
-        one set of shapes and then for varying ones) stay out of the timed samples."""
+        one set of shapes and then for varying ones) stay out of the timed samples; returns the
+        seconds its steps spent compiling."""
+        spent = 0.0
         for n in (64, 80):
             n = min(n, self.dims["max_positions"] - 6)
-            self.generate(list(range(1, n + 1)), method, max_new_tokens=4, stop_at_eos=False)
+            out = self.generate(list(range(1, n + 1)), method, max_new_tokens=4,
+                                stop_at_eos=False)
+            spent += out.stats["compile_s"]
+        return spent
 
 
 def window_store(keys: Tensor, values: Tensor, prompt_len: int,

@@ -190,9 +190,8 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
                                   cfg.hardware.device_map)
         engine = Engine.for_hardware(model, tokenizer, cfg.hardware)
         compiles = dynamo.compilations()  # the warm-up's included: it compiles for the run
-        if cfg.warmup:
-            for m in members:
-                engine.warmup(m.method)
+        for m in members:
+            m.base["warmup_compile_s"] = engine.warmup(m.method) if cfg.warmup else 0.0
         with PeakMemory(engine.device) as mem:
             try:
                 _loop(members, engine, benchmark, samples)
