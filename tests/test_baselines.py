@@ -384,6 +384,18 @@ def test_more_sinks_than_the_budget_keep_the_first_tokens(tiny_model, name):
     assert out.stats["kept_indices"][0][0].tolist() == list(range(12))
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """A list that grows by one at every call of ``module.name`` (still called) for the test."""
+    calls, real = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def test_a_prefill_runs_each_reconstruction_once_and_charges_it_to_every_compression(
         tiny_model, monkeypatch):
     """Two budgets of kvzip over one prefill ask for the same passes: they run once, the second
@@ -392,14 +404,7 @@ def test_a_prefill_runs_each_reconstruction_once_and_charges_it_to_every_compres
     from atskv.core import engine as engine_mod
     from atskv.core.engine import Engine
 
-    runs = []
-    real = engine_mod.reconstruction_scores
-
-    def counting(*args, **kwargs):
-        runs.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_mod, "reconstruction_scores", counting)
+    runs = count_calls(monkeypatch, engine_mod, "reconstruction_scores")
     engine = Engine(tiny_model, None)
     pre = engine.prefill(PROMPT[:80])
     engine.compress(pre, METHODS.get("kvzip")(kv_size=30, n_sink=4, chunk=32), 4)
@@ -419,14 +424,7 @@ def test_h2o_budgets_over_one_prefill_share_the_accumulated_attention(tiny_model
     from atskv.core.engine import Engine
     from atskv.methods import h2o
 
-    calls = []
-    real = h2o.accumulated_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(h2o, "accumulated_attention", counting)
+    calls = count_calls(monkeypatch, h2o, "accumulated_attention")
     engine = Engine(tiny_model, None)
     make = [METHODS.get("h2o")(budget=b) for b in (0.3, 0.5)]
     pre = engine.prefill(PROMPT, make[0].queries_needed())
