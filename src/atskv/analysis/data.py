@@ -82,19 +82,10 @@ def _hp_value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _cfg(rec: dict, *path):
-    node = rec.get("config")
-    for p in path:
-        if not isinstance(node, dict) or p not in node:
-            return None
-        node = node[p]
-    return node
-
-
 def _pick(rec: dict, top: str, *path):
     """The top-level field, else the same value from the resolved config."""
     v = rec.get(top)
-    return _cfg(rec, *path) if v is None and path else v
+    return labels.config_value(rec, *path) if v is None and path else v
 
 
 def hparams(rec: dict) -> str:
@@ -107,7 +98,7 @@ def hparams(rec: dict) -> str:
 
     if str(rec.get("method_preset") or "").startswith("tuned/"):
         return "tuned"  # the dev-tuned preset (its values are in the run's config)
-    cfg = _cfg(rec, "method")
+    cfg = labels.config_value(rec, "method")
     if not isinstance(cfg, dict):
         return ""
     given = {k: v for k, v in cfg.items() if k not in ("name", "budget", "kv_size", "budget_of")}
@@ -138,7 +129,7 @@ def normalize(rec: dict) -> dict:
     rec["data"] = labels.data_label(rec)
     rec["tuned"] = labels.is_tuned(rec)
     rec["preset"] = labels.preset_label(rec, rec["hparams"])
-    rec["model_path"] = str(_cfg(rec, "model", "path") or "")
+    rec["model_path"] = str(labels.config_value(rec, "model", "path") or "")
     rec["hardware"] = str(_pick(rec, "hardware", "hardware", "name") or "unknown")
     rec["dtype"] = str(_pick(rec, "dtype", "hardware", "dtype") or "unknown")
     rec["split"] = str(_pick(rec, "split", "benchmark", "split") or "all")
@@ -146,11 +137,11 @@ def normalize(rec: dict) -> dict:
     rec["tasks"] = ",".join(sorted(str(t) for t in tasks)) if isinstance(tasks, list) else ""
     # samples asked for: config.benchmark.n_samples (per task; null = all) when recorded,
     # since the top-level n_samples counts the samples actually run (fewer in a failed run)
-    bench = _cfg(rec, "benchmark")
+    bench = labels.config_value(rec, "benchmark")
     n = bench["n_samples"] if isinstance(bench, dict) and "n_samples" in bench else rec.get("n_samples")
     rec["n_requested"] = "all" if n is None else str(n)
-    if rec.get("kv_size") is None and _cfg(rec, "kv_size") is not None:
-        rec["kv_size"] = _cfg(rec, "kv_size")
+    if rec.get("kv_size") is None and labels.config_value(rec, "kv_size") is not None:
+        rec["kv_size"] = labels.config_value(rec, "kv_size")
     if rec.get("method") == FULL:  # the full cache keeps everything: one run per setting
         rec["budget"] = rec["kv_size"] = None
     kept = rec.get("prompt_tokens_kept")

@@ -101,15 +101,8 @@ def compression_ratio(rec: dict) -> float:
     return 1.0 - float(kept) / float(prompt) if kept and prompt else float("nan")
 
 
-def _cfg(rec: dict, *path):
-    node = rec.get("config")
-    for p in path:
-        node = node.get(p) if isinstance(node, dict) else None
-    return node
-
-
 def folder_name(rec: dict, dataset: str, data_dir: str) -> str:
-    model = str(_cfg(rec, "model", "path") or rec.get("model"))
+    model = str(labels.config_value(rec, "model", "path") or rec.get("model"))
     parts = [dataset, data_dir, model.replace("/", "--"), press_name(rec),
              f"{compression_ratio(rec):.2f}", f"max_context{rec.get('context_len')}"]
     if labels.protocol_of(rec) == labels.QUESTION_AWARE:
@@ -129,15 +122,15 @@ def _unique(path: Path, used: set[Path]) -> Path:
 
 
 def _config(rec: dict, dataset: str, data_dir: str, out: Path) -> dict:
-    method = _cfg(rec, "method") or {"name": rec.get("method")}
+    method = labels.config_value(rec, "method") or {"name": rec.get("method")}
     args = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
     return {
         "dataset": dataset, "data_dir": data_dir,
-        "model": str(_cfg(rec, "model", "path") or rec.get("model")),
-        "device": _cfg(rec, "hardware", "device") or rec.get("hardware"),
+        "model": str(labels.config_value(rec, "model", "path") or rec.get("model")),
+        "device": labels.config_value(rec, "hardware", "device") or rec.get("hardware"),
         "press_name": press_name(rec), "compression_ratio": round(compression_ratio(rec), 4),
         "key_channel_compression_ratio": None, "fraction": 1.0,
-        "max_new_tokens": _cfg(rec, "benchmark", "max_new_tokens"),
+        "max_new_tokens": labels.config_value(rec, "benchmark", "max_new_tokens"),
         "max_context_length": rec.get("context_len"),
         "query_aware": labels.protocol_of(rec) == labels.QUESTION_AWARE,
         "needle_depth": None, "compression_interval": None, "target_size": None,
@@ -156,7 +149,7 @@ def _rows(rec: dict, samples: list[dict], longbench: bool) -> list[dict]:
         row = {"_id" if longbench else "id": s.get("id"), "task": s.get("task"),
                "question": meta.get("question", ""), "answer_prefix": meta.get("answer_prefix", ""),
                "answers" if longbench else "answer": json.dumps(s.get("reference")),
-               "max_new_tokens": _cfg(rec, "benchmark", "max_new_tokens") or "",
+               "max_new_tokens": labels.config_value(rec, "benchmark", "max_new_tokens") or "",
                "predicted_answer": s.get("prediction"), "compression_ratio": ratio,
                "score": s.get("score"), "prompt_tokens": s.get("prompt_tokens"),
                "generated_tokens": s.get("generated_tokens")}
@@ -184,7 +177,7 @@ def _write(folder: Path, rec: dict, rows: list[dict], metrics, dataset: str, dat
             "peak_memory_kind", "ttft_s", "decode_tokens_per_s", "hardware", "dtype")
     extra = {"source": shown_path(source), "protocol": labels.protocol_of(rec),
              "data": labels.data_label(rec),
-             "samples_per_task": _cfg(rec, "benchmark", "n_samples"),
+             "samples_per_task": labels.config_value(rec, "benchmark", "n_samples"),
              **{k: rec.get(k) for k in keep}}
     (folder / "atskv.json").write_text(json.dumps(extra, indent=1))
 

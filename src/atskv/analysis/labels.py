@@ -41,7 +41,8 @@ TUNED, TUNED_DEFAULTS, PAPER, CUSTOM = ("dev-tuned", "defaults (= dev-tuned)",
                                         "paper defaults", "custom")
 
 
-def _cfg(rec: dict, *path) -> Any:
+def config_value(rec: dict, *path) -> Any:
+    """The value at ``path`` in a run record's resolved config, None where it is absent."""
     node = rec.get("config")
     for p in path:
         if not isinstance(node, dict) or p not in node:
@@ -54,20 +55,20 @@ def protocol_of(rec: dict) -> str:
     """The run's protocol: its ``protocol`` field (or config key); ``question_aware`` when
     neither is recorded (every run before the key existed compressed the question with the
     prompt)."""
-    return str(rec.get("protocol") or _cfg(rec, "protocol") or QUESTION_AWARE)
+    return str(rec.get("protocol") or config_value(rec, "protocol") or QUESTION_AWARE)
 
 
 def data_label(rec: dict) -> str:
     """The benchmark and the data it read, in words (see the module docstring)."""
     bench = str(rec.get("benchmark"))
     name = BENCHMARK_NAMES.get(bench, bench)
-    data_dir = _cfg(rec, "benchmark", "data_dir")
+    data_dir = config_value(rec, "benchmark", "data_dir")
     if bench == "zeroscrolls" and data_dir:
         parts = Path(str(data_dir)).parts
         if parts[-3:] == ("shared", "data", "zero_scrolls"):
             return FIXTURE_ZEROSCROLLS
         return f"ZeroSCROLLS format (local files {parts[-1] if parts else data_dir})"
-    haystack = _cfg(rec, "benchmark", "haystack")
+    haystack = config_value(rec, "benchmark", "haystack")
     if bench == "synthetic" and haystack not in (None, "generated"):
         return f"synthetic (haystack {Path(str(haystack)).name})"
     return name
@@ -122,7 +123,7 @@ def preset_label(rec: dict, hparams: str) -> str:
         return CUSTOM
     method = str(rec.get("method"))
     tuned = tuned_values(method)
-    given = _cfg(rec, "method")
+    given = config_value(rec, "method")
     if tuned and isinstance(given, dict) and all(
             k in given and _same(given[k], v) for k, v in tuned.items()):
         return TUNED_DEFAULTS
