@@ -258,6 +258,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
             state.pins[layer] = None  # consumed: the store's pinned pages hold it now
         return store
 
+    def plain_decode(self, state: ATSKVState) -> bool:
+        return state.dense or not self.sparse_decode  # decode_layer's first branch
+
     def decode_layer(self, state: ATSKVState, layer: int, store: StaticPagedKV, q: Tensor, k: Tensor,
                      v: Tensor, scale: float) -> AttendResult:
         if state.dense or not self.sparse_decode:

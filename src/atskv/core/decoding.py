@@ -23,6 +23,7 @@ from torch import Tensor
 
 from atskv.core import dynamo, seam
 from atskv.core.method import Method, State
+from atskv.core.stores import decode_rows
 from atskv.metrics.timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,14 @@ def attend_row(row: Row, layers: dict[int, int], layer: int, q: Tensor, k: Tenso
 class DecodeSession:
     """Seam callbacks during decode steps of a batch of rows: each row's new key and value go
     into its own stores and its query attends through its own method (one method call per row
-    and layer, so that a method may do both in one kernel)."""
+    and layer, so that a method may do both in one kernel). The rows whose layer is a plain
+    append and attention (:meth:`Method.plain_decode`) over a store the native kernel serves
+    run that layer together, in one call (:func:`atskv.core.stores.decode_rows`)."""
 
     def __init__(self, rows: Sequence[Row]):
         self.rows = list(rows)
         self.layers = [method_layers(r.state) for r in self.rows]
+        self.plain = [r.method.plain_decode(r.state) for r in self.rows]
         #: per row, the KV bytes the current step reads (sizes of what it reads: also inside a
         #: compiled step, where the compiled function sets them, and a captured one, at capture)
         self.step_read_bytes = [0] * len(self.rows)
@@ -83,16 +87,30 @@ class DecodeSession:
                   window: int | None = None) -> Tensor:
         """Rows' queries ``(B, H_q, 1, d)`` and new keys and values ``(B, H_kv, 1, d)`` ->
         ``(B, H_q, 1, d)`` (a sliding-window layer's ``window`` is its ring's)."""
-        _, h_q, _, d = q.shape
+        n, h_q, _, d = q.shape
         h_kv = k.shape[1]
-        outs = []
+        qs = q[:, :, 0].reshape(n, h_kv, h_q // h_kv, d)
+        together = [b for b, row in enumerate(self.rows) if self.plain[b]
+                    and layer not in row.state.windows
+                    and getattr(row.state.stores[self.layers[b][layer]], "rows_kernel", False)]
+        outs: list[Tensor | None] = [None] * n
+        if together:
+            stores = [self.rows[b].state.stores[self.layers[b][layer]] for b in together]
+            out, reads = decode_rows(together, stores, qs, k[:, :, 0], v[:, :, 0], scale)
+            if len(together) == n:
+                self.step_read_bytes = [a + r for a, r in zip(self.step_read_bytes, reads)]
+                return out.reshape(n, h_q, d)[:, :, None]
+            for i, b in enumerate(together):
+                outs[b] = out[i].reshape(h_q, d)
+                self.step_read_bytes[b] += reads[i]
         for b, row in enumerate(self.rows):
-            out, read = attend_row(row, self.layers[b], layer,
-                                   q[b, :, 0].view(h_kv, h_q // h_kv, d), k[b, :, 0], v[b, :, 0],
+            if outs[b] is not None:
+                continue
+            res, read = attend_row(row, self.layers[b], layer, qs[b], k[b, :, 0], v[b, :, 0],
                                    scale)
             self.step_read_bytes[b] += read
-            outs.append(out.reshape(h_q, d))
-        return torch.stack(outs)[:, :, None]
+            outs[b] = res.reshape(h_q, d)
+        return torch.stack(outs)[:, :, None]  # type: ignore[arg-type]
 
 
 class ExtendSession(DecodeSession):

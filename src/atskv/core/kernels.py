@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rank_pages.cpp", "linear_rows.cpp")]
-NAME = "atskv::paged_attention, atskv::paged_decode, atskv::linear_rows"
+NAME = "atskv::paged_attention, atskv::rows_decode, atskv::paged_decode, atskv::linear_rows"
 _loaded: bool | None = None  # None: not tried yet
 _reason = "not tried"
 
@@ -116,6 +116,7 @@ def load() -> bool:
         torch.library.register_fake("atskv::rank_pages")(_rank_shape)
         torch.library.register_fake("atskv::paged_decode")(_decode_shape)
         torch.library.register_fake("atskv::linear_rows")(_linear_shape)
+        torch.library.register_fake("atskv::rows_decode")(_rows_shape)
     except Exception as exc:  # a missing compiler or ninja: run the PyTorch path, say so
         _loaded, _reason = False, f"unavailable ({type(exc).__name__}: {exc})"
         warnings.warn(f"atskv: the CPU decode kernels could not be built, decoding uses PyTorch "
@@ -143,6 +144,11 @@ def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, s
                   index: Tensor, pinned: Tensor, page: int, max_pages: int, fit_pages: int,
                   min_pages: int, mass: float, scale: float) -> Tensor:
     return q.new_empty(q.shape)
+
+
+def _rows_shape(q: Tensor, knew: Tensor, vnew: Tensor, rows: list[int], k: list[Tensor],
+                v: list[Tensor], index: list[Tensor], page: int, scale: float) -> Tensor:
+    return q.new_empty((len(rows), *q.shape[1:]))
 
 
 def _linear_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -177,6 +183,20 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, len
     min(lens[h], C)`` of ``k[h]``, ``v[h]`` ``(H, C, d)``): the ``page``-row pages
     ``pages[h, i]`` where ``chosen[h, i]`` (every page when ``pages`` is None); ``(H, g, d)``."""
     return torch.ops.atskv.paged_attention(q, k, v, offsets, lens, pages, chosen, page, scale)
+
+
+def rows_decode(q: Tensor, knew: Tensor, vnew: Tensor, rows: list[int], k: list[Tensor],
+                v: list[Tensor], index: list[Tensor], page: int, scale: float) -> Tensor:
+    """One layer's decode step for the rows ``rows`` of a step (sequences of a batch) whose layer
+    is an append and exact attention over their own static store, in one call, in place: the
+    ``b``-th such row's new ``knew[rows[b]]``, ``vnew[rows[b]]`` ``(H, d)`` go to each head's next
+    row of ``k[b]``, ``v[b]`` and its
+    count in ``index[b]`` grows by one (a :class:`StaticKV`'s ``(H, C, d)`` buffers with its counts
+    ``(H,)``, or a :class:`StaticPagedKV`'s ``(N, d)`` rows with its ``(3, H)`` index); then each
+    row's :func:`paged_attention` over every row of its store in blocks of ``page``, the threads
+    dealt over all rows' heads at once. Each row gets what :func:`paged_attention` gives it alone.
+    ``q`` ``(n, H, g, d)`` -> ``(len(rows), H, g, d)``."""
+    return torch.ops.atskv.rows_decode(q, knew, vnew, rows, k, v, index, page, scale)
 
 
 def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor, pinned: Tensor,

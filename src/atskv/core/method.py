@@ -259,6 +259,17 @@ class Method(Generic[S]):
         the default store (:class:`StaticKV`) and hooks."""
         return True
 
+    def plain_decode(self, state: S) -> bool:
+        """Whether every decode layer of this generation is its store's append, without page
+        summaries, then the store's exact attention over every row (what :meth:`decode_layer`
+        does by default), so that a batch's rows with such layers may run them together, in one
+        native call per layer (:func:`atskv.core.stores.decode_rows`). True when the class keeps
+        the default hooks and its stores keep no page summaries."""
+        cls = type(self)
+        return (cls.decode_layer is Method.decode_layer
+                and cls.before_append is Method.before_append and cls.attend is Method.attend
+                and all(getattr(s, "summary", None) is None for s in state.stores))
+
     def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
         """Forward passes the engine runs after prefill, before :meth:`select`, whose scores
         reach it as ``PrefillContext.reconstruction`` (default: none). ``tokenizer`` may be None

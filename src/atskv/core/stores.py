@@ -282,10 +282,17 @@ class StaticKV:
         self.reserved = headroom * n_heads  # rows for generated tokens (spare until written)
         self.initial = sum(lengths)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
+        #: a decode step's append and attention may run with other rows' (:func:`decode_rows`)
+        self.rows_kernel = self.kernel and sinks is None
 
     @property
     def n_heads(self) -> int:
         return self.k.shape[0]
+
+    @property
+    def counts(self) -> Tensor:
+        """The tensor that holds the rows written (what :func:`decode_rows` updates)."""
+        return self.count
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one token per head (``(H_kv, d)``) on the device, without a host sync."""
@@ -381,6 +388,9 @@ class StaticPagedKV:
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
+        #: a decode step's append (page summaries not updated) and attention over every row may
+        #: run with other rows' (:func:`decode_rows`)
+        self.rows_kernel = self.kernel
         #: pages a method wants attended at every step (set after construction); its shape is
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
@@ -411,6 +421,11 @@ class StaticPagedKV:
     @property
     def offsets(self) -> Tensor:
         return self.index[0]
+
+    @property
+    def counts(self) -> Tensor:
+        """The tensor that holds the rows written (what :func:`decode_rows` updates)."""
+        return self.index
 
     @property
     def lens(self) -> Tensor:
@@ -480,8 +495,7 @@ class StaticPagedKV:
         pages' rows are gathered and the rows past a head's length or of unchosen pages masked.
         Returns the output and the bytes read (every row of ``pages``; the kernel skips the
         unchosen pages and rows past a head's length, so there it is an upper bound)."""
-        slots = self.n_heads * self.n_pages if pages is None else pages.numel()
-        read = slots * self.page * self.token_bytes()  # the same count on either path
+        read = self.read_bytes(pages)  # the same count on either path
         if self.kernel:  # the rows are read where they lie: no gather copy, no mask
             page = self.page if pages is not None else DENSE_BLOCK
             return kernels.paged_attention(q, self.k, self.v, self.offsets, self.lens, pages,
@@ -496,6 +510,11 @@ class StaticPagedKV:
         out = F.scaled_dot_product_attention(q[None], self.k[rows][None], self.v[rows][None],
                                              attn_mask=valid[None, :, None, :], scale=scale)[0]
         return out, read
+
+    def read_bytes(self, pages: Tensor | None = None) -> int:
+        """Bytes :meth:`attend` reads: every row of ``pages`` (default: every page slot)."""
+        slots = self.n_heads * self.n_pages if pages is None else pages.numel()
+        return slots * self.page * self.token_bytes()
 
     def decode_ranked(self, q: Tensor, k: Tensor, v: Tensor, scale: float, max_pages: int,
                       fit_pages: int, min_pages: int, mass: float) -> tuple[Tensor, int]:
@@ -550,3 +569,17 @@ class StaticPagedKV:
 
     def token_bytes(self) -> int:
         return 2 * self.k.shape[1] * self.k.element_size()
+
+
+def decode_rows(rows: list[int], stores: Sequence[StaticKV | StaticPagedKV], q: Tensor,
+                k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, list[int]]:
+    """One layer of a decode step for the rows ``rows`` of a step (sequences), each with its own
+    store of that layer (``rows_kernel`` stores, one per row taken): row ``rows[i]``'s new key and
+    value ``k[rows[i]]``, ``v[rows[i]]`` ``(H, d)`` appended to ``stores[i]`` (page summaries not
+    updated), then its query ``q[rows[i]]`` ``(H, g, d)``'s exact attention over every row of
+    that store, in one native call (:func:`kernels.rows_decode`). Each row gets what ``append``
+    and ``attend`` give it alone. The outputs ``(len(rows), H, g, d)`` and each row's bytes
+    read."""
+    out = kernels.rows_decode(q, k, v, rows, [s.k for s in stores], [s.v for s in stores],
+                              [s.counts for s in stores], DENSE_BLOCK, scale)
+    return out, [s.read_bytes() for s in stores]

@@ -5,13 +5,18 @@
 // row counts).
 //
 // x (M, K), weight (N, K), bias (N) optional -> (M, N), float32. Threads split N. y[m, n] is a sum
-// over K in 16 lanes (lane j takes k = c + j, c in steps of 16), the lanes
-// added as a fixed tree, then the last K % 16 terms in order, then the bias. Rows go through a
-// weight row in passes of at most kRows, their lanes in registers. (The same code runs for every
-// row: how the compiler rounds a multiply-add, fused or not, is the same for all of them.)
+// over K in 16 lanes (lane j takes k = c + j, c in steps of 16, by multiply-adds), the lanes
+// added as a fixed tree (lane j + lane j+8, then j + j+4, then (0 + 2) + (1 + 3)), then the last
+// K % 16 terms in order, then the bias. A pass takes R rows of x against W weight rows (R * W <= 16
+// sums, in registers) and adds up the 16 sums' lanes together, pairing lanes as the tree does
+// (float addition is commutative: the pairs, not their order, fix the result). Every row goes
+// through the same code, whatever the pass: how the compiler rounds a multiply-add, fused or not,
+// is the same for all of them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "decode.h"
 
 #include <algorithm>
 #include <cstring>
@@ -19,45 +24,50 @@
 
 namespace atskv {
 
-constexpr int64_t kRows = 8;
-constexpr int64_t kGrain = 16;  // weight rows per task of the thread pool, at least
+constexpr int64_t kRows = 8;    // rows of x per pass, at most
+constexpr int64_t kGrain = 32;  // weight rows per task of the thread pool, at least
+// floats ahead of the weights being read that a pass of several rows prefetches: without it, the
+// multiply-adds and the weights' reads took turns (at 8 rows, twice the time of reading the
+// weights alone on a 2-core Xeon); one row's pass is bound by the reads and streams them as it is
+constexpr int64_t kAhead = 1024;
 
-// 16 floats as one vector of GCC's vector extension (one AVX-512 register, two AVX ones, ...)
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+// rows r0 .. r0 + R of x against weight rows n .. n + W (sum i = w * R + r)
+template <int R, int W>
+inline void block(const float* xp, const float* wp, const float* bp, float* yp, int64_t K,
+                  int64_t N, int64_t r0, int64_t n) {
+  v16 acc[R * W] = {};
+  int64_t c = 0;
+  for (; c + 16 <= K; c += 16) {
+    v16 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = load16(xp + (r0 + r) * K + c);
+    for (int w = 0; w < W; ++w) {
+      const v16 wv = load16(wp + (n + w) * K + c);
+      if (R > 1) __builtin_prefetch(wp + (n + w) * K + c + kAhead, 0, 3);
+      for (int r = 0; r < R; ++r) acc[w * R + r] += wv * xv[r];
+    }
+  }
+  float sums[16];
+  const v16 t = tree16x16(acc, R * W);
+  std::memcpy(sums, &t, sizeof sums);
+  for (int w = 0; w < W; ++w) {
+    const float* wr = wp + (n + w) * K;
+    for (int r = 0; r < R; ++r) {
+      const float* x = xp + (r0 + r) * K;
+      float total = sums[w * R + r];
+      for (int64_t cc = c; cc < K; ++cc) total += wr[cc] * x[cc];
+      yp[(r0 + r) * N + n + w] = bp ? total + bp[n + w] : total;
+    }
+  }
 }
 
-inline float tree16(v16 v) {
-  float lane[16], t8[8], t4[4];
-  std::memcpy(lane, &v, sizeof lane);
-  for (int j = 0; j < 8; ++j) t8[j] = lane[j] + lane[j + 8];
-  for (int j = 0; j < 4; ++j) t4[j] = t8[j] + t8[j + 4];
-  return (t4[0] + t4[2]) + (t4[1] + t4[3]);
-}
-
-// rows r0 .. r0 + R of x against weight rows n0 .. n1
+// rows r0 .. r0 + R against weight rows n0 .. n1: W at a time, the last ones one at a time
 template <int R>
 void pass(const float* xp, const float* wp, const float* bp, float* yp, int64_t K, int64_t N,
           int64_t r0, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* w = wp + n * K;
-    v16 acc[R] = {};
-    int64_t c = 0;
-    for (; c + 16 <= K; c += 16) {
-      const v16 wv = load16(w + c);
-      for (int r = 0; r < R; ++r) acc[r] += wv * load16(xp + (r0 + r) * K + c);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float* x = xp + (r0 + r) * K;
-      float total = tree16(acc[r]);
-      for (int64_t cc = c; cc < K; ++cc) total += w[cc] * x[cc];
-      yp[(r0 + r) * N + n] = bp ? total + bp[n] : total;
-    }
-  }
+  constexpr int W = 16 / R;
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) block<R, W>(xp, wp, bp, yp, K, N, r0, n);
+  for (; n < n1; ++n) block<R, 1>(xp, wp, bp, yp, K, N, r0, n);
 }
 
 using Pass = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,

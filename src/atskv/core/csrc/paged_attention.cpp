@@ -32,17 +32,15 @@ constexpr int64_t kRun = 128;  // rows read as one block, at most (unless a page
 constexpr int64_t kSlice = 512;  // rows of a slice of a head's pages, at most (or one page)
 
 struct Item {
-  int64_t hg, lo, hi;  // query head (h * g + j), page slots lo .. hi of KV head h
+  int64_t task, hg, lo, hi;  // its task; query head (h * g + j), page slots lo .. hi of KV head h
 };
 
-// What the threads share: the items, the store, and each item's partial max, sum and values.
+// What the threads share: the items, their tasks, and each item's partial max, sum and values.
 struct Items {
   const Item* items;
   const int64_t* first_of_thread;
-  const float *qp, *kp, *vp;
-  const int64_t *offp, *lenp, *pgp;
-  const bool* chp;
-  int64_t G, D, K, page;
+  const Task* tasks;
+  int64_t G, D;
   float sc;
   float *part_m, *part_l, *part_acc;
 };
@@ -52,14 +50,17 @@ struct Items {
 template <int64_t DD>
 void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t D = DD ? DD : w.D, K = w.K, page = w.page;
-  const int64_t *pgp = w.pgp, *lenp = w.lenp;
-  const bool* chp = w.chp;
-  std::vector<float> s(std::max(page, kRun));
+  const int64_t D = DD ? DD : w.D;
+  std::vector<float> s(kRun + 16);
   float local[DD ? DD : 1];
   for (int64_t item = w.first_of_thread[t_begin]; item < w.first_of_thread[t_end]; ++item) {
+    const Task& t = w.tasks[w.items[item].task];
+    const int64_t K = t.K, page = t.page;
+    const int64_t *pgp = t.pgp, *lenp = t.lenp;
+    const bool* chp = t.chp;
+    if (static_cast<int64_t>(s.size()) < page + 16) s.resize(page + 16);
     const int64_t hg = w.items[item].hg, h = hg / w.G;
-    const float* qv = w.qp + hg * D;
+    const float* qv = t.qp + hg * D;
     float m = neg_inf, l = 0.f;
     float* acc = DD ? local : w.part_acc + item * D;
     std::fill(acc, acc + D, 0.f);
@@ -80,14 +81,30 @@ void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
       const int64_t start = first * page;
       const int64_t n = std::min((last + 1) * page, lenp[h]) - start;
       if (start < 0 || n <= 0) continue;
-      const float* kr = w.kp + (w.offp[h] + start) * D;
-      const float* vr = w.vp + (w.offp[h] + start) * D;
+      const float* kr = t.kp + (t.offp[h] + start) * D;
+      const float* vr = t.vp + (t.offp[h] + start) * D;
       float pm = neg_inf;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* krow = kr + j * D;
-        const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
-        s[j] = dot * w.sc;
-        pm = std::max(pm, s[j]);
+      if (DD) {  // 16 rows' dot products at a time, their lanes added up together
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const int rows = static_cast<int>(std::min<int64_t>(16, n - j0));
+          v16 dots[16];
+          for (int r = 0; r < rows; ++r) {
+            const float* krow = kr + (j0 + r) * D;
+            v16 a = {};
+            for (int64_t c = 0; c < DD; c += 16) a += load16(qv + c) * load16(krow + c);
+            dots[r] = a;
+          }
+          const v16 t = tree16x16(dots, rows) * w.sc;
+          std::memcpy(s.data() + j0, &t, rows * sizeof(float));
+        }
+        for (int64_t j = 0; j < n; ++j) pm = std::max(pm, s[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* krow = kr + j * D;
+          const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
+          s[j] = dot * w.sc;
+          pm = std::max(pm, s[j]);
+        }
       }
       const float nm = std::max(m, pm);
       const float corr = std::exp(m - nm);
@@ -111,64 +128,68 @@ void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
   }
 }
 
-// The attention itself, on raw pointers: offp, lenp (H,) each head's first row and its rows
-// (already clamped to C); pgp, chp (H, K) or null (every page, K of them). Writes op (H, g, d).
-void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,
-                  const int64_t* lenp, const int64_t* pgp, const bool* chp, int64_t H, int64_t G,
-                  int64_t D, int64_t K, int64_t page, float sc, float* op) {
+// The attention of every task, on raw pointers, in one dealing of the threads. A task's result
+// depends on nothing but the task: its slices are cut by its own pages read, and each query
+// head's slices are merged in their order, whichever thread ran them and whatever the other
+// tasks (a sequence of a batch gets what it gets alone).
+void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, float sc) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // page slot i of head h is read when chosen and holding a row
-  const auto reads = [&](int64_t h, int64_t i) {
-    const int64_t start = (pgp ? pgp[h * K + i] : i) * page;
-    return (!chp || chp[h * K + i]) && start >= 0 && start < lenp[h];
-  };
   // the work is dealt by pages read, not by heads: heads are ragged (one head of a layer may hold
   // four times another's rows), and one item per query head left a thread idle while the other
   // read the long heads. Each head's slots are cut into slices of about `per` pages read (about
-  // 8 per thread in all, at most kSlice rows); a slice is g items, one per query head, in turn;
-  // each thread takes the items whose middle falls in its share.
-  std::vector<int64_t> n_read(H, 0);
-  int64_t total = 0;
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t i = 0; i < K; ++i) n_read[h] += reads(h, i);
-    total += G * n_read[h];
-  }
-  // slices of at most kSlice rows: a slice's rows stay in the core's L2 cache while the g query
-  // heads read them in turn (items are ordered head, slice, query head)
-  const int64_t per = std::clamp<int64_t>((total + 8 * threads - 1) / (8 * threads), 1,
-                                          std::max<int64_t>(1, kSlice / page));
-  std::vector<int64_t> cuts, first_cut(H + 1);  // head h's slices: cuts[first_cut[h]] ..
-  for (int64_t h = 0; h < H; ++h) {
-    first_cut[h] = static_cast<int64_t>(cuts.size());
-    cuts.push_back(0);
-    for (int64_t i = 0, n = 0; i < K; ++i)
-      if (reads(h, i) && ++n % per == 0 && n < n_read[h]) cuts.push_back(i + 1);
-  }
-  first_cut[H] = static_cast<int64_t>(cuts.size());
+  // 8 per thread in a task, at most kSlice rows); a slice is g items, one per query head, in
+  // turn; each thread takes the items whose middle falls in its share of all tasks' pages.
   std::vector<Item> items;
-  std::vector<int64_t> first_of_thread(threads + 1, -1);
-  int64_t done = 0;  // pages read by the items before
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t c = first_cut[h]; c < first_cut[h + 1]; ++c) {
-      const int64_t lo = cuts[c], hi = c + 1 < first_cut[h + 1] ? cuts[c + 1] : K;
-      const int64_t work = std::min(per, n_read[h] - (c - first_cut[h]) * per);
-      for (int64_t j = 0; j < G; ++j) {
-        const int64_t mid = 2 * done + work;  // twice the item's middle, in pages read
-        const int64_t t = std::min(threads - 1, mid * threads / (2 * std::max<int64_t>(total, 1)));
-        for (int64_t u = t; u >= 0 && first_of_thread[u] < 0; --u)
-          first_of_thread[u] = static_cast<int64_t>(items.size());
-        items.push_back({h * G + j, lo, hi});
-        done += work;
+  std::vector<int64_t> work_of;  // pages read by each item
+  int64_t total_all = 0;
+  for (int64_t ti = 0; ti < n_tasks; ++ti) {
+    const Task& t = tasks[ti];
+    const int64_t H = t.H, K = t.K, page = t.page;
+    // page slot i of head h is read when chosen and holding a row
+    const auto reads = [&](int64_t h, int64_t i) {
+      const int64_t start = (t.pgp ? t.pgp[h * K + i] : i) * page;
+      return (!t.chp || t.chp[h * K + i]) && start >= 0 && start < t.lenp[h];
+    };
+    std::vector<int64_t> n_read(H, 0);
+    int64_t total = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < K; ++i) n_read[h] += reads(h, i);
+      total += G * n_read[h];
+    }
+    total_all += total;
+    // slices of at most kSlice rows: a slice's rows stay in the core's L2 cache while the g
+    // query heads read them in turn (items are ordered head, slice, query head)
+    const int64_t per = std::clamp<int64_t>((total + 8 * threads - 1) / (8 * threads), 1,
+                                            std::max<int64_t>(1, kSlice / page));
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<int64_t> cuts{0};
+      for (int64_t i = 0, n = 0; i < K; ++i)
+        if (reads(h, i) && ++n % per == 0 && n < n_read[h]) cuts.push_back(i + 1);
+      for (size_t c = 0; c < cuts.size(); ++c) {
+        const int64_t lo = cuts[c], hi = c + 1 < cuts.size() ? cuts[c + 1] : K;
+        const int64_t work = std::min(per, n_read[h] - static_cast<int64_t>(c) * per);
+        for (int64_t j = 0; j < G; ++j) {
+          items.push_back({ti, h * G + j, lo, hi});
+          work_of.push_back(work);
+        }
       }
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<int64_t> first_of_thread(threads + 1, -1);
+  for (int64_t p = 0, done = 0; p < n_items; ++p) {
+    const int64_t mid = 2 * done + work_of[p];  // twice the item's middle, in pages read
+    const int64_t t =
+        std::min(threads - 1, mid * threads / (2 * std::max<int64_t>(total_all, 1)));
+    for (int64_t u = t; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = p;
+    done += work_of[p];
+  }
   for (int64_t u = threads; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = n_items;
   std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D);
 
-  const Items work{items.data(), first_of_thread.data(), qp, kp, vp, offp, lenp, pgp, chp,
-                   G, D, K, page, sc, part_m.data(), part_l.data(), part_acc.data()};
+  const Items work{items.data(), first_of_thread.data(), tasks, G, D, sc,
+                   part_m.data(), part_l.data(), part_acc.data()};
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
     // the head dims models use, known at compile time: the running sum of values stays in
     // registers and the dot products unroll (at run time it went through memory every row)
@@ -180,24 +201,36 @@ void attend_pages(const float* qp, const float* kp, const float* vp, const int64
       attend_items<0>(work, t_begin, t_end);
   });
 
-  // each query head's slices merged: rescaled to its largest max (no row read: zeros)
-  std::vector<float> mx(H * G, neg_inf), norm(H * G, 0.f);
-  for (int64_t p = 0; p < n_items; ++p) mx[items[p].hg] = std::max(mx[items[p].hg], part_m[p]);
-  std::fill(op, op + H * G * D, 0.f);
-  for (int64_t p = 0; p < n_items; ++p) {
-    const int64_t hg = items[p].hg;
-    if (part_m[p] == neg_inf) continue;
-    const float w = std::exp(part_m[p] - mx[hg]);
-    norm[hg] += part_l[p] * w;
-    const float* a = part_acc.data() + p * D;
-    float* o = op + hg * D;
-    for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
+  // each task's query heads' slices merged: rescaled to its largest max (no row read: zeros)
+  for (int64_t p = 0, first = 0; first < n_items; first = p) {
+    const Task& t = tasks[items[first].task];
+    const int64_t HG = t.H * G;
+    for (; p < n_items && items[p].task == items[first].task; ++p) {}
+    std::vector<float> mx(HG, neg_inf), norm(HG, 0.f);
+    for (int64_t i = first; i < p; ++i) mx[items[i].hg] = std::max(mx[items[i].hg], part_m[i]);
+    std::fill(t.op, t.op + HG * D, 0.f);
+    for (int64_t i = first; i < p; ++i) {
+      const int64_t hg = items[i].hg;
+      if (part_m[i] == neg_inf) continue;
+      const float w = std::exp(part_m[i] - mx[hg]);
+      norm[hg] += part_l[i] * w;
+      const float* a = part_acc.data() + i * D;
+      float* o = t.op + hg * D;
+      for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
+    }
+    for (int64_t hg = 0; hg < HG; ++hg) {
+      if (mx[hg] == neg_inf) continue;
+      float* o = t.op + hg * D;
+      for (int64_t c = 0; c < D; ++c) o[c] /= norm[hg];
+    }
   }
-  for (int64_t hg = 0; hg < H * G; ++hg) {
-    if (mx[hg] == neg_inf) continue;
-    float* o = op + hg * D;
-    for (int64_t c = 0; c < D; ++c) o[c] /= norm[hg];
-  }
+}
+
+void attend_pages(const float* qp, const float* kp, const float* vp, const int64_t* offp,
+                  const int64_t* lenp, const int64_t* pgp, const bool* chp, int64_t H, int64_t G,
+                  int64_t D, int64_t K, int64_t page, float sc, float* op) {
+  const Task task{qp, kp, vp, offp, lenp, pgp, chp, H, K, page, op};
+  attend_tasks(&task, 1, G, D, sc);
 }
 
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -264,12 +297,97 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
+// atskv::rows_decode: one layer's decode step for the rows of a batch whose layer is an append
+// and exact attention over their own static store (every row of every head, in blocks of `page`),
+// in one call: each row's stores and sizes are its own, and the threads are dealt over all rows'
+// heads at once. Row b of those taken is row rows[b] of the step: its queries q[rows[b]] (H, g, d),
+// its new key and value knew[rows[b]], vnew[rows[b]] (H, d) (the step's whole tensors go in, not
+// a gather of the rows taken, which a compiled step fused with the queries' rotary and rounded
+// otherwise than for a batch of one); its store
+// k[b], v[b] either (H, C, d) with index[b] (H,) the rows written per head (StaticKV), or (N, d)
+// with index[b] (3, H) each head's first row, rows written and rows owned (StaticPagedKV). The new
+// key and value go to each head's next row and its count grows by one (every row checked first),
+// then the attention, as paged_attention over the row's store. (B, H, g, d) for the B rows taken.
+at::Tensor rows_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
+                           at::IntArrayRef rows, at::TensorList k, at::TensorList v,
+                           at::TensorList index, int64_t page, double scale) {
+  const int64_t B = static_cast<int64_t>(k.size());
+  TORCH_CHECK(q.dim() == 4 && static_cast<int64_t>(rows.size()) == B && v.size() == k.size() &&
+                  index.size() == k.size(),
+              "atskv::rows_decode: q must be (n, H, g, d) with one store per row taken; got q ",
+              q.sizes(), ", ", rows.size(), " rows and ", k.size(), " stores");
+  const int64_t H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(knew.dim() == 3 && knew.size(0) == q.size(0) && knew.size(1) == H &&
+                  knew.size(2) == D && vnew.sizes() == knew.sizes(),
+              "atskv::rows_decode: the new keys and values must be (", q.size(0), ", ", H, ", ",
+              D, "); got ", knew.sizes(), ", ", vnew.sizes());
+  for (const int64_t r : rows)
+    TORCH_CHECK(r >= 0 && r < q.size(0), "atskv::rows_decode: row ", r, " out of range");
+  TORCH_CHECK(page >= 1, "atskv::rows_decode: page must be >= 1, got ", page);
+  for (const at::Tensor* t : {&q, &knew, &vnew})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::rows_decode: float32 only");
+  std::vector<std::vector<int64_t>> off(B, std::vector<int64_t>(H)), len(B, std::vector<int64_t>(H));
+  std::vector<int64_t*> count(B);
+  std::vector<int64_t> stride(B);  // rows per head of an (H, C, d) store, else 0
+  for (int64_t b = 0; b < B; ++b) {  // every row checked before any is written
+    const at::Tensor &kb = k[b], &vb = v[b], &ib = index[b];
+    TORCH_CHECK((kb.dim() == 2 || (kb.dim() == 3 && kb.size(0) == H)) && vb.sizes() == kb.sizes() &&
+                    kb.size(-1) == D && kb.scalar_type() == at::kFloat &&
+                    vb.scalar_type() == at::kFloat && kb.is_contiguous() && vb.is_contiguous(),
+                "atskv::rows_decode: row ", b, "'s store must be contiguous float32 (", H,
+                ", C, ", D, ") or (N, ", D, "); got ", kb.sizes());
+    TORCH_CHECK(ib.scalar_type() == at::kLong && ib.is_contiguous() &&
+                    ib.sizes() == (kb.dim() == 3 ? at::IntArrayRef({H}) : at::IntArrayRef({3, H})),
+                "atskv::rows_decode: row ", b, "'s index must be int64 (H,) or (3, H); got ",
+                ib.sizes());
+    int64_t* ip = ib.data_ptr<int64_t>();
+    const int64_t C = kb.dim() == 3 ? kb.size(1) : 0;
+    stride[b] = C;
+    count[b] = C ? ip : ip + H;
+    for (int64_t h = 0; h < H; ++h) {
+      off[b][h] = C ? h * C : ip[h];
+      const int64_t n = count[b][h], cap = C ? C : ip[2 * H + h];
+      TORCH_CHECK(n >= 0 && n < cap && off[b][h] + cap <= (C ? H * C : kb.size(0)),
+                  "atskv::rows_decode: row ", b, ", head ", h,
+                  " is full (its capacity was sized for fewer generated tokens)");
+    }
+  }
+  const auto qc = q.contiguous(), kn = knew.contiguous(), vn = vnew.contiguous();
+  auto out = at::empty({B, H, G, D}, q.options());
+  float* op = out.data_ptr<float>();
+  std::vector<Task> tasks(B);
+  for (int64_t b = 0; b < B; ++b) {
+    float* kp = k[b].data_ptr<float>();
+    float* vp = v[b].data_ptr<float>();
+    int64_t K = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t row = off[b][h] + count[b][h];
+      const float* kr = kn.data_ptr<float>() + (rows[b] * H + h) * D;
+      const float* vr = vn.data_ptr<float>() + (rows[b] * H + h) * D;
+      std::copy(kr, kr + D, kp + row * D);
+      std::copy(vr, vr + D, vp + row * D);
+      len[b][h] = ++count[b][h];
+      K = std::max(K, (len[b][h] + page - 1) / page);
+    }
+    tasks[b] = {qc.data_ptr<float>() + rows[b] * H * G * D, kp, vp, off[b].data(), len[b].data(),
+                nullptr, nullptr, H, K, page, op + b * H * G * D};
+  }
+  attend_tasks(tasks.data(), B, G, D, static_cast<float>(scale));
+  return out;
+}
+
 }  // namespace atskv
 
 TORCH_LIBRARY(atskv, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k, Tensor v, Tensor? offsets, Tensor lens, Tensor? pages, "
       "Tensor? chosen, int page, float scale) -> Tensor");
+  m.def(
+      "rows_decode(Tensor q, Tensor knew, Tensor vnew, int[] rows, Tensor(a!)[] k, Tensor(b!)[] v, "
+      "Tensor(c!)[] index, int page, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(atskv, CPU, m) { m.impl("paged_attention", &atskv::paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(atskv, CPU, m) {
+  m.impl("paged_attention", &atskv::paged_attention_cpu);
+  m.impl("rows_decode", &atskv::rows_decode_cpu);
+}
