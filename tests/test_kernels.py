@@ -21,7 +21,7 @@ from helpers import assert_attention_close, attention_rel_bound
 
 from atskv.core import kernels
 from atskv.core.engine import Engine
-from atskv.core.stores import StaticKV, StaticPagedKV
+from atskv.core.stores import StaticKV, StaticPagedKV, decode_rows
 from atskv.core.types import ConfigError
 from atskv.methods import METHODS
 from atskv.methods.atskv import ATSKV
@@ -89,6 +89,48 @@ def test_every_page_equals_sdpa(lengths, page, g, threads, d):
         store = ragged_store(lengths, page, headroom=3, d=d)
         q = torch.randn(len(lengths), g, d)
         check_both(store, q, 0.3)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("d", [D, 64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_decode_gives_each_row_what_append_and_attend_give_it_alone(d, threads):
+    """A batch's plain decode layer in one call (:func:`decode_rows`): stores of both layouts
+    and of different sizes, some rows of the step taken and others not; each taken row's output,
+    bytes read and store afterwards are bit for bit those of its own append and attention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(d + threads)
+
+        def stores():
+            keys, values = torch.randn(3, 300, d, generator=g), torch.randn(3, 300, d, generator=g)
+            return [StaticKV(keys, values, [torch.arange(0, 300, 2)] * 3, headroom=3),
+                    ragged_store([37, 5, 64], page=1, headroom=3, d=d),
+                    StaticKV(keys[:, :40], values[:, :40], [torch.arange(40)] * 3, headroom=2),
+                    ragged_store([250, 1, 90], page=1, headroom=3, d=d)]
+
+        taken = [0, 2, 3, 5]  # rows 1 and 4 of the step are not ours
+        ours = stores()
+        alone = [copy.deepcopy(s) for s in ours]
+        q, k, v = (torch.randn(6, 3, *shape, generator=g) for shape in ((2, d), (d,), (d,)))
+        for _ in range(2):  # the second step reads what the first appended
+            out, reads = decode_rows(taken, ours, q, k, v, 0.3)
+            for i, (row, store) in enumerate(zip(taken, alone)):
+                if isinstance(store, StaticPagedKV):
+                    store.append(k[row], v[row], bounds=False)
+                else:
+                    store.append(k[row], v[row])
+                want, read = store.attend(q[row], 0.3)
+                assert torch.equal(out[i], want)
+                assert reads[i] == read
+        for a, b in zip(ours, alone):
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+        counts = [s.counts.clone() for s in ours]  # the third step overfills the 40-token store
+        with pytest.raises(RuntimeError, match="row 2, head 0 is full"):
+            decode_rows(taken, ours, q, k, v, 0.3)
+        assert all(torch.equal(c, s.counts) for c, s in zip(counts, ours))  # nothing written
     finally:
         torch.set_num_threads(before)
 

@@ -138,7 +138,7 @@ class ExtendSession(DecodeSession):
 #: the most rows a compiled step holds: its graph unrolls every row's attention, and compiling it
 #: takes longer than linearly in the rows (SmolLM2 on a loaded 2-core machine: 11-16 minutes
 #: at 8 rows); a larger batch decodes eagerly, still one weight read per step
-MAX_COMPILED_ROWS = 4
+MAX_COMPILED_ROWS = 8
 
 
 def static(rows: Sequence[Row]) -> bool:
