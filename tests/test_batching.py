@@ -155,9 +155,9 @@ def test_a_graph_captured_batch_of_eight_decodes_every_sequence_as_alone(model, 
 def test_a_batch_beyond_the_compiled_rows_decodes_eagerly_as_alone(model, monkeypatch):
     """A batch larger than a compiled step may hold is decoded by the eager step (one weight
     read per step, no compile), each row as alone."""
-    from atskv.core import engine as engine_mod
+    from atskv.core import decoding
 
-    monkeypatch.setattr(engine_mod, "MAX_COMPILED_ROWS", 2)
+    monkeypatch.setattr(decoding, "MAX_COMPILED_ROWS", 2)
     eng = Engine(model, None, compile=True)
     methods = [method("snapkv") for _ in range(3)]
     alone = [Engine(model, None).generate_batch([r])[0]

@@ -110,9 +110,10 @@ def test_a_compiled_run_compiles_once_and_records_it(tmp_path):
     step: result.json counts one compile, and the seconds it took are recorded (the warm-up's)."""
     args = ["method=snapkv", "context_len=512", "budget=0.25", "benchmark.n_samples=3",
             "model=tiny_random", "hardware.threads=1", "hardware.compile=true",
-            "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"]
+            "hardware.compile_min_steps=0", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"]
     proc = run_py(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = results_under(tmp_path)
+    assert res["compile_decision"]["compiled"] and res["compile_decision"]["min_steps"] == 0
     assert res["compiles"] == 1
     assert res["warmup_compile_s"] > 0 and res["compile_s"] == 0

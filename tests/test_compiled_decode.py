@@ -146,3 +146,20 @@ def test_each_kind_of_model_gets_its_own_compiled_step(tiny_model, make_tiny_mod
         assert max_diff(compiled.stats["logits"], eager.stats["logits"]) < 1e-4
         last_logits.append(eager.stats["logits"][-1])
     assert max_diff(last_logits[2:3], last_logits[:1]) > 1e-3  # the twin's weights count
+
+
+def test_a_run_compiles_only_when_its_steps_repay_the_compile():
+    """The CPU preset compiles a run's decode step only when the run decodes at least
+    ``compile_min_steps`` steps; 0 compiles whatever the steps, and ``compile: false`` never."""
+    from atskv.core.engine import compile_pays
+    from atskv.experiments.compose import compose_run_config
+
+    hw = compose_run_config(["hardware=cpu"]).hardware
+    least = hw.compile_min_steps
+    assert hw.compile and least > 0
+    assert not compile_pays(hw, least - 1)
+    assert compile_pays(hw, least) and compile_pays(hw, None)  # None: a run of unknown length
+    hw.compile_min_steps = 0
+    assert compile_pays(hw, 1)
+    hw.compile = False
+    assert not compile_pays(hw, 10 * least) and not compile_pays(hw, None)

@@ -135,10 +135,21 @@ class ExtendSession(DecodeSession):
         return torch.stack(outs, dim=1)[None]
 
 
-#: the most rows a compiled step holds: its graph unrolls every row's attention, and compiling it
-#: takes longer than linearly in the rows (SmolLM2 on a loaded 2-core machine: 11-16 minutes
-#: at 8 rows); a larger batch decodes eagerly, still one weight read per step
+#: the most rows a compiled step holds: every distinct set of rows compiles a step of its own
+#: (tens of seconds each), so larger batches decode eagerly, still one weight read per step
 MAX_COMPILED_ROWS = 8
+#: the most rows of a compiled step whose layers are not plain (:meth:`Method.plain_decode`): the
+#: graph unrolls each such row's attention (plain rows share one call per layer), and compiling
+#: it takes longer than linearly in them (11-16 minutes at 8 rows for SmolLM2 on a loaded 2-core
+#: machine)
+MAX_UNROLLED_ROWS = 4
+
+
+def compilable(rows: Sequence[Row]) -> bool:
+    """Whether the rows, all static, may run as one compiled step (:data:`MAX_COMPILED_ROWS`,
+    :data:`MAX_UNROLLED_ROWS`)."""
+    unrolled = sum(not r.method.plain_decode(r.state) for r in rows)
+    return len(rows) <= MAX_COMPILED_ROWS and unrolled <= MAX_UNROLLED_ROWS
 
 
 def static(rows: Sequence[Row]) -> bool:

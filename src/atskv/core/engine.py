@@ -42,12 +42,12 @@ from torch import Tensor
 
 from atskv.core import dynamo, seam
 from atskv.core.decoding import (
-    MAX_COMPILED_ROWS,
     CompiledStep,
     EagerStep,
     ExtendSession,
     GraphStep,
     Row,
+    compilable,
     static,
 )
 from atskv.core.method import Method, PrefillContext, State
@@ -193,6 +193,15 @@ class StopStrings:
         return text[:at]
 
 
+def compile_pays(hw: Any, decode_steps: int | None) -> bool:
+    """Whether a run compiles its decode step: the ``hardware`` config's ``compile``, for a run
+    that decodes at least ``compile_min_steps`` steps (``decode_steps``; None: unknown, compile).
+    A compile costs tens of seconds once per process and shape, a compiled step saves
+    milliseconds: a short run is faster eager."""
+    least = int(getattr(hw, "compile_min_steps", 0) or 0)
+    return bool(hw.compile) and (decode_steps is None or decode_steps >= least)
+
+
 class Engine:
     """Greedy generation with KV-cache methods on a transformers causal LM, one sequence or a
     batch of them."""
@@ -214,13 +223,15 @@ class Engine:
         self.eos_ids = seam.eos_token_ids(model, tokenizer)
 
     @classmethod
-    def for_hardware(cls, model: Any, tokenizer: Any, hw: Any) -> Engine:
+    def for_hardware(cls, model: Any, tokenizer: Any, hw: Any,
+                     decode_steps: int | None = None) -> Engine:
         """An engine with a ``hardware`` config's prefill chunk, CUDA-graph and compile settings
-        (the graph only on a CUDA device)."""
+        (the graph only on a CUDA device; compiling only for a run of ``decode_steps``, when
+        known, that :func:`compile_pays` for)."""
         device = next(model.parameters()).device
         return cls(model, tokenizer, prefill_chunk=hw.prefill_chunk,
                    cuda_graph=bool(hw.cuda_graph) and device.type == "cuda",
-                   compile=bool(hw.compile))
+                   compile=compile_pays(hw, decode_steps))
 
     def full_kv_bytes(self, n_tokens: int) -> int:
         """Bytes a full cache holds for ``n_tokens`` tokens (all layers, K and V; a
@@ -419,12 +430,12 @@ class Engine:
     def _decode(self, gens: list[_Generation]) -> None:
         """Decode steps until every generation has finished. Rows whose steps are static and
         equally long run as one fixed batch (captured where the engine does so, or compiled when
-        there are at most :data:`MAX_COMPILED_ROWS`; a finished row keeps running within its own
+        they are :func:`~atskv.core.decoding.compilable`; a finished row keeps running within its own
         room and its outputs are dropped); otherwise the batch shrinks as rows finish."""
         rows = [Row(g.request.method, g.compressed.state,
                     g.request.position() + len(g.question)) for g in gens]
         fixed = (static(rows) and len({g.request.max_new_tokens for g in gens}) == 1
-                 and (self.cuda_graph or (self.compile and len(rows) <= MAX_COMPILED_ROWS)))
+                 and (self.cuda_graph or (self.compile and compilable(rows))))
         with seam.use_engine_attention(self.model), seam.exact_linears(self.model):
             step: EagerStep | None = self._stepper(rows) if fixed else None
             while not all(g.done for g in gens):

@@ -72,6 +72,9 @@ class HardwareConfig:
     prefill_chunk: int = 0  # tokens per prefill chunk (0: one pass)
     cuda_graph: bool = False  # capture the static decode step (methods that have one)
     compile: bool = False  # torch.compile the static decode step (methods that have one)
+    # ... only in a run that decodes at least this many steps (its samples' generation lengths,
+    # summed over the members of its group); 0: whenever ``compile`` is on
+    compile_min_steps: int = 0
     device_map: str | None = None  # e.g. "auto" to spread a model over several GPUs
     # sequences decoded together at most (a sweep group's members x benchmark.batch_size
     # samples x questions of a context): more are decoded in turns, each as alone

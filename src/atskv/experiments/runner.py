@@ -188,7 +188,9 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
         torch.manual_seed(cfg.seed)
         model = models.load_model(cfg.model, path, cfg.hardware.device, cfg.hardware.dtype,
                                   cfg.hardware.device_map)
-        engine = Engine.for_hardware(model, tokenizer, cfg.hardware)
+        # every member decodes every sample (together or not): the steps a compile would serve
+        steps = len(members) * sum(s.max_new_tokens for s in samples)
+        engine = Engine.for_hardware(model, tokenizer, cfg.hardware, decode_steps=steps)
         compiles = dynamo.compilations()  # the warm-up's included: it compiles for the run
         for m in members:
             m.base["warmup_compile_s"] = engine.warmup(m.method) if cfg.warmup else 0.0
@@ -204,7 +206,9 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
                           peak_memory_since_reset=mem.since_reset, fresh_process=fresh,
                           # one peak for the members and samples decoded together
                           peak_memory_shared=len(members) > 1 or cfg.benchmark.batch_size > 1,
-                          compiles=dynamo.compilations() - compiles)
+                          compiles=dynamo.compilations() - compiles,
+                          compile_decision={"compiled": engine.compile, "decode_steps": steps,
+                                            "min_steps": cfg.hardware.compile_min_steps})
     except Exception as e:  # noqa: BLE001 - recorded, so that the rest of a sweep goes on
         for m in members:
             if m.error is None:

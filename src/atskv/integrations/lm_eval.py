@@ -61,7 +61,8 @@ MODEL_ARGS: dict[str, str] = {
     "dtype": "float32, bfloat16 or float16 (default: the hardware preset's)",
     "prefill_chunk": "tokens per prefill chunk, 0 = one pass (default: the hardware preset's)",
     "threads": "CPU threads for torch (default: all)",
-    "compile": "true or false: compile the static decode step (default: the hardware preset's)",
+    "compile": "true or false: compile the static decode step (default: the hardware preset's: "
+               "on a CPU, when the requests decode enough steps to repay the compile)",
     "max_gen_toks": "generation length when a task sets none (default 256)",
     "protocol": "question_aware (default) or question_agnostic: compress the context without "
                 "the question (prompts from atskv's exported tasks, which know where it starts)",
@@ -183,6 +184,8 @@ class AtsKVLM(LM):
                                ("threads", threads), ("compile", compile)):
                 if value is not None:
                     cfg.hardware[key] = value
+            if compile is not None:  # said outright: whatever the number of steps
+                cfg.hardware.compile_min_steps = 0
             if model_path is not None:
                 cfg.model.path = str(model_path)
         except OmegaConfBaseException as e:  # a value of the wrong type for its field
@@ -362,6 +365,12 @@ class AtsKVLM(LM):
         samples = [self.sample(req.args[0], until, max_gen, i)
                    for i, (req, (until, max_gen)) in enumerate(zip(requests, parsed))]
         protocol.check_splits(samples, {self.cfg.protocol})
+        # compiled only for as many steps as repay it (the hardware preset's compile_min_steps)
+        from atskv.core import dynamo
+        from atskv.core.engine import compile_pays
+
+        self.engine.compile = (compile_pays(self.cfg.hardware, sum(m for _, m in parsed))
+                               and dynamo.available())
         groups: dict[Any, list[int]] = {}
         for i, s in enumerate(samples):
             groups.setdefault(s.meta.get("context_id") or ("request", i), []).append(i)
