@@ -97,8 +97,9 @@ def test_every_page_equals_sdpa(lengths, page, g, threads, d):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_rows_decode_gives_each_row_what_append_and_attend_give_it_alone(d, threads):
     """A batch's plain decode layer in one call (:func:`decode_rows`): stores of both layouts
-    and of different sizes, some rows of the step taken and others not; each taken row's output,
-    bytes read and store afterwards are bit for bit those of its own append and attention."""
+    and of different sizes, a ring that wraps, some rows of the step taken and others not; each
+    taken row's output, bytes read and store afterwards are bit for bit those of its own append
+    and attention."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -109,12 +110,14 @@ def test_rows_decode_gives_each_row_what_append_and_attend_give_it_alone(d, thre
             return [StaticKV(keys, values, [torch.arange(0, 300, 2)] * 3, headroom=3),
                     ragged_store([37, 5, 64], page=1, headroom=3, d=d),
                     StaticKV(keys[:, :40], values[:, :40], [torch.arange(40)] * 3, headroom=2),
-                    ragged_store([250, 1, 90], page=1, headroom=3, d=d)]
+                    ragged_store([250, 1, 90], page=1, headroom=3, d=d),
+                    StaticKV(keys[:, :12], values[:, :12], [torch.arange(12)] * 3, headroom=0,
+                             sinks=2)]  # full from the start: every append overwrites a row
 
-        taken = [0, 2, 3, 5]  # rows 1 and 4 of the step are not ours
+        taken = [0, 2, 3, 5, 6]  # rows 1 and 4 of the step are not ours
         ours = stores()
         alone = [copy.deepcopy(s) for s in ours]
-        q, k, v = (torch.randn(6, 3, *shape, generator=g) for shape in ((2, d), (d,), (d,)))
+        q, k, v = (torch.randn(7, 3, *shape, generator=g) for shape in ((2, d), (d,), (d,)))
         for _ in range(2):  # the second step reads what the first appended
             out, reads = decode_rows(taken, ours, q, k, v, 0.3)
             for i, (row, store) in enumerate(zip(taken, alone)):

@@ -147,7 +147,8 @@ def _decode_shape(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, s
 
 
 def _rows_shape(q: Tensor, knew: Tensor, vnew: Tensor, rows: list[int], k: list[Tensor],
-                v: list[Tensor], index: list[Tensor], page: int, scale: float) -> Tensor:
+                v: list[Tensor], index: list[Tensor], sinks: list[int], page: int,
+                scale: float) -> Tensor:
     return q.new_empty((len(rows), *q.shape[1:]))
 
 
@@ -186,17 +187,19 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor | None, len
 
 
 def rows_decode(q: Tensor, knew: Tensor, vnew: Tensor, rows: list[int], k: list[Tensor],
-                v: list[Tensor], index: list[Tensor], page: int, scale: float) -> Tensor:
+                v: list[Tensor], index: list[Tensor], sinks: list[int], page: int,
+                scale: float) -> Tensor:
     """One layer's decode step for the rows ``rows`` of a step (sequences of a batch) whose layer
     is an append and exact attention over their own static store, in one call, in place: the
     ``b``-th such row's new ``knew[rows[b]]``, ``vnew[rows[b]]`` ``(H, d)`` go to each head's next
     row of ``k[b]``, ``v[b]`` and its
     count in ``index[b]`` grows by one (a :class:`StaticKV`'s ``(H, C, d)`` buffers with its counts
-    ``(H,)``, or a :class:`StaticPagedKV`'s ``(N, d)`` rows with its ``(3, H)`` index); then each
+    ``(H,)``, a ring's (``sinks[b] >= 0``) overwriting its oldest row after the sinks once full,
+    or a :class:`StaticPagedKV`'s ``(N, d)`` rows with its ``(3, H)`` index); then each
     row's :func:`paged_attention` over every row of its store in blocks of ``page``, the threads
     dealt over all rows' heads at once. Each row gets what :func:`paged_attention` gives it alone.
     ``q`` ``(n, H, g, d)`` -> ``(len(rows), H, g, d)``."""
-    return torch.ops.atskv.rows_decode(q, knew, vnew, rows, k, v, index, page, scale)
+    return torch.ops.atskv.rows_decode(q, knew, vnew, rows, k, v, index, sinks, page, scale)
 
 
 def rank_pages(q: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor, lens: Tensor, pinned: Tensor,

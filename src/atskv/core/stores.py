@@ -283,7 +283,7 @@ class StaticKV:
         self.initial = sum(lengths)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
         #: a decode step's append and attention may run with other rows' (:func:`decode_rows`)
-        self.rows_kernel = self.kernel and sinks is None
+        self.rows_kernel = self.kernel
 
     @property
     def n_heads(self) -> int:
@@ -580,6 +580,7 @@ def decode_rows(rows: list[int], stores: Sequence[StaticKV | StaticPagedKV], q: 
     that store, in one native call (:func:`kernels.rows_decode`). Each row gets what ``append``
     and ``attend`` give it alone. The outputs ``(len(rows), H, g, d)`` and each row's bytes
     read."""
+    rings = [s.sinks if isinstance(s, StaticKV) and s.sinks is not None else -1 for s in stores]
     out = kernels.rows_decode(q, k, v, rows, [s.k for s in stores], [s.v for s in stores],
-                              [s.counts for s in stores], DENSE_BLOCK, scale)
+                              [s.counts for s in stores], rings, DENSE_BLOCK, scale)
     return out, [s.read_bytes() for s in stores]

@@ -306,14 +306,16 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
 // otherwise than for a batch of one); its store
 // k[b], v[b] either (H, C, d) with index[b] (H,) the rows written per head (StaticKV), or (N, d)
 // with index[b] (3, H) each head's first row, rows written and rows owned (StaticPagedKV). The new
-// key and value go to each head's next row and its count grows by one (every row checked first),
-// then the attention, as paged_attention over the row's store. (B, H, g, d) for the B rows taken.
+// key and value go to each head's next row (a ring's, sinks[b] >= 0: once full, its oldest row
+// after the sinks) and its count grows by one (every row checked first), then the attention, as
+// paged_attention over the row's store. (B, H, g, d) for the B rows taken.
 at::Tensor rows_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
                            at::IntArrayRef rows, at::TensorList k, at::TensorList v,
-                           at::TensorList index, int64_t page, double scale) {
+                           at::TensorList index, at::IntArrayRef sinks, int64_t page,
+                           double scale) {
   const int64_t B = static_cast<int64_t>(k.size());
   TORCH_CHECK(q.dim() == 4 && static_cast<int64_t>(rows.size()) == B && v.size() == k.size() &&
-                  index.size() == k.size(),
+                  index.size() == k.size() && static_cast<int64_t>(sinks.size()) == B,
               "atskv::rows_decode: q must be (n, H, g, d) with one store per row taken; got q ",
               q.sizes(), ", ", rows.size(), " rows and ", k.size(), " stores");
   const int64_t H = q.size(1), G = q.size(2), D = q.size(3);
@@ -344,10 +346,14 @@ at::Tensor rows_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at
     const int64_t C = kb.dim() == 3 ? kb.size(1) : 0;
     stride[b] = C;
     count[b] = C ? ip : ip + H;
+    TORCH_CHECK(sinks[b] < 0 || (C && sinks[b] < C),
+                "atskv::rows_decode: row ", b, ": a ring (sinks ", sinks[b],
+                ") needs an (H, C, d) store with C above its sinks");
     for (int64_t h = 0; h < H; ++h) {
       off[b][h] = C ? h * C : ip[h];
       const int64_t n = count[b][h], cap = C ? C : ip[2 * H + h];
-      TORCH_CHECK(n >= 0 && n < cap && off[b][h] + cap <= (C ? H * C : kb.size(0)),
+      TORCH_CHECK(n >= 0 && (n < cap || sinks[b] >= 0) &&
+                      off[b][h] + cap <= (C ? H * C : kb.size(0)),
                   "atskv::rows_decode: row ", b, ", head ", h,
                   " is full (its capacity was sized for fewer generated tokens)");
     }
@@ -360,13 +366,18 @@ at::Tensor rows_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at
     float* kp = k[b].data_ptr<float>();
     float* vp = v[b].data_ptr<float>();
     int64_t K = 0;
+    const int64_t C = stride[b], ring = sinks[b];
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t row = off[b][h] + count[b][h];
+      const int64_t n = count[b][h];
+      // a ring, once full, overwrites its oldest row after the sinks (StaticKV.append)
+      const int64_t slot = ring < 0 || n < C ? n : ring + (n - C) % (C - ring);
+      const int64_t row = off[b][h] + slot;
       const float* kr = kn.data_ptr<float>() + (rows[b] * H + h) * D;
       const float* vr = vn.data_ptr<float>() + (rows[b] * H + h) * D;
       std::copy(kr, kr + D, kp + row * D);
       std::copy(vr, vr + D, vp + row * D);
-      len[b][h] = ++count[b][h];
+      ++count[b][h];
+      len[b][h] = C ? std::min(count[b][h], C) : count[b][h];
       K = std::max(K, (len[b][h] + page - 1) / page);
     }
     tasks[b] = {qc.data_ptr<float>() + rows[b] * H * G * D, kp, vp, off[b].data(), len[b].data(),
@@ -384,7 +395,7 @@ TORCH_LIBRARY(atskv, m) {
       "Tensor? chosen, int page, float scale) -> Tensor");
   m.def(
       "rows_decode(Tensor q, Tensor knew, Tensor vnew, int[] rows, Tensor(a!)[] k, Tensor(b!)[] v, "
-      "Tensor(c!)[] index, int page, float scale) -> Tensor");
+      "Tensor(c!)[] index, int[] sinks, int page, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(atskv, CPU, m) {
