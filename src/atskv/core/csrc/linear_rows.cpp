@@ -26,6 +26,7 @@ namespace atskv {
 
 constexpr int64_t kRows = 8;    // rows of x per pass, at most
 constexpr int64_t kGrain = 32;  // weight rows per task of the thread pool, at least
+constexpr int64_t kTile = 64;   // weight rows every pass of a batch of rows takes in turn
 // floats ahead of the weights being read that a pass of several rows prefetches: without it, the
 // multiply-adds and the weights' reads took turns (at 8 rows, twice the time of reading the
 // weights alone on a 2-core Xeon); one row's pass is bound by the reads and streams them as it is
@@ -97,8 +98,12 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight,
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t r0 = 0; r0 < M; r0 += kRows)
-      kPasses[std::min(kRows, M - r0) - 1](xp, wp, bp, yp, K, N, r0, n0, n1);
+    // more rows than a pass takes: every pass over a tile of weight rows while it is in cache
+    // (a pass over the whole range each read the weights from memory again)
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile)
+      for (int64_t r0 = 0; r0 < M; r0 += kRows)
+        kPasses[std::min(kRows, M - r0) - 1](xp, wp, bp, yp, K, N, r0, t0,
+                                             std::min(t0 + kTile, n1));
   });
   return out;
 }
