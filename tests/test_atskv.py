@@ -272,3 +272,25 @@ def test_cuda_graph_replay_matches_eager(tiny_model):
         assert max_diff(graphed.stats["logits"], eager.stats["logits"]) < 1e-3
     finally:
         model.to("cpu")
+
+
+def test_reconstruction_signal_scores_what_reconstructing_the_context_needs(smollm2_tokenizer):
+    """``signal=recon``: KVzip's passes (the same ones kvzip asks for, so a sweep computes them
+    once) and relevance from their scores as they are, the window's attention unused; without
+    the passes the method says what it needs."""
+    torch.manual_seed(1)
+    prompt = list(range(10, 300))
+    m = ATSKV(budget=0.2, signal="recon")
+    assert m.reconstruction(prompt, smollm2_tokenizer) == \
+        METHODS.get("kvzip")(budget=0.2).reconstruction(prompt, smollm2_tokenizer)
+    assert ATSKV(budget=0.2).reconstruction(prompt, smollm2_tokenizer) == []
+    d, n, w = 16, 120, 8
+    k, v = torch.randn(2, n, d), torch.ones(2, n, d)
+    q = torch.zeros(2, w, d)
+    q[:] = k[:, 30:31] * 4.0  # the window attends token 30
+    recon = torch.rand(2, n) * 0.01
+    recon[:, 70] = 1.0  # reconstruction needs token 70
+    rel = m.relevance(q, k, v, d**-0.5, 4, recon)
+    assert torch.equal(rel, recon[:, 4 : n - w])
+    with pytest.raises(ValueError, match="reconstruction passes"):
+        m.relevance(q, k, v, d**-0.5, 4, None)

@@ -6,7 +6,9 @@ Three components, each with an ablation switch:
    (the last ``window`` prompt queries, which hold the question: query-aware), summed over the
    GQA group and max-pooled so neighbours share relevance (``attn``); optionally weighted by the
    token's value norm, a cheap predictor of how much a token can move the output once attended
-   (``attn_vnorm``, the value-aware pruning idea); or the value norm alone (``vnorm``).
+   (``attn_vnorm``, the value-aware pruning idea); or the value norm alone (``vnorm``); or,
+   asking no question, KVzip's context-reconstruction attention (``recon``: the engine's extra
+   passes, about two prefills; docs/atskv_research.md).
    Relevance is then mixed with a consensus shared by every layer and head (``consensus``): a
    fact that the question's retrieval heads single out is kept in every head, not only in those
    whose window attention happened to find it (measured on SmolLM2: without it, most heads
@@ -50,20 +52,31 @@ pages), which reads less but cannot be captured. Both give the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from atskv.core import kernels
-from atskv.core.method import METHODS, AttendResult, PrefillContext, State, headroom
+from atskv.core.method import (
+    METHODS,
+    AttendResult,
+    PrefillContext,
+    Reconstruction,
+    State,
+    headroom,
+)
 from atskv.core.stores import StaticPagedKV
+from atskv.methods.kvzip import reconstruction_passes
 from atskv.methods.pages import page_upper_bound
 from atskv.methods.scoring import ScoredSelection, window_scores
 
-SIGNALS = ("attn", "attn_vnorm", "vnorm")
+SIGNALS = ("attn", "attn_vnorm", "vnorm", "recon")
+#: KVzip's reconstruction chunking and overlap (its defaults), for the ``recon`` signal
+RECON_CHUNK, RECON_OVERLAP = 2048, 8
 
 
 @dataclass
@@ -181,12 +194,30 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 and 2 * keep <= self.fit() * self.page_size)
 
     # -- prefill: relevance and allocation ----------------------------------------------------
-    def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float, n_sink: int) -> Tensor:
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
+        """KVzip's context-reconstruction passes, for the ``recon`` signal (none otherwise)."""
+        n = len(prompt)
+        keep = self.prompt_keep(n)
+        if self.signal != "recon" or keep >= n:
+            return []
+        return reconstruction_passes(prompt, tokenizer, min(self.n_sink, keep), RECON_CHUNK,
+                                     RECON_OVERLAP)
+
+    def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float, n_sink: int,
+                  recon: Tensor | None = None) -> Tensor:
         """``(H_kv, M)`` relevance of the middle tokens ``[n_sink, L - w)`` (``w``: the
         window queries given), normalised to sum to 1 per head (comparable across heads and
-        layers)."""
+        layers). ``signal=recon``: the layer's reconstruction scores ``recon`` ``(H_kv, L)``
+        instead (what reconstructing the context needs, which asks no question), as they are:
+        attention probabilities, already comparable across heads (normalised per head, they
+        lost the needles on dev: docs/atskv_research.md)."""
         n = k.shape[1]
         w = q.shape[1]
+        if self.signal == "recon":
+            if recon is None:
+                raise ValueError("signal 'recon' scores with the engine's reconstruction "
+                                 "passes; this PrefillContext has none")
+            return recon[:, n_sink : n - w].float()
         if self.signal == "vnorm":
             s = v[:, n_sink : n - w].float().norm(dim=-1)
         else:
@@ -206,8 +237,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
         per_head = max(0, tokens - w - sinks_n)  # middle tokens
         if middle <= 0:
             return None
-        rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n)
-                           for q, k, v in zip(ctx.queries, ctx.keys, ctx.values)])  # (N, H, M)
+        recon = ctx.reconstruction or [None] * len(ctx.keys)
+        rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n, r)
+                           for q, k, v, r in zip(ctx.queries, ctx.keys, ctx.values, recon)])
         if self.consensus:
             shared = consensus(rel, self.consensus_top)
             rel = (1 - self.consensus) * rel + self.consensus * shared

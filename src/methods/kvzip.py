@@ -80,20 +80,9 @@ class KVzip(Method[State]):
         keep = self.prompt_keep(n)
         if keep >= n:
             return []
-        sinks = min(self.n_sink, keep)  # a budget below the sinks keeps the first tokens
-        if tokenizer is None:  # tests without a tokenizer: the chunks alone, said once
-            log.warning("kvzip without a tokenizer: reconstructing without the repeat prompt")
-            first, nxt, suffix = [], [], []
-        else:
-            first, nxt = (tokenizer.encode(t, add_special_tokens=False) for t in (FIRST, NEXT))
-            suffix = chat_suffix(tokenizer)
-        ids = list(prompt)
-        passes = []
-        for s in range(sinks, n, self.chunk):
-            e = min(s + self.chunk, n)
-            ask = first if s == sinks else nxt + ids[max(sinks, s - self.overlap) : s]
-            passes.append(Reconstruction(tuple(ask + suffix + ids[s:e]), s, e, sinks))
-        return passes
+        # a budget below the sinks keeps the first tokens
+        return reconstruction_passes(prompt, tokenizer, min(self.n_sink, keep), self.chunk,
+                                     self.overlap)
 
     def select(self, state: State, ctx: PrefillContext) -> list[list[Tensor]] | None:
         n = ctx.prompt_len
@@ -115,6 +104,26 @@ class KVzip(Method[State]):
         head = torch.arange(sinks, device=scores.device)
         return [[torch.cat([head, topk_sorted(scores[i, j], int(counts[i, j])) + sinks])
                  for j in range(h)] for i in range(n_layers)]
+
+
+def reconstruction_passes(prompt: Sequence[int], tokenizer: Any, sinks: int, chunk: int,
+                          overlap: int) -> list[Reconstruction]:
+    """KVzip's passes over ``prompt`` after its first ``sinks`` tokens: per chunk of ``chunk``
+    tokens, the repeat prompt (later chunks: the continue prompt and the previous chunk's last
+    ``overlap`` tokens), the chat template's turn end and the chunk itself."""
+    if tokenizer is None:  # tests without a tokenizer: the chunks alone, said once
+        log.warning("kvzip without a tokenizer: reconstructing without the repeat prompt")
+        first, nxt, suffix = [], [], []
+    else:
+        first, nxt = (tokenizer.encode(t, add_special_tokens=False) for t in (FIRST, NEXT))
+        suffix = chat_suffix(tokenizer)
+    ids, n = list(prompt), len(prompt)
+    passes = []
+    for s in range(sinks, n, chunk):
+        e = min(s + chunk, n)
+        ask = first if s == sinks else nxt + ids[max(sinks, s - overlap) : s]
+        passes.append(Reconstruction(tuple(ask + suffix + ids[s:e]), s, e, sinks))
+    return passes
 
 
 def _won(scores: Tensor, total: int) -> Tensor:
