@@ -92,7 +92,7 @@ class DecodeSession:
         qs = q[:, :, 0].reshape(n, h_kv, h_q // h_kv, d)
         together = [b for b, row in enumerate(self.rows) if self.plain[b]
                     and layer not in row.state.windows
-                    and getattr(row.state.stores[self.layers[b][layer]], "rows_kernel", False)]
+                    and getattr(row.state.stores[self.layers[b][layer]], "kernel", False)]
         outs: list[Tensor | None] = [None] * n
         if together:
             stores = [self.rows[b].state.stores[self.layers[b][layer]] for b in together]

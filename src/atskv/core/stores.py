@@ -282,8 +282,6 @@ class StaticKV:
         self.reserved = headroom * n_heads  # rows for generated tokens (spare until written)
         self.initial = sum(lengths)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
-        #: a decode step's append and attention may run with other rows' (:func:`decode_rows`)
-        self.rows_kernel = self.kernel
 
     @property
     def n_heads(self) -> int:
@@ -388,9 +386,6 @@ class StaticPagedKV:
         self.capacities = caps
         self._heads = torch.arange(n_heads, device=dev)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
-        #: a decode step's append (page summaries not updated) and attention over every row may
-        #: run with other rows' (:func:`decode_rows`)
-        self.rows_kernel = self.kernel
         #: pages a method wants attended at every step (set after construction); its shape is
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
@@ -574,7 +569,7 @@ class StaticPagedKV:
 def decode_rows(rows: list[int], stores: Sequence[StaticKV | StaticPagedKV], q: Tensor,
                 k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, list[int]]:
     """One layer of a decode step for the rows ``rows`` of a step (sequences), each with its own
-    store of that layer (``rows_kernel`` stores, one per row taken): row ``rows[i]``'s new key and
+    store of that layer (a store the kernel serves, one per row taken): row ``rows[i]``'s new key and
     value ``k[rows[i]]``, ``v[rows[i]]`` ``(H, d)`` appended to ``stores[i]`` (page summaries not
     updated), then its query ``q[rows[i]]`` ``(H, g, d)``'s exact attention over every row of
     that store, in one native call (:func:`kernels.rows_decode`). Each row gets what ``append``
