@@ -6,7 +6,9 @@ and the full cache, in both protocols, then the report.
                                    [--budgets 0.05,0.1,0.25,0.5] [--dry-run] [extra Hydra overrides]
 
 Parts (each one ``run.py -m`` sweep; every job of a sweep that differs only in method, budget and
-protocol shares each sample's prefill, and they decode together):
+protocol shares each sample's prefill, and they decode together; the real tasks' long answers
+also decode 4 samples together, ``benchmark.batch_size=4``, with results identical to one at a
+time):
 
 * ``synthetic``: the four synthetic tasks x budgets 0.05, 0.1, 0.2 and 0.5 x context 512, 2048
   and 4096, 16 samples per task (64 per cell);
@@ -54,10 +56,10 @@ PARTS = {
                        "benchmark.n_samples=8", "budget=0.1,0.2", "context_len=2048"],
     "longbench": ["benchmark=longbench", "benchmark.data_dir={data}/longbench",
                   "benchmark.tasks=[multi_news]", "benchmark.n_samples=30", "budget=0.2",
-                  "context_len=2048"],
+                  "context_len=2048", "benchmark.batch_size=4"],
     "zeroscrolls": ["benchmark=zeroscrolls", "benchmark.data_dir={data}/zero_scrolls",
                     "benchmark.tasks=[qasper,qmsum]", "benchmark.n_samples=20", "budget=0.2",
-                    "context_len=2048"],
+                    "context_len=2048", "benchmark.batch_size=4"],
 }
 COMMON = ["benchmark.split=test", "model=smollm2_135m", "hardware=cpu", "hardware.compile=false",
           "protocol=question_aware,question_agnostic", "wandb.mode=disabled"]
