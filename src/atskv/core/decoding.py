@@ -72,7 +72,15 @@ class DecodeSession:
     def __init__(self, rows: Sequence[Row]):
         self.rows = list(rows)
         self.layers = [method_layers(r.state) for r in self.rows]
-        self.plain = [r.method.plain_decode(r.state) for r in self.rows]
+        plain = [r.method.plain_decode(r.state) for r in self.rows]
+        n_layers = max((len(r.state.stores) + len(r.state.windows) for r in self.rows), default=0)
+        #: per model layer, the rows that run it together (:func:`decode_rows`): plain rows
+        #: whose store of that layer the native kernel serves (a sliding-window layer's ring is
+        #: the row's own)
+        self.together = [[b for b, r in enumerate(self.rows) if plain[b]
+                          and layer not in r.state.windows
+                          and getattr(r.state.stores[self.layers[b][layer]], "kernel", False)]
+                         for layer in range(n_layers)]
         #: per row, the KV bytes the current step reads (sizes of what it reads: also inside a
         #: compiled step, where the compiled function sets them, and a captured one, at capture)
         self.step_read_bytes = [0] * len(self.rows)
@@ -90,9 +98,7 @@ class DecodeSession:
         n, h_q, _, d = q.shape
         h_kv = k.shape[1]
         qs = q[:, :, 0].reshape(n, h_kv, h_q // h_kv, d)
-        together = [b for b, row in enumerate(self.rows) if self.plain[b]
-                    and layer not in row.state.windows
-                    and getattr(row.state.stores[self.layers[b][layer]], "kernel", False)]
+        together = self.together[layer]
         outs: list[Tensor | None] = [None] * n
         if together:
             stores = [self.rows[b].state.stores[self.layers[b][layer]] for b in together]

@@ -212,15 +212,20 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = cuda_graph
-        self.compile = compile and dynamo.available()
-        if compile and not self.compile:
-            log.warning("torch.compile is disabled here (TORCH_COMPILE_DISABLE): decoding eagerly")
+        self.use_compile(compile)
         seam.check_supported(model)  # a model the engine cannot run exactly fails here
         self.dims = seam.model_dims(model)
         self.windows = seam.layer_windows(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos_ids = seam.eos_token_ids(model, tokenizer)
+
+    def use_compile(self, compile: bool) -> None:
+        """Compile the static decode step from now on (where torch.compile works here), or
+        not."""
+        self.compile = compile and dynamo.available()
+        if compile and not self.compile:
+            log.warning("torch.compile is disabled here (TORCH_COMPILE_DISABLE): decoding eagerly")
 
     @classmethod
     def for_hardware(cls, model: Any, tokenizer: Any, hw: Any,

@@ -366,11 +366,9 @@ class AtsKVLM(LM):
                    for i, (req, (until, max_gen)) in enumerate(zip(requests, parsed))]
         protocol.check_splits(samples, {self.cfg.protocol})
         # compiled only for as many steps as repay it (the hardware preset's compile_min_steps)
-        from atskv.core import dynamo
         from atskv.core.engine import compile_pays
 
-        self.engine.compile = (compile_pays(self.cfg.hardware, sum(m for _, m in parsed))
-                               and dynamo.available())
+        self.engine.use_compile(compile_pays(self.cfg.hardware, sum(m for _, m in parsed)))
         groups: dict[Any, list[int]] = {}
         for i, s in enumerate(samples):
             groups.setdefault(s.meta.get("context_id") or ("request", i), []).append(i)
