@@ -19,6 +19,9 @@ namespace atskv {
 typedef float v16 __attribute__((vector_size(64)));
 typedef int i16 __attribute__((vector_size(64)));
 
+// each lane's index
+inline constexpr i16 kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 inline v16 load16(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof v);

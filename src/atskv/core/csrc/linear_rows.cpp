@@ -30,7 +30,7 @@ constexpr int64_t kTile = 64;   // weight rows every pass of a batch of rows tak
 // floats ahead of the weights being read that a pass of several rows prefetches: without it, the
 // multiply-adds and the weights' reads took turns (at 8 rows, twice the time of reading the
 // weights alone on a 2-core Xeon); one row's pass is bound by the reads and streams them as it is
-constexpr int64_t kAhead = 1024;
+constexpr int64_t kAhead = 2048;
 
 // rows r0 .. r0 + R of x against weight rows n .. n + W (sum i = w * R + r)
 template <int R, int W>
@@ -43,7 +43,7 @@ inline void block(const float* xp, const float* wp, const float* bp, float* yp, 
     for (int r = 0; r < R; ++r) xv[r] = load16(xp + (r0 + r) * K + c);
     for (int w = 0; w < W; ++w) {
       const v16 wv = load16(wp + (n + w) * K + c);
-      if (R > 1) __builtin_prefetch(wp + (n + w) * K + c + kAhead, 0, 3);
+      if (R > 1) __builtin_prefetch(wp + (n + w) * K + c + kAhead, 0, 2);
       for (int r = 0; r < R; ++r) acc[w * R + r] += wv * xv[r];
     }
   }

@@ -30,12 +30,16 @@ namespace atskv {
 
 constexpr int64_t kRun = 128;  // rows read as one block, at most (unless a page is longer)
 constexpr int64_t kSlice = 512;  // rows of a slice of a head's pages, at most (or one page)
+// floats ahead of the keys being read that are prefetched, with each key's value row: without
+// it the attention read a batch's stores at 13-15 GB/s where the weights stream at 23
+constexpr int64_t kAhead = 1024;
 
 struct Item {
-  int64_t task, hg, lo, hi;  // its task; query head (h * g + j), page slots lo .. hi of KV head h
+  int64_t task, h, lo, hi;  // its task; page slots lo .. hi of KV head h, for its g query heads
 };
 
-// What the threads share: the items, their tasks, and each item's partial max, sum and values.
+// What the threads share: the items, their tasks, and each item's query heads' partial max, sum
+// and values ((items, g) and (items, g, d)).
 struct Items {
   const Item* items;
   const int64_t* first_of_thread;
@@ -45,86 +49,150 @@ struct Items {
   float *part_m, *part_l, *part_acc;
 };
 
-// The items of threads t_begin .. t_end: online softmax over each item's pages, in runs of
-// consecutive chosen pages read as one block. DD: the head dim if known at compile time, else 0.
-template <int64_t DD>
-void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
+// Query heads j0 .. j0 + GG of an item's KV head: online softmax over the item's pages, in runs
+// of consecutive chosen pages read as one block, each key and value row loaded once for the GG
+// heads. A head's sums are the operations, in the order, that it gets on its own. DD: the head
+// dim if known at compile time (the running sums of values then stay in registers), else 0 (and
+// GG = 1). s: scratch for the scores.
+template <int64_t DD, int GG>
+void attend_group(const Items& w, int64_t item, int64_t j0, std::vector<float>& s) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t D = DD ? DD : w.D;
-  std::vector<float> s(kRun + 16);
-  float local[DD ? DD : 1];
-  for (int64_t item = w.first_of_thread[t_begin]; item < w.first_of_thread[t_end]; ++item) {
-    const Task& t = w.tasks[w.items[item].task];
-    const int64_t K = t.K, page = t.page;
-    const int64_t *pgp = t.pgp, *lenp = t.lenp;
-    const bool* chp = t.chp;
-    if (static_cast<int64_t>(s.size()) < page + 16) s.resize(page + 16);
-    const int64_t hg = w.items[item].hg, h = hg / w.G;
-    const float* qv = t.qp + hg * D;
-    float m = neg_inf, l = 0.f;
-    float* acc = DD ? local : w.part_acc + item * D;
-    std::fill(acc, acc + D, 0.f);
-    const int64_t lo = w.items[item].lo, hi = w.items[item].hi;
-    for (int64_t i = lo; i < hi;) {
-      if (chp && !chp[h * K + i]) {
-        ++i;
-        continue;
-      }
-      // a run of chosen pages that follow each other in the store, read as one block of rows
-      // (up to kRun): 16-row pages one at a time cost 3 us more per call at 700 rows per head
-      const int64_t first = pgp ? pgp[h * K + i] : i;
-      int64_t last = first;
-      for (++i; i < hi && (last - first + 2) * page <= kRun; ++i) {
-        if ((chp && !chp[h * K + i]) || (pgp ? pgp[h * K + i] : i) != last + 1) break;
-        ++last;
-      }
-      const int64_t start = first * page;
-      const int64_t n = std::min((last + 1) * page, lenp[h]) - start;
-      if (start < 0 || n <= 0) continue;
-      const float* kr = t.kp + (t.offp[h] + start) * D;
-      const float* vr = t.vp + (t.offp[h] + start) * D;
-      float pm = neg_inf;
-      if (DD) {  // 16 rows' dot products at a time, their lanes added up together
-        for (int64_t j0 = 0; j0 < n; j0 += 16) {
-          const int rows = static_cast<int>(std::min<int64_t>(16, n - j0));
-          v16 dots[16];
-          for (int r = 0; r < rows; ++r) {
-            const float* krow = kr + (j0 + r) * D;
-            v16 a = {};
-            for (int64_t c = 0; c < DD; c += 16) a += load16(qv + c) * load16(krow + c);
-            dots[r] = a;
+  const Item& it = w.items[item];
+  const Task& t = w.tasks[it.task];
+  const int64_t D = DD ? DD : w.D, G = w.G, K = t.K, page = t.page, h = it.h;
+  const int64_t *pgp = t.pgp, *lenp = t.lenp;
+  const bool* chp = t.chp;
+  const int64_t cap = std::max(kRun, page) + 16;  // scores of a run, per head
+  if (static_cast<int64_t>(s.size()) < GG * cap) s.resize(GG * cap);
+  constexpr int64_t kV = DD ? DD / 16 : 1;
+  v16 vals[GG][kV];
+  float m[GG], l[GG];
+  const float* qv[GG];
+  float* acc[GG];
+  for (int g = 0; g < GG; ++g) {
+    m[g] = neg_inf;
+    l[g] = 0.f;
+    qv[g] = t.qp + (h * G + j0 + g) * D;
+    acc[g] = w.part_acc + (item * G + j0 + g) * D;
+    if (DD)
+      for (int64_t c = 0; c < kV; ++c) vals[g][c] = v16{};
+    else
+      std::fill(acc[g], acc[g] + D, 0.f);
+  }
+  for (int64_t i = it.lo; i < it.hi;) {
+    if (chp && !chp[h * K + i]) {
+      ++i;
+      continue;
+    }
+    // a run of chosen pages that follow each other in the store, read as one block of rows
+    // (up to kRun): 16-row pages one at a time cost 3 us more per call at 700 rows per head
+    const int64_t first = pgp ? pgp[h * K + i] : i;
+    int64_t last = first;
+    for (++i; i < it.hi && (last - first + 2) * page <= kRun; ++i) {
+      if ((chp && !chp[h * K + i]) || (pgp ? pgp[h * K + i] : i) != last + 1) break;
+      ++last;
+    }
+    const int64_t start = first * page;
+    const int64_t n = std::min((last + 1) * page, lenp[h]) - start;
+    if (start < 0 || n <= 0) continue;
+    const float* kr = t.kp + (t.offp[h] + start) * D;
+    const float* vr = t.vp + (t.offp[h] + start) * D;
+    float pm[GG];
+    if (DD) {  // 16 rows' dot products at a time, their lanes added up together
+      v16 pmv[GG];  // the scores' max, lane by lane
+      for (int g = 0; g < GG; ++g) pmv[g] = v16{} + neg_inf;
+      for (int64_t r0 = 0; r0 < n; r0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, n - r0));
+        v16 dots[GG][16];
+        for (int r = 0; r < rows; ++r) {
+          const float* krow = kr + (r0 + r) * D;
+          v16 a[GG] = {};
+          for (int64_t c = 0; c < DD; c += 16) {
+            const v16 kc = load16(krow + c);
+            __builtin_prefetch(krow + c + kAhead, 0, 2);  // to L2: keys ahead, this row's value
+            __builtin_prefetch(vr + (r0 + r) * D + c, 0, 2);
+            for (int g = 0; g < GG; ++g) a[g] += load16(qv[g] + c) * kc;
           }
-          const v16 t = tree16x16(dots, rows) * w.sc;
-          std::memcpy(s.data() + j0, &t, rows * sizeof(float));
+          for (int g = 0; g < GG; ++g) dots[g][r] = a[g];
         }
-        for (int64_t j = 0; j < n; ++j) pm = std::max(pm, s[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const float* krow = kr + j * D;
-          const float dot = lane_sum(D, [&](int64_t c) { return qv[c] * krow[c]; });
-          s[j] = dot * w.sc;
-          pm = std::max(pm, s[j]);
+        for (int g = 0; g < GG; ++g) {
+          v16 sc = tree16x16(dots[g], rows) * w.sc;
+          std::memcpy(s.data() + g * cap + r0, &sc, rows * sizeof(float));
+          if (rows < 16) sc = kLane < rows ? sc : pmv[g];
+          pmv[g] = sc > pmv[g] ? sc : pmv[g];
         }
       }
-      const float nm = std::max(m, pm);
-      const float corr = std::exp(m - nm);
-      l *= corr;
+      for (int g = 0; g < GG; ++g) {
+        float lanes[16];
+        std::memcpy(lanes, &pmv[g], sizeof lanes);
+        pm[g] = *std::max_element(lanes, lanes + 16);
+      }
+    } else {
+      pm[0] = neg_inf;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* krow = kr + j * D;
+        const float dot = lane_sum(D, [&](int64_t c) { return qv[0][c] * krow[c]; });
+        s[j] = dot * w.sc;
+        pm[0] = std::max(pm[0], s[j]);
+      }
+    }
+    for (int g = 0; g < GG; ++g) {
+      const float nm = std::max(m[g], pm[g]);
+      const float corr = std::exp(m[g] - nm);
+      l[g] *= corr;
+      if (DD) {
+        for (int64_t c = 0; c < kV; ++c) vals[g][c] *= corr;
+      } else {
 #pragma omp simd
-      for (int64_t c = 0; c < D; ++c) acc[c] *= corr;
-      float* __restrict e = s.data();  // apart from the values' loop, which it slowed
+        for (int64_t c = 0; c < D; ++c) acc[g][c] *= corr;
+      }
+      float* __restrict e = s.data() + g * cap;  // apart from the values' loop, which it slowed
       for (int64_t j = 0; j < n; ++j) e[j] = exp_nonpos(e[j] - nm);  // vectorised
-      l += lane_sum(n, [&](int64_t j) { return e[j]; });
+      l[g] += lane_sum(n, [&](int64_t j) { return e[j]; });
+      m[g] = nm;
+    }
+    if (DD) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vrow = vr + j * D;
+        for (int64_t c = 0; c < kV; ++c) {
+          const v16 vc = load16(vrow + 16 * c);
+          for (int g = 0; g < GG; ++g) vals[g][c] += s[g * cap + j] * vc;
+        }
+      }
+    } else {
       for (int64_t j = 0; j < n; ++j) {
         const float e = s[j];
         const float* vrow = vr + j * D;
 #pragma omp simd
-        for (int64_t c = 0; c < D; ++c) acc[c] += e * vrow[c];
+        for (int64_t c = 0; c < D; ++c) acc[0][c] += e * vrow[c];
       }
-      m = nm;
     }
-    w.part_m[item] = m;
-    w.part_l[item] = l;
-    if (DD) std::copy(acc, acc + D, w.part_acc + item * D);
+  }
+  for (int g = 0; g < GG; ++g) {
+    w.part_m[item * G + j0 + g] = m[g];
+    w.part_l[item * G + j0 + g] = l[g];
+    if (DD) std::memcpy(acc[g], vals[g], sizeof vals[g]);
+  }
+}
+
+// The items of threads t_begin .. t_end, their query heads up to 4 at a time (2 at head dim 128,
+// whose running sums take twice the registers; one at a time at other head dims).
+template <int64_t DD>
+void attend_items(const Items& w, int64_t t_begin, int64_t t_end) {
+  std::vector<float> s;
+  constexpr int64_t most = DD == 64 ? 4 : DD == 128 ? 2 : 1;
+  for (int64_t item = w.first_of_thread[t_begin]; item < w.first_of_thread[t_end]; ++item) {
+    for (int64_t j0 = 0; j0 < w.G;) {
+      const int64_t gg = std::min(most, w.G - j0);
+      if constexpr (most >= 4) {
+        if (gg == 4) attend_group<DD, 4>(w, item, j0, s);
+        if (gg == 3) attend_group<DD, 3>(w, item, j0, s);
+      }
+      if constexpr (most >= 2)
+        if (gg == 2) attend_group<DD, 2>(w, item, j0, s);
+      if (gg == 1) attend_group<DD, 1>(w, item, j0, s);
+      j0 += gg;
+    }
   }
 }
 
@@ -169,10 +237,8 @@ void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, floa
       for (size_t c = 0; c < cuts.size(); ++c) {
         const int64_t lo = cuts[c], hi = c + 1 < cuts.size() ? cuts[c + 1] : K;
         const int64_t work = std::min(per, n_read[h] - static_cast<int64_t>(c) * per);
-        for (int64_t j = 0; j < G; ++j) {
-          items.push_back({ti, h * G + j, lo, hi});
-          work_of.push_back(work);
-        }
+        items.push_back({ti, h, lo, hi});
+        work_of.push_back(G * work);
       }
     }
   }
@@ -186,7 +252,8 @@ void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, floa
     done += work_of[p];
   }
   for (int64_t u = threads; u >= 0 && first_of_thread[u] < 0; --u) first_of_thread[u] = n_items;
-  std::vector<float> part_m(n_items, neg_inf), part_l(n_items, 0.f), part_acc(n_items * D);
+  std::vector<float> part_m(n_items * G, neg_inf), part_l(n_items * G, 0.f),
+      part_acc(n_items * G * D);
 
   const Items work{items.data(), first_of_thread.data(), tasks, G, D, sc,
                    part_m.data(), part_l.data(), part_acc.data()};
@@ -207,17 +274,22 @@ void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, floa
     const int64_t HG = t.H * G;
     for (; p < n_items && items[p].task == items[first].task; ++p) {}
     std::vector<float> mx(HG, neg_inf), norm(HG, 0.f);
-    for (int64_t i = first; i < p; ++i) mx[items[i].hg] = std::max(mx[items[i].hg], part_m[i]);
+    for (int64_t i = first; i < p; ++i)
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t hg = items[i].h * G + j;
+        mx[hg] = std::max(mx[hg], part_m[i * G + j]);
+      }
     std::fill(t.op, t.op + HG * D, 0.f);
-    for (int64_t i = first; i < p; ++i) {
-      const int64_t hg = items[i].hg;
-      if (part_m[i] == neg_inf) continue;
-      const float w = std::exp(part_m[i] - mx[hg]);
-      norm[hg] += part_l[i] * w;
-      const float* a = part_acc.data() + i * D;
-      float* o = t.op + hg * D;
-      for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
-    }
+    for (int64_t i = first; i < p; ++i)
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t hg = items[i].h * G + j, ij = i * G + j;
+        if (part_m[ij] == neg_inf) continue;
+        const float w = std::exp(part_m[ij] - mx[hg]);
+        norm[hg] += part_l[ij] * w;
+        const float* a = part_acc.data() + ij * D;
+        float* o = t.op + hg * D;
+        for (int64_t c = 0; c < D; ++c) o[c] += w * a[c];
+      }
     for (int64_t hg = 0; hg < HG; ++hg) {
       if (mx[hg] == neg_inf) continue;
       float* o = t.op + hg * D;
