@@ -27,10 +27,12 @@ namespace atskv {
 constexpr int64_t kRows = 8;    // rows of x per pass, at most
 constexpr int64_t kGrain = 32;  // weight rows per task of the thread pool, at least
 constexpr int64_t kTile = 64;   // weight rows every pass of a batch of rows takes in turn
-// floats ahead of the weights being read that a pass of several rows prefetches: without it, the
-// multiply-adds and the weights' reads took turns (at 8 rows, twice the time of reading the
-// weights alone on a 2-core Xeon); one row's pass is bound by the reads and streams them as it is
+// floats ahead of the weights being read that a pass of several rows prefetches, into L2 from
+// memory (kAhead) and into L1 from L2 (kNear): without it, the multiply-adds and the weights'
+// reads took turns (at 8 rows, twice the time of reading the weights alone on a 2-core Xeon);
+// one row's pass is bound by the reads and streams them as it is
 constexpr int64_t kAhead = 2048;
+constexpr int64_t kNear = 512;
 
 // rows r0 .. r0 + R of x against weight rows n .. n + W (sum i = w * R + r)
 template <int R, int W>
@@ -43,7 +45,10 @@ inline void block(const float* xp, const float* wp, const float* bp, float* yp, 
     for (int r = 0; r < R; ++r) xv[r] = load16(xp + (r0 + r) * K + c);
     for (int w = 0; w < W; ++w) {
       const v16 wv = load16(wp + (n + w) * K + c);
-      if (R > 1) __builtin_prefetch(wp + (n + w) * K + c + kAhead, 0, 2);
+      if (R > 1) {
+        __builtin_prefetch(wp + (n + w) * K + c + kAhead, 0, 2);  // from memory into L2
+        __builtin_prefetch(wp + (n + w) * K + c + kNear, 0, 3);   // and from there into L1
+      }
       for (int r = 0; r < R; ++r) acc[w * R + r] += wv * xv[r];
     }
   }
