@@ -166,6 +166,24 @@ def test_chosen_pages_equal_sdpa_over_the_gathered_pages():
     check_both(store, q, 0.25, pages, chosen)
 
 
+def test_heads_further_apart_than_their_rows_give_what_their_contiguous_copy_gives():
+    """``(H, n, d)``: the first ``n`` rows of each head of an ``(H, C, d)`` buffer (a store's
+    filled rows, read where they are), with chosen single-token pages as Quest and RocketKV
+    choose them, bit for bit what the same rows copied together give."""
+    assert kernels.load(), kernels.status()
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(3, 50, D, generator=g), torch.randn(3, 50, D, generator=g)
+    q = torch.randn(3, 2, D, generator=g)
+    lens = torch.full((3,), 30)
+    idx = torch.tensor([[0, 3, 4, 29], [1, 2, 17, 18], [5, 6, 7, 8]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    for chosen in (None, valid):
+        a = kernels.paged_attention(q, k[:, :30], v[:, :30], None, lens, idx, chosen, 1, 0.25)
+        b = kernels.paged_attention(q, k[:, :30].contiguous(), v[:, :30].contiguous(), None,
+                                    lens, idx, chosen, 1, 0.25)
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("d", [D, 64])
 def test_rows_not_asked_for_are_never_read(d):
     """Poison every row the kernel must skip (unchosen pages, rows past a head's length, other
@@ -366,7 +384,8 @@ def test_the_ranking_kernel_names_bad_inputs():
 @pytest.mark.parametrize("name,kw", [("full", {}), ("sliding_window", {}),
                                      ("atskv", {"max_pages": 2, "min_pages": 1, "mass": 0.9,
                                                 "window": 16}),
-                                     ("atskv", {"max_pages": 1000, "window": 16})])  # all fit
+                                     ("atskv", {"max_pages": 1000, "window": 16}),  # all fit
+                                     ("quest", {}), ("rocket_kv", {})])  # chosen tokens
 def test_decoding_with_the_kernel_equals_decoding_without_it(tiny_model, monkeypatch, name, kw):
     method = METHODS.get(name)(budget=0.3, **kw)
     prompt = list(range(100, 400))

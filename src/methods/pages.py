@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atskv.core import kernels
 from atskv.core.method import State
 from atskv.core.stores import PackedKV, page_minmax, unreached_pages
 
@@ -105,7 +106,12 @@ def head_batches(store: PackedKV) -> list[tuple[slice, Tensor, Tensor]]:
 def attend_tokens(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
                   valid: Tensor | None = None) -> Tensor:
     """Exact attention of ``q`` ``(h, g, d)`` over the tokens ``idx`` ``(h, m)`` of ``k``/``v``
-    ``(h, n, d)``; ``valid`` ``(h, m)`` masks out padding entries of ``idx``."""
+    ``(h, n, d)``; ``valid`` ``(h, m)`` masks out padding entries of ``idx``. On CPU in float32,
+    the native kernel reads the chosen rows in place (pages of one token); elsewhere they are
+    gathered and attended by SDPA."""
+    if kernels.usable(k):
+        lens = torch.full((k.shape[0],), k.shape[1], dtype=torch.long)
+        return kernels.paged_attention(q, k, v, None, lens, idx, valid, 1, scale)
     d = k.shape[-1]
     gather = idx[..., None].expand(*idx.shape, d)
     mask = None if valid is None else valid[:, None, :]

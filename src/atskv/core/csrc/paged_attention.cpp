@@ -328,21 +328,28 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(lens.numel() == H && (!offsets.has_value() || offsets->numel() == H),
               "atskv::paged_attention: offsets and lens need one entry per KV head");
   const auto qc = q.contiguous();
-  const auto kc = k.contiguous();
-  const auto vc = v.contiguous();
-  // (H, C, d): head h owns rows h * C .. h * C + min(lens[h], C) (a ring's count passes C)
+  // (H, C, d) whose rows are contiguous but heads further apart (the first C rows of each head
+  // of a larger buffer) is read in place, not copied
+  const bool rows = k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == D &&
+                    k.stride(0) % D == 0 && k.stride(0) >= k.size(1) * D &&
+                    v.strides() == k.strides();
+  const auto kc = rows ? k : k.contiguous();
+  const auto vc = rows ? v : v.contiguous();
+  // (H, C, d): head h owns rows h * S .. h * S + min(lens[h], C) (a ring's count passes C), S
+  // the rows from one head to the next (C when contiguous)
   const int64_t C = k.dim() == 3 ? k.size(1) : 0;
+  const int64_t S = k.dim() == 3 ? kc.stride(0) / D : 0;
   std::vector<int64_t> off(H), len(H);
   const auto lens_l = lens.to(at::kLong).contiguous();
   const auto offs_l = offsets.has_value() ? offsets->to(at::kLong).contiguous() : at::Tensor();
   for (int64_t h = 0; h < H; ++h) {
-    off[h] = offs_l.defined() ? offs_l.data_ptr<int64_t>()[h] : h * C;
+    off[h] = offs_l.defined() ? offs_l.data_ptr<int64_t>()[h] : h * S;
     len[h] = lens_l.data_ptr<int64_t>()[h];
     if (C) len[h] = std::min(len[h], C);
   }
   const int64_t* offp = off.data();
   const int64_t* lenp = len.data();
-  const int64_t N = k.dim() == 3 ? H * C : k.size(0);
+  const int64_t N = k.dim() == 3 ? (H - 1) * S + C : k.size(0);
   at::Tensor pg, ch;
   int64_t K = 0;  // page slots per head
   if (pages.has_value()) {
