@@ -9,11 +9,10 @@
 // slots pages[h, i] where chosen[h, i] (both optional: every page of the head when absent); rows
 // of a page past lens[h] are skipped. Softmax(scale * q.k) over the rows read, times v.
 //
-// Each (query head, slice of page slots) keeps a running max, sum and value-weighted sum (online
-// softmax) over its pages; the slices are merged at the end (flash-decoding). The slices hold
-// about equal numbers of pages read (at most kSlice rows), each read by its g query heads in turn
-// (from L2 after the first), dealt to the threads in equal shares. (Reading each key row once for
-// all g query heads of a KV head measured slower on a 2-core EPYC than this loop.)
+// Each (KV head, slice of page slots) keeps, per query head of its group, a running max, sum and
+// value-weighted sum (online softmax) over its pages, each key and value row loaded once for up to
+// 4 query heads; the slices are merged at the end (flash-decoding). The slices hold about equal
+// numbers of pages read (at most kSlice rows), dealt to the threads in equal shares.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -206,10 +205,10 @@ void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, floa
   // the work is dealt by pages read, not by heads: heads are ragged (one head of a layer may hold
   // four times another's rows), and one item per query head left a thread idle while the other
   // read the long heads. Each head's slots are cut into slices of about `per` pages read (about
-  // 8 per thread in a task, at most kSlice rows); a slice is g items, one per query head, in
-  // turn; each thread takes the items whose middle falls in its share of all tasks' pages.
+  // 8 per thread in a task, at most kSlice rows); a slice is one item, for its g query heads;
+  // each thread takes the items whose middle falls in its share of all tasks' pages.
   std::vector<Item> items;
-  std::vector<int64_t> work_of;  // pages read by each item
+  std::vector<int64_t> work_of;  // pages read by each item, times its query heads
   int64_t total_all = 0;
   for (int64_t ti = 0; ti < n_tasks; ++ti) {
     const Task& t = tasks[ti];
@@ -226,8 +225,7 @@ void attend_tasks(const Task* tasks, int64_t n_tasks, int64_t G, int64_t D, floa
       total += G * n_read[h];
     }
     total_all += total;
-    // slices of at most kSlice rows: a slice's rows stay in the core's L2 cache while the g
-    // query heads read them in turn (items are ordered head, slice, query head)
+    // slices of at most kSlice rows (items are ordered head, slice)
     const int64_t per = std::clamp<int64_t>((total + 8 * threads - 1) / (8 * threads), 1,
                                             std::max<int64_t>(1, kSlice / page));
     for (int64_t h = 0; h < H; ++h) {
