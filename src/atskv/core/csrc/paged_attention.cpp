@@ -328,11 +328,11 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   const auto qc = q.contiguous();
   // (H, C, d) whose rows are contiguous but heads further apart (the first C rows of each head
   // of a larger buffer) is read in place, not copied
-  const bool rows = k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == D &&
-                    k.stride(0) % D == 0 && k.stride(0) >= k.size(1) * D &&
-                    v.strides() == k.strides();
-  const auto kc = rows ? k : k.contiguous();
-  const auto vc = rows ? v : v.contiguous();
+  const bool in_place = k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == D &&
+                        k.stride(0) % D == 0 && k.stride(0) >= k.size(1) * D &&
+                        v.strides() == k.strides();
+  const auto kc = in_place ? k : k.contiguous();
+  const auto vc = in_place ? v : v.contiguous();
   // (H, C, d): head h owns rows h * S .. h * S + min(lens[h], C) (a ring's count passes C), S
   // the rows from one head to the next (C when contiguous)
   const int64_t C = k.dim() == 3 ? k.size(1) : 0;
