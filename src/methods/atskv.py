@@ -72,11 +72,14 @@ from atskv.core.method import (
 from atskv.core.stores import StaticPagedKV
 from atskv.methods.kvzip import reconstruction_passes
 from atskv.methods.pages import page_upper_bound
-from atskv.methods.scoring import ScoredSelection, window_scores
+from atskv.methods.scoring import ScoredSelection, pool1d, window_attention, window_scores
 
 SIGNALS = ("attn", "attn_vnorm", "vnorm", "recon")
 #: KVzip's reconstruction chunking and overlap (its defaults), for the ``recon`` signal
 RECON_CHUNK, RECON_OVERLAP = 2048, 8
+#: the prompt queries whose attention picks ``question_share`` of a head's tokens, and the span
+#: that what follows each of them inherits
+QUESTION_QUERIES, QUESTION_SPAN = 32, 16
 
 
 @dataclass
@@ -125,6 +128,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # consensus_top and dense_small: chosen on the dev split by hand (docs/atskv_research.md)
     consensus_top: int = 3
     dense_small: bool = True
+    # with signal=recon: the share of each head's middle budget that the question's attention
+    # (the last QUESTION_QUERIES prompt queries) picks, the rest by reconstruction
+    question_share: float = 0.0
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, consensus) and budgets (chunk,
@@ -149,12 +155,16 @@ class ATSKV(ScoredSelection[ATSKVState]):
                        "must be >= 1 (or null: the pages for which ranking cannot pay)")
         for name in ("n_sink", "span", "pin_chunks", "consensus_top"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
-        for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0)):
+        for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0),
+                             ("question_share", 0.0, 1.0)):
             value = getattr(self, name)
             self.check(name, value, lo <= value <= hi, f"must be in [{lo:g}, {hi:g}]")
 
     def static_decode(self) -> bool:
         return self.static
+
+    def queries_needed(self) -> int:
+        return max(self.window, QUESTION_QUERIES if self.question_share else 0)
 
     def fit(self) -> int:
         """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
@@ -245,13 +255,18 @@ class ATSKV(ScoredSelection[ATSKVState]):
             rel = (1 - self.consensus) * rel + self.consensus * shared
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
+        asked = self.question_picks(ctx, sinks_n, w, per_head)  # (N, H, m)
+        if asked is not None:  # ranked last by reconstruction: picked already
+            rel = rel.scatter(-1, asked, -1.0)
+        m = 0 if asked is None else asked.shape[-1]
         chunk_scores = [chunk_sum(r, self.chunk) for r in rel]
         n_chunks = chunk_scores[0].shape[1]
-        total = int(per_head / self.chunk * ctx.n_kv_heads * ctx.n_layers)
+        total = int((per_head - m) / self.chunk * ctx.n_kv_heads * ctx.n_layers)
         cap = None
         if self.capped(state.keep):  # no head past fit() pages, its generated tokens included
             state.capped = True
-            cap = max(0, self.fit() * self.page_size - headroom(state) - w - sinks_n) // self.chunk
+            cap = max(0, self.fit() * self.page_size - headroom(state) - w - sinks_n - m)
+            cap //= self.chunk
         if self.adaptive:
             counts = allocate(torch.stack(chunk_scores), total, self.min_share, cap)
         else:
@@ -267,6 +282,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 top = torch.topk(scores[h], c).indices if c else sinks[:0]  # best first
                 tok = (top[:, None] * self.chunk + torch.arange(self.chunk, device=dev))
                 tok = tok[tok < middle].view(-1) + sinks_n if c else sinks[:0]
+                if m:  # the question's picks first (best first), none twice
+                    tok = torch.cat([asked[layer, h] + sinks_n, tok])
+                    tok = tok[first_occurrence(tok)]
                 kept = torch.cat([sinks, tok.sort().values, tail])
                 heads.append(kept)
                 best = tok[: self.pin_chunks * self.chunk]  # the most relevant chunks' tokens
@@ -275,6 +293,28 @@ class ATSKV(ScoredSelection[ATSKVState]):
             # a store that is never ranked takes no pins (they would be held for nothing)
             state.pins.append(pins if self.sparse_decode and not state.capped else None)
         return keep
+
+    def question_picks(self, ctx: PrefillContext, sinks_n: int, w: int,
+                       per_head: int) -> Tensor | None:
+        """``(N, H, m)`` middle-token indices (best first) that the question's attention picks
+        per layer and head, ``m = question_share * per_head``: atskv's window relevance of the
+        last :data:`QUESTION_QUERIES` prompt queries (pooled, the top-heads consensus mixed in,
+        spread forward over :data:`QUESTION_SPAN` tokens). None without a question share or
+        without the reconstruction signal (the window's attention is the whole signal then)."""
+        m = int(self.question_share * per_head)
+        if self.signal != "recon" or m <= 0:
+            return None
+        rel = []
+        for q, k in zip(ctx.queries, ctx.keys):
+            n = k.shape[1]
+            probs = window_attention(q[:, -min(QUESTION_QUERIES, q.shape[1]):], k, ctx.scale)
+            s = pool1d(probs.sum(dim=(1, 2))[:, sinks_n : n - w], self.kernel, self.pooling)
+            rel.append(s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+        rel = torch.stack(rel)
+        if self.consensus:
+            rel = (1 - self.consensus) * rel + self.consensus * consensus(rel, self.consensus_top)
+        rel = spread_forward(rel.flatten(0, 1), QUESTION_SPAN).view_as(rel)
+        return rel.topk(min(m, rel.shape[-1]), dim=-1).indices
 
     # -- decode -------------------------------------------------------------------------------
     def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
@@ -373,6 +413,12 @@ class ATSKV(ScoredSelection[ATSKVState]):
         chosen = ((before < self.mass) | (rank < self.min_pages) | forced.gather(1, order))
         chosen = chosen & live.gather(1, order) & ((rank < self.max_pages) | fits)
         return order, chosen
+
+
+def first_occurrence(x: Tensor) -> Tensor:
+    """Boolean mask of the entries of the 1-D ``x`` not seen earlier in it."""
+    same = x[:, None] == x[None, :]
+    return ~same.tril(-1).any(dim=1)
 
 
 def consensus(rel: Tensor, top: int = 0) -> Tensor:
