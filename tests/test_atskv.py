@@ -296,35 +296,50 @@ def test_reconstruction_signal_scores_what_reconstructing_the_context_needs(smol
         m.relevance(q, k, v, d**-0.5, 4, None)
 
 
-def test_question_share_keeps_what_the_question_attends_within_the_same_budget():
-    """``question_share`` (with ``signal=recon``): that share of each head's middle tokens is
-    picked by the last prompt queries' attention (and the tokens after them), the rest by
-    reconstruction; the heads keep as many tokens as without the share, none twice."""
+def question_select(**fields):
+    """atskv's selection (signal=recon) on a hand-built 400-token prefill of 2 layers and 2
+    heads: the last 32 queries attend token 50, reconstruction needs tokens 200-299 (more than a
+    0.2 budget holds) and token 50 a little."""
     from atskv.core.method import PrefillContext
 
     torch.manual_seed(2)
     d, n, layers, heads = 16, 400, 2, 2
     keys = [torch.randn(heads, n, d) for _ in range(layers)]
     values = [torch.randn(heads, n, d) for _ in range(layers)]
-    queries = [k[:, 50:51].repeat(1, 32, 1) * 4.0 for k in keys]  # the question attends token 50
+    queries = [k[:, 50:51].repeat(1, 32, 1) * 4.0 for k in keys]
     recon = [torch.rand(heads, n) * 0.01 for _ in range(layers)]
     for r in recon:
-        r[:, 200:300] += 1.0  # reconstruction needs tokens 200-299, more than the budget holds
+        r[:, 200:300] += 1.0
+        r[:, 50] += 0.5
+    m = ATSKV(budget=0.2, signal="recon", window=8, chunk=1, span=0, min_share=0.0, **fields)
+    ctx = PrefillContext(keys, values, queries, n, 4, d**-0.5, reconstruction=recon)
+    return m.select(m.begin(n, 4), ctx)
 
-    def kept(share):
-        m = ATSKV(budget=0.2, signal="recon", window=8, chunk=1, span=0, min_share=0.0,
-                  question_share=share)
-        ctx = PrefillContext(keys, values, queries, n, 4, d**-0.5, reconstruction=recon)
-        return m.select(m.begin(n, 4), ctx)
 
-    without, with_share = kept(0.0), kept(0.25)
+def test_question_share_keeps_what_the_question_attends_within_the_same_budget():
+    """``question_share`` (with ``signal=recon``): that share of each head's middle tokens is
+    picked by the last prompt queries' attention (and the tokens after them), the rest by
+    reconstruction; the heads keep as many tokens as without the share, none twice."""
+    without, with_share = question_select(), question_select(question_share=0.25)
     assert sum(map(len, sum(without, []))) == sum(map(len, sum(with_share, [])))
     for a, b in zip(without, with_share):
         for x, y in zip(a, b):
             assert len(torch.unique(y)) == len(y)
             # the question's token 50, pooled over its neighbours and spread forward: a
-            # quarter of the head's ~68 middle tokens lie in 47..69 with the share, none without
-            near = set(range(47, 70))
-            assert not near & set(x.tolist()) and len(near & set(y.tolist())) >= 16
+            # quarter of the head's ~68 middle tokens lie in 47..69 with the share, none but
+            # 50 itself without
+            near = set(range(47, 70)) - {50}
+            assert not near & set(x.tolist()) and len(near & set(y.tolist())) >= 15
     with pytest.raises(ValueError, match="question_share"):
         ATSKV(question_share=1.5)
+
+
+def test_question_boost_lifts_what_reconstruction_and_the_question_both_ask_for():
+    """``question_boost``: reconstruction scores times (1 + boost * the question's attention
+    relative to uniform): token 50 (reconstruction 0.5, the question's target) outranks the
+    tokens reconstruction alone prefers (1.0); no boost keeps it out."""
+    plain, boosted = question_select(), question_select(question_boost=1.0)
+    assert sum(map(len, sum(plain, []))) == sum(map(len, sum(boosted, [])))
+    for a, b in zip(plain, boosted):
+        for x, y in zip(a, b):
+            assert 50 not in x.tolist() and 50 in y.tolist()

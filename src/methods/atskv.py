@@ -131,6 +131,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # with signal=recon: the share of each head's middle budget that the question's attention
     # (the last QUESTION_QUERIES prompt queries) picks, the rest by reconstruction
     question_share: float = 0.0
+    # with signal=recon: reconstruction scores times (1 + question_boost * r), r the question's
+    # attention relative to uniform (research switch)
+    question_boost: float = 0.0
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, consensus) and budgets (chunk,
@@ -153,7 +156,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         if self.fit_pages is not None:
             self.check("fit_pages", self.fit_pages, self.fit_pages >= 1,
                        "must be >= 1 (or null: the pages for which ranking cannot pay)")
-        for name in ("n_sink", "span", "pin_chunks", "consensus_top"):
+        for name in ("n_sink", "span", "pin_chunks", "consensus_top", "question_boost"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
         for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0),
                              ("question_share", 0.0, 1.0)):
@@ -164,7 +167,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
         return self.static
 
     def queries_needed(self) -> int:
-        return max(self.window, QUESTION_QUERIES if self.question_share else 0)
+        asks = self.question_share or self.question_boost
+        return max(self.window, QUESTION_QUERIES if asks else 0)
 
     def fit(self) -> int:
         """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
@@ -255,6 +259,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
             rel = (1 - self.consensus) * rel + self.consensus * shared
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
+        if self.signal == "recon" and self.question_boost:
+            asks = self.question_relevance(ctx, sinks_n, w)
+            rel = rel * (1 + self.question_boost * asks * asks.shape[-1])
         asked = self.question_picks(ctx, sinks_n, w, per_head)  # (N, H, m)
         if asked is not None:  # ranked last by reconstruction: picked already
             rel = rel.scatter(-1, asked, -1.0)
@@ -304,6 +311,12 @@ class ATSKV(ScoredSelection[ATSKVState]):
         m = int(self.question_share * per_head)
         if self.signal != "recon" or m <= 0:
             return None
+        rel = self.question_relevance(ctx, sinks_n, w)
+        return rel.topk(min(m, rel.shape[-1]), dim=-1).indices
+
+    def question_relevance(self, ctx: PrefillContext, sinks_n: int, w: int) -> Tensor:
+        """``(N, H, M)`` relevance of the middle tokens to the last :data:`QUESTION_QUERIES`
+        prompt queries, each head's summing to 1 (see :meth:`question_picks`)."""
         rel = []
         for q, k in zip(ctx.queries, ctx.keys):
             n = k.shape[1]
@@ -314,7 +327,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         if self.consensus:
             rel = (1 - self.consensus) * rel + self.consensus * consensus(rel, self.consensus_top)
         rel = spread_forward(rel.flatten(0, 1), QUESTION_SPAN).view_as(rel)
-        return rel.topk(min(m, rel.shape[-1]), dim=-1).indices
+        return rel / rel.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     # -- decode -------------------------------------------------------------------------------
     def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
