@@ -283,7 +283,7 @@ def test_reconstruction_signal_scores_what_reconstructing_the_context_needs(smol
     m = ATSKV(budget=0.2, signal="recon")
     assert m.reconstruction(prompt, smollm2_tokenizer) == \
         METHODS.get("kvzip")(budget=0.2).reconstruction(prompt, smollm2_tokenizer)
-    assert ATSKV(budget=0.2).reconstruction(prompt, smollm2_tokenizer) == []
+    assert ATSKV(budget=0.2, signal="attn_vnorm").reconstruction(prompt, smollm2_tokenizer) == []
     d, n, w = 16, 120, 8
     k, v = torch.randn(2, n, d), torch.ones(2, n, d)
     q = torch.zeros(2, w, d)
@@ -311,6 +311,7 @@ def question_select(**fields):
     for r in recon:
         r[:, 200:300] += 1.0
         r[:, 50] += 0.5
+    fields = {"question_boost": 0.0, **fields}
     m = ATSKV(budget=0.2, signal="recon", window=8, chunk=1, span=0, min_share=0.0, **fields)
     ctx = PrefillContext(keys, values, queries, n, 4, d**-0.5, reconstruction=recon)
     return m.select(m.begin(n, 4), ctx)

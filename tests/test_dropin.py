@@ -360,5 +360,5 @@ def test_readme_snippet_finds_the_needle_on_smollm2(smollm2_model, smollm2_token
     assert bench.score(answer, sample) == 100, answer
     (s,) = press.stats
     if name == "atskv":
-        assert s.prompt_tokens_kept["mean"] <= 0.2 * 1024
+        assert s.prompt_tokens_kept["mean"] <= round(0.2 * 1024)  # the budget: prompt_keep
         assert s.kv_bytes_peak < 0.3 * s.kv_bytes_uncompressed
