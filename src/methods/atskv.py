@@ -2,13 +2,17 @@
 
 Three components, each with an ablation switch:
 
-1. **Token relevance at prefill** (``signal``). Per KV head, the observation window's attention
-   (the last ``window`` prompt queries, which hold the question: query-aware), summed over the
-   GQA group and max-pooled so neighbours share relevance (``attn``); optionally weighted by the
-   token's value norm, a cheap predictor of how much a token can move the output once attended
-   (``attn_vnorm``, the value-aware pruning idea); or the value norm alone (``vnorm``); or,
-   asking no question, KVzip's context-reconstruction attention (``recon``: the engine's extra
-   passes, about two prefills; docs/atskv_research.md).
+1. **Token relevance at prefill** (``signal``). By default (``recon``) what reconstructing the
+   context needs: KVzip's context-reconstruction attention (the engine's extra passes, about
+   two prefills), which asks no question, so it holds when the question comes after
+   compression; lifted by the question's attention where the question is in view
+   (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
+   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform, which is
+   ~1 for a question-agnostic prompt's tail and hundreds for the tokens a retrieval head looks
+   up). The alternatives are the observation window's attention (the last ``window`` prompt
+   queries), summed over the GQA group and max-pooled so neighbours share relevance (``attn``),
+   weighted by the token's value norm (``attn_vnorm``, the value-aware pruning idea), or the
+   value norm alone (``vnorm``). docs/atskv_research.md has each signal's dev numbers.
    Relevance is then mixed with a consensus shared by every layer and head (``consensus``): a
    fact that the question's retrieval heads single out is kept in every head, not only in those
    whose window attention happened to find it (measured on SmolLM2: without it, most heads
@@ -108,17 +112,17 @@ RANK_TOKENS = 5
 @METHODS.register("atskv")
 @dataclass(frozen=True)
 class ATSKV(ScoredSelection[ATSKVState]):
-    # signal, chunk, span and min_share: chosen on the dev split by hand (reconstruction
-    # relevance, single tokens, no forward span, no per-head floor: docs/atskv_research.md ideas
-    # 7 and 10); window, question_boost, consensus and min_share are the tuned preset's knobs
-    # (conf/method/tuned/atskv.yaml, the same 12 trials as every baseline)
+    # signal, chunk and span: chosen on the dev split by hand (reconstruction relevance, single
+    # tokens, no forward span: docs/atskv_research.md ideas 7 and 10); window, question_boost,
+    # consensus and min_share: what atskv's own dev tuning chose (the same 12 trials as every
+    # baseline; conf/method/tuned/atskv.yaml, rounded to two decimals)
     signal: str = "recon"
     window: int = 8
     chunk: int = 1
-    consensus: float = 0.94
+    consensus: float = 0.96
     span: int = 0
     adaptive: bool = True
-    min_share: float = 0.0
+    min_share: float = 0.19
     n_sink: int = 4
     sparse_decode: bool = True
     page_size: int = 16
@@ -136,7 +140,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
     question_share: float = 0.0
     # with signal=recon: reconstruction scores times (1 + question_boost * r), r the question's
     # attention relative to uniform (docs/atskv_research.md idea 12)
-    question_boost: float = 0.3
+    question_boost: float = 3.0
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, question_boost, consensus) and budgets
