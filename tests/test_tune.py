@@ -196,6 +196,8 @@ def test_two_trial_sweep_on_the_tiny_model_writes_a_tuned_preset(tmp_path):
     assert prov["trials"] == 2 and prov["runs"]["ok"] >= 1
     assert prov["search_space"] == METHODS.get("snapkv").search_space
     assert 0 <= prov["best_value"] <= 100 and "dev split" in prov["objective"]
+    assert " run.py -m " in prov["sweep_command"]  # no folder of this machine in the preset
+    assert str(tune.ROOT) not in prov["sweep_command"]
     space = tune.parse_space(METHODS.get("snapkv"))
     assert set(prov["best_params"]) == set(space)
     for field, value in prov["best_params"].items():

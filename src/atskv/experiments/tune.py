@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -209,10 +210,17 @@ def provenance(plan: Plan, trials_run: int, best: float | None, params: dict[str
         "sweep_dir": str(plan.sweep_dir) if trials_run else None,
         "runs": {"folders": len(runs), "ok": sum(r.get("status") == "ok" for r in runs)},
         "command": plan.invocation,
-        "sweep_command": shlex.join(plan.command) if trials_run else None,
+        "sweep_command": shlex.join(portable(plan.command)) if trials_run else None,
         "overrides": list(plan.jobs.values()),
         "versions": {p: metadata.version(p) for p in VERSIONS},
     }
+
+
+def portable(command: list[str]) -> list[str]:
+    """``command`` with paths inside the repository made relative to it (a committed preset
+    names no folder of the machine that tuned it)."""
+    root = f"{ROOT}{os.sep}"
+    return [a[len(root):] if a.startswith(root) else a for a in command]
 
 
 def write_tuned(out_dir: Path, method: str, params: dict[str, Any], prov: dict[str, Any]) -> Path:
