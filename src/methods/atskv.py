@@ -3,8 +3,8 @@
 Three components, each with an ablation switch:
 
 1. **Token relevance at prefill** (``signal``). By default (``recon``) what reconstructing the
-   context needs: KVzip's context-reconstruction attention (the engine's extra passes, about
-   two prefills), which asks no question, so it holds when the question comes after
+   context needs: KVzip's context-reconstruction attention (the engine's extra passes, several
+   prefills' time), which asks no question, so it holds when the question comes after
    compression; lifted by the question's attention where the question is in view
    (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
    :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform, which is
@@ -174,8 +174,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         return self.static
 
     def queries_needed(self) -> int:
-        asks = self.question_share or self.question_boost
-        return max(self.window, QUESTION_QUERIES if asks else 0)
+        return max(self.window, QUESTION_QUERIES if self.asks() else 0)
 
     def fit(self) -> int:
         """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
@@ -266,10 +265,10 @@ class ATSKV(ScoredSelection[ATSKVState]):
             rel = (1 - self.consensus) * rel + self.consensus * shared
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
-        if self.signal == "recon" and self.question_boost:
-            asks = self.question_relevance(ctx, sinks_n, w)
+        asks = self.question_relevance(ctx, sinks_n, w) if self.asks() else None
+        if asks is not None and self.question_boost:
             rel = rel * (1 + self.question_boost * asks * asks.shape[-1])
-        asked = self.question_picks(ctx, sinks_n, w, per_head)  # (N, H, m)
+        asked = self.question_picks(asks, per_head)  # (N, H, m)
         if asked is not None:  # ranked last by reconstruction: picked already
             rel = rel.scatter(-1, asked, -1.0)
         m = 0 if asked is None else asked.shape[-1]
@@ -308,22 +307,25 @@ class ATSKV(ScoredSelection[ATSKVState]):
             state.pins.append(pins if self.sparse_decode and not state.capped else None)
         return keep
 
-    def question_picks(self, ctx: PrefillContext, sinks_n: int, w: int,
-                       per_head: int) -> Tensor | None:
-        """``(N, H, m)`` middle-token indices (best first) that the question's attention picks
-        per layer and head, ``m = question_share * per_head``: atskv's window relevance of the
-        last :data:`QUESTION_QUERIES` prompt queries (pooled, the top-heads consensus mixed in,
-        spread forward over :data:`QUESTION_SPAN` tokens). None without a question share or
-        without the reconstruction signal (the window's attention is the whole signal then)."""
+    def asks(self) -> bool:
+        """Whether the question's attention enters the selection: with the reconstruction
+        signal and a boost or a share (the window's attention is the whole signal otherwise)."""
+        return self.signal == "recon" and bool(self.question_share or self.question_boost)
+
+    def question_picks(self, asks: Tensor | None, per_head: int) -> Tensor | None:
+        """``(N, H, m)`` middle-token indices (best first) that the question's attention
+        ``asks`` picks per layer and head, ``m = question_share * per_head``; None without a
+        share."""
         m = int(self.question_share * per_head)
-        if self.signal != "recon" or m <= 0:
+        if asks is None or m <= 0:
             return None
-        rel = self.question_relevance(ctx, sinks_n, w)
-        return rel.topk(min(m, rel.shape[-1]), dim=-1).indices
+        return asks.topk(min(m, asks.shape[-1]), dim=-1).indices
 
     def question_relevance(self, ctx: PrefillContext, sinks_n: int, w: int) -> Tensor:
         """``(N, H, M)`` relevance of the middle tokens to the last :data:`QUESTION_QUERIES`
-        prompt queries, each head's summing to 1 (see :meth:`question_picks`)."""
+        prompt queries, each head's summing to 1: atskv's window relevance of those queries
+        (pooled, the top-heads consensus mixed in, spread forward over :data:`QUESTION_SPAN`
+        tokens)."""
         rel = []
         for q, k in zip(ctx.queries, ctx.keys):
             n = k.shape[1]
