@@ -260,9 +260,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         recon = ctx.reconstruction or [None] * len(ctx.keys)
         rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n, r)
                            for q, k, v, r in zip(ctx.queries, ctx.keys, ctx.values, recon)])
-        if self.consensus:
-            shared = consensus(rel, self.consensus_top)
-            rel = (1 - self.consensus) * rel + self.consensus * shared
+        rel = self.with_consensus(rel)
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
         asks = self.question_relevance(ctx, sinks_n, w) if self.asks() else None
@@ -307,6 +305,13 @@ class ATSKV(ScoredSelection[ATSKVState]):
             state.pins.append(pins if self.sparse_decode and not state.capped else None)
         return keep
 
+    def with_consensus(self, rel: Tensor) -> Tensor:
+        """``(N, H, M)`` per-head relevance mixed with the top heads' consensus (``consensus``
+        of it; unchanged at 0)."""
+        if not self.consensus:
+            return rel
+        return (1 - self.consensus) * rel + self.consensus * consensus(rel, self.consensus_top)
+
     def asks(self) -> bool:
         """Whether the question's attention enters the selection: with the reconstruction
         signal and a boost or a share (the window's attention is the whole signal otherwise)."""
@@ -332,9 +337,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
             probs = window_attention(q[:, -min(QUESTION_QUERIES, q.shape[1]):], k, ctx.scale)
             s = pool1d(probs.sum(dim=(1, 2))[:, sinks_n : n - w], self.kernel, self.pooling)
             rel.append(s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30))
-        rel = torch.stack(rel)
-        if self.consensus:
-            rel = (1 - self.consensus) * rel + self.consensus * consensus(rel, self.consensus_top)
+        rel = self.with_consensus(torch.stack(rel))
         rel = spread_forward(rel.flatten(0, 1), QUESTION_SPAN).view_as(rel)
         return rel / rel.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
