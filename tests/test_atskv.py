@@ -312,8 +312,10 @@ def question_select(**fields):
         r[:, 200:300] += 1.0
         r[:, 50] += 0.5
     fields = {"question_boost": 0.0, **fields}
+    follows = fields.pop("question_follows", False)
     m = ATSKV(budget=0.2, signal="recon", window=8, chunk=1, span=0, min_share=0.0, **fields)
-    ctx = PrefillContext(keys, values, queries, n, 4, d**-0.5, reconstruction=recon)
+    ctx = PrefillContext(keys, values, queries, n, 4, d**-0.5, reconstruction=recon,
+                         question_follows=follows)
     return m.select(m.begin(n, 4), ctx)
 
 
@@ -344,3 +346,16 @@ def test_question_boost_lifts_what_reconstruction_and_the_question_both_ask_for(
     for a, b in zip(plain, boosted):
         for x, y in zip(a, b):
             assert 50 not in x.tolist() and 50 in y.tolist()
+
+
+@pytest.mark.parametrize("knob", [{"question_boost": 1.0}, {"question_share": 0.25}])
+def test_the_question_is_asked_only_where_it_is_in_view(knob):
+    """With ``question_follows`` (the question-agnostic protocol: the prompt ends with the
+    context) neither the boost nor the share reads the prompt's last queries: the selection is
+    the one without them, token for token."""
+    def same(a, b):
+        return all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+
+    plain = question_select()
+    assert not same(question_select(**knob), plain)  # the knob matters where it is asked
+    assert same(question_select(question_follows=True, **knob), plain)

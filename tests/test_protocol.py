@@ -179,3 +179,30 @@ def test_a_later_question_sees_the_context_without_the_first(tiny_model, name):
             assert out.kv_bytes_peak == alone.kv_bytes_peak
     state = reqs[-1].compressed.state
     assert state.nbytes() <= state.allocated_bytes()
+
+
+@pytest.mark.parametrize("protocol", ["question_aware", "question_agnostic"])
+def test_the_method_is_told_whether_the_question_follows(tiny_model, protocol, monkeypatch):
+    """A method compressing the context alone (question-agnostic) is told that a question it
+    does not see follows (``PrefillContext.question_follows``); one compressing the whole prompt
+    is not. The runner's requests and the engine's own ``question=`` path say the same."""
+    from atskv.experiments import protocol as runner
+
+    told = []
+    method = METHODS.get("snapkv")(budget=0.3)
+    select = type(method).select
+
+    def spy(self, state, ctx):
+        told.append(ctx.question_follows)
+        return select(self, state, ctx)
+
+    monkeypatch.setattr(type(method), "select", spy)
+    eng = Engine(tiny_model, None)
+    group = group_of_questions(1)
+    pre = runner.Prefills.make(eng, group, {protocol}, method.queries_needed())
+    runner.answer(eng, group, pre, method, protocol)
+    agnostic = protocol == "question_agnostic"
+    question = runner.question(group[0]) if agnostic else ()
+    p = pre.context if agnostic else pre.aware
+    eng.generate_from(p, method, 2, stop_at_eos=False, question=question)
+    assert told == [agnostic, agnostic]

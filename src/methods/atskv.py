@@ -7,9 +7,10 @@ Three components, each with an ablation switch:
    prefills' time), which asks no question, so it holds when the question comes after
    compression; lifted by the question's attention where the question is in view
    (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
-   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform, which is
-   ~1 for a question-agnostic prompt's tail and hundreds for the tokens a retrieval head looks
-   up). The alternatives are the observation window's attention (the last ``window`` prompt
+   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform). Where
+   the caller says the question comes after compression (``PrefillContext.question_follows``,
+   the question-agnostic protocol) the prompt's last queries are the context's, which attend
+   the text near them and the preamble, and nothing is lifted. The alternatives are the observation window's attention (the last ``window`` prompt
    queries), summed over the GQA group and max-pooled so neighbours share relevance (``attn``),
    weighted by the token's value norm (``attn_vnorm``, the value-aware pruning idea), or the
    value norm alone (``vnorm``). docs/atskv_research.md has each signal's dev numbers.
@@ -139,7 +140,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # (the last QUESTION_QUERIES prompt queries) picks, the rest by reconstruction
     question_share: float = 0.0
     # with signal=recon: reconstruction scores times (1 + question_boost * r), r the question's
-    # attention relative to uniform (docs/atskv_research.md idea 12)
+    # attention relative to uniform (docs/atskv_research.md idea 12); both only where the
+    # question is in view (not with ctx.question_follows: idea 13)
     question_boost: float = 3.0
 
     paper = "this project (see src/methods/atskv.py)"
@@ -263,7 +265,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         rel = self.with_consensus(rel)
         if self.span:
             rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
-        asks = self.question_relevance(ctx, sinks_n, w) if self.asks() else None
+        asks = self.question_relevance(ctx, sinks_n, w) if self.asks(ctx) else None
         if asks is not None and self.question_boost:
             rel = rel * (1 + self.question_boost * asks * asks.shape[-1])
         asked = self.question_picks(asks, per_head)  # (N, H, m)
@@ -312,9 +314,14 @@ class ATSKV(ScoredSelection[ATSKVState]):
             return rel
         return (1 - self.consensus) * rel + self.consensus * consensus(rel, self.consensus_top)
 
-    def asks(self) -> bool:
+    def asks(self, ctx: PrefillContext | None = None) -> bool:
         """Whether the question's attention enters the selection: with the reconstruction
-        signal and a boost or a share (the window's attention is the whole signal otherwise)."""
+        signal and a boost or a share (the window's attention is the whole signal otherwise),
+        and not when ``ctx`` says the question comes after compression (its prompt ends with
+        the context, whose last queries attend what is near them, not what a question asks:
+        docs/atskv_research.md, idea 13)."""
+        if ctx is not None and ctx.question_follows:
+            return False
         return self.signal == "recon" and bool(self.question_share or self.question_boost)
 
     def question_picks(self, asks: Tensor | None, per_head: int) -> Tensor | None:

@@ -293,12 +293,13 @@ class Engine:
 
     @torch.inference_mode()
     def compress(self, pre: Prefill, method: Method, max_new_tokens: int,
-                 consume: bool = False) -> Compressed:
+                 consume: bool = False, question_follows: bool = False) -> Compressed:
         """The method's state with its per-layer stores built from ``pre`` (copies of the kept
         tokens; room for ``max_new_tokens`` appended tokens: the generation, and the question's
         tokens when one is appended before it), the kept prompt-token indices per layer and KV
         head, and the time it took. With ``consume`` each layer's prefill tensors are dropped once
-        its store is built (a prefill nobody shares).
+        its store is built (a prefill nobody shares). ``question_follows``: the appended tokens
+        begin with a question the method does not see (:attr:`PrefillContext.question_follows`).
 
         A sliding-window layer whose window is shorter than what this generation's queries
         would see (``window < prompt + max_new_tokens - 1``) keeps exactly its window, as a ring
@@ -321,6 +322,7 @@ class Engine:
             ctx = PrefillContext([keys[i] for i in others], [values[i] for i in others],  # type: ignore[misc]
                                  [pre.queries[i] for i in others], pre.prompt_len,
                                  max_new_tokens, pre.scale, *(rope or (None, 1.0)),
+                                 question_follows=question_follows,
                                  memo=pre.memo.setdefault(tuple(others), {}))
             passes = tuple(method.reconstruction(pre.input_ids, self.tokenizer))
             if passes:  # part of compressing, run once per prefill for the same passes
@@ -414,7 +416,7 @@ class Engine:
     def _start(self, r: Request) -> _Generation:
         question = list(r.question)
         comp = r.compressed or self.compress(r.pre, r.method, len(question) + r.max_new_tokens,
-                                             r.consume)
+                                             r.consume, question_follows=bool(question))
         g = _Generation(r, comp, question, StopStrings(self.tokenizer, r.stop),
                         kv_after=comp.state.nbytes())
         logits = r.pre.logits

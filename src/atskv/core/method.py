@@ -23,7 +23,8 @@ The engine calls, per generation:
    of the new query over the kept tokens; sparse methods choose a subset here and report the
    bytes they read). A method may do all three in one kernel (atskv on the CPU).
 
-In the question-agnostic protocol the method compresses the context alone; the question's tokens
+In the question-agnostic protocol the method compresses the context alone (its
+:class:`PrefillContext` says so: ``question_follows``); the question's tokens
 then go on top of the compressed cache, uncompressed, through :meth:`Method.extend_layer` (the
 append, then exact attention), before decoding starts.
 
@@ -74,6 +75,10 @@ class PrefillContext:
     #: per layer ``(H_kv, L)`` float32: what the :class:`Reconstruction` passes the method asked
     #: for measured for each prompt token (0 where no pass scored it); None without passes
     reconstruction: list[Tensor] | None = None
+    #: the caller appends tokens after this compression that the method does not see (a
+    #: question, in the question-agnostic protocol): the prompt's end is the context's, not a
+    #: question
+    question_follows: bool = False
     #: results of :meth:`shared` computations over the same prefill (and layers), with their
     #: seconds; None: nothing is shared
     memo: dict[Any, tuple[Any, float]] | None = field(default=None, repr=False)

@@ -111,7 +111,8 @@ def requests(engine: Engine, group: Sequence[Sample], prefills: Prefills, method
     assert pre is not None
     appended = [(len(question(s)) if agnostic or i else 0) + s.max_new_tokens
                 for i, s in enumerate(group)]
-    compressed = engine.compress(pre, method, max(appended), consume and len(group) == 1)
+    compressed = engine.compress(pre, method, max(appended), consume and len(group) == 1,
+                                 question_follows=agnostic)
     reqs = []
     for i, s in enumerate(group):
         last = i == len(group) - 1

@@ -295,7 +295,8 @@ class QuestionAnswering:
         if protocol == "question_agnostic":
             room = max(map(len, q)) + self.max_new
             pre = self.engine.prefill(self.context, self.method.queries_needed())
-            comp = self.engine.compress(pre, self.method, room, consume=True)
+            comp = self.engine.compress(pre, self.method, room, consume=True,
+                                        question_follows=True)
             return [self.answer(comp if i == len(q) - 1 else comp.copy(), q[i], room)
                     for i in range(len(q))]
         room = max([self.max_new] + [len(x) + self.max_new for x in q[1:]])
