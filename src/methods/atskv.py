@@ -31,10 +31,12 @@ Three components, each with an ablation switch:
    and the rest goes to the globally most relevant chunks, so concentrated heads keep few tokens
    and diffuse ones many. Sinks and the observation window are always kept. Storage is ragged
    per head (no padding, no masks). A budget too small for ranking to pay (``dense_small``:
-   the average head holds at most half of :meth:`ATSKV.fit`'s pages) caps every head at
-   ``fit()`` pages instead, so the decode is dense by construction and stores neither page
-   summaries nor page rounding: their bytes (about 1/6 of the budget at 512 tokens and budget
-   0.2) hold tokens.
+   the average head holds at most half of :meth:`ATSKV.fit`'s pages) decodes densely and
+   stores neither page summaries nor page rounding: their bytes (about 1/6 of the budget at 512
+   tokens and budget 0.2) hold tokens. No head is capped there: the global allocation may give
+   one head most of its context (capping heads at ``fit()`` pages cost 6-23 points without the
+   question at 2048 and 4096 tokens on dev, docs/atskv_research.md idea 14); a dense step then
+   reads every kept token, the budget's bytes.
 3. **Sparse decode** (``sparse_decode``). Each step, per KV head, page summaries (Quest-style
    key min/max plus the key sum over ``page_size`` tokens) estimate every page's share of the
    attention (see :meth:`ATSKV.rank_pages`); pages are ranked by it and the smallest set whose
@@ -94,8 +96,9 @@ class ATSKVState(State):
     #: every layer's pages fit ``max_pages``: decode attends densely everywhere (one decision
     #: per generation, so that a compiled step does not branch differently per layer)
     dense: bool = True
-    #: heads were capped so that none is ranked (``dense_small``): stores without page summaries
-    capped: bool = False
+    #: the budget is too small for ranking to pay (``dense_small``): no head is ranked, and the
+    #: stores hold no page summaries
+    unranked: bool = False
 
     def own_tensors(self) -> Iterator[Tensor]:
         for layer in self.pins:
@@ -143,6 +146,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # attention relative to uniform (docs/atskv_research.md idea 12); both only where the
     # question is in view (not with ctx.question_follows: idea 13)
     question_boost: float = 3.0
+    # ... and only at budgets a head keeps less than this share of the prompt with (at larger
+    # ones reconstruction keeps what the question asks for, and the boost cost on dev: idea 15)
+    question_below: float = 0.15
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, question_boost, consensus) and budgets
@@ -165,7 +171,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
         if self.fit_pages is not None:
             self.check("fit_pages", self.fit_pages, self.fit_pages >= 1,
                        "must be >= 1 (or null: the pages for which ranking cannot pay)")
-        for name in ("n_sink", "span", "pin_chunks", "consensus_top", "question_boost"):
+        for name in ("n_sink", "span", "pin_chunks", "consensus_top", "question_boost",
+                     "question_below"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
         for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0),
                              ("question_share", 0.0, 1.0)):
@@ -202,16 +209,16 @@ class ATSKV(ScoredSelection[ATSKVState]):
         Generated tokens, and their pages' summaries, come on top as for every appending
         method."""
         keep = self.prompt_keep(prompt_len)
-        if not self.sparse_decode or keep >= prompt_len or self.capped(keep):
+        if not self.sparse_decode or keep >= prompt_len or self.unranked(keep):
             return keep  # no summaries, no rounding
         p = self.page_size
         return max(0, int(keep * p / (p + 1.5) - (p - 1) / 2))
 
-    def capped(self, keep: int) -> bool:
-        """Whether a budget of ``keep`` tokens per head decodes densely by construction
-        (``dense_small``): the average head holds at most half of :meth:`fit`'s pages, so every
-        head is capped at :meth:`fit` pages, no head is ranked, and neither page summaries nor
-        page rounding are stored (their bytes go to tokens instead)."""
+    def unranked(self, keep: int) -> bool:
+        """Whether a budget of ``keep`` tokens per head is too small for ranking to pay
+        (``dense_small``): the average head holds at most half of :meth:`fit`'s pages, so no head
+        is ranked (the decode is dense), and neither page summaries nor page rounding are stored
+        (their bytes go to tokens instead)."""
         return (self.dense_small and self.sparse_decode
                 and 2 * keep <= self.fit() * self.page_size)
 
@@ -275,13 +282,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
         chunk_scores = [chunk_sum(r, self.chunk) for r in rel]
         n_chunks = chunk_scores[0].shape[1]
         total = int((per_head - m) / self.chunk * ctx.n_kv_heads * ctx.n_layers)
-        cap = None
-        if self.capped(state.keep):  # no head past fit() pages, its generated tokens included
-            state.capped = True
-            cap = max(0, self.fit() * self.page_size - headroom(state) - w - sinks_n - m)
-            cap //= self.chunk
+        state.unranked = self.unranked(state.keep)
         if self.adaptive:
-            counts = allocate(torch.stack(chunk_scores), total, self.min_share, cap)
+            counts = allocate(torch.stack(chunk_scores), total, self.min_share)
         else:
             counts = torch.full((ctx.n_layers, ctx.n_kv_heads), total // (ctx.n_layers * ctx.n_kv_heads))
         dev = ctx.keys[0].device
@@ -304,7 +307,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 pins.append(torch.searchsorted(kept, best))  # their rows in the head's segment
             keep.append(heads)
             # a store that is never ranked takes no pins (they would be held for nothing)
-            state.pins.append(pins if self.sparse_decode and not state.capped else None)
+            state.pins.append(pins if self.sparse_decode and not state.unranked else None)
         return keep
 
     def with_consensus(self, rel: Tensor) -> Tensor:
@@ -317,10 +320,12 @@ class ATSKV(ScoredSelection[ATSKVState]):
     def asks(self, ctx: PrefillContext | None = None) -> bool:
         """Whether the question's attention enters the selection: with the reconstruction
         signal and a boost or a share (the window's attention is the whole signal otherwise),
-        and not when ``ctx`` says the question comes after compression (its prompt ends with
-        the context, whose last queries attend what is near them, not what a question asks:
-        docs/atskv_research.md, idea 13)."""
-        if ctx is not None and ctx.question_follows:
+        and for ``ctx`` neither when it says the question comes after compression (its prompt
+        ends with the context, whose last queries attend what is near them, not what a question
+        asks: docs/atskv_research.md, idea 13) nor when a head keeps ``question_below`` of the
+        prompt or more (idea 15)."""
+        if ctx is not None and (ctx.question_follows or self.prompt_keep(ctx.prompt_len)
+                                >= self.question_below * ctx.prompt_len):
             return False
         return self.signal == "recon" and bool(self.question_share or self.question_boost)
 
@@ -352,7 +357,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
     def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> StaticPagedKV:
         rows = [headroom(state)] * len(keep)
-        if not self.sparse_decode or state.capped:
+        if not self.sparse_decode or state.unranked:
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
         store = StaticPagedKV(keys, values, keep, rows, self.page_size)
         state.dense = state.dense and store.n_pages <= self.fit()
@@ -483,16 +488,15 @@ def chunk_sum(scores: Tensor, chunk: int) -> Tensor:
     return F.pad(scores, (0, pad)).view(scores.shape[0], -1, chunk).sum(-1)
 
 
-def allocate(scores: Tensor, total: int, min_share: float, cap: int | None = None) -> Tensor:
+def allocate(scores: Tensor, total: int, min_share: float) -> Tensor:
     """Spread ``total`` chunks over ``(layers, heads)`` by relevance.
 
     ``scores`` ``(N, H, C)``: per-head normalised chunk scores. Every head first gets its best
     ``floor(min_share * total / (N * H))`` chunks; the remaining budget goes to the globally
-    highest-scoring chunks not yet taken, at most ``cap`` chunks a head (None: ``C``). Returns
-    ``(N, H)`` counts summing to ``min(total, N * H * min(C, cap))``.
+    highest-scoring chunks not yet taken, one head's at most ``C``. Returns ``(N, H)`` counts
+    summing to ``min(total, N * H * C)``.
     """
     n, h, c = scores.shape
-    c = c if cap is None else min(c, cap)
     total = min(total, n * h * c)
     floor = min(c, int(min_share * total / (n * h)))
     ranked = scores.sort(dim=-1, descending=True).values
