@@ -7,13 +7,15 @@ Three components, each with an ablation switch:
    prefills' time), which asks no question, so it holds when the question comes after
    compression; lifted by the question's attention where the question is in view
    (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
-   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform). Where
-   the caller says the question comes after compression (``PrefillContext.question_follows``,
-   the question-agnostic protocol) the prompt's last queries are the context's, which attend
-   the text near them and the preamble, and nothing is lifted. The alternatives are the observation window's attention (the last ``window`` prompt
-   queries), summed over the GQA group and max-pooled so neighbours share relevance (``attn``),
-   weighted by the token's value norm (``attn_vnorm``, the value-aware pruning idea), or the
-   value norm alone (``vnorm``). docs/atskv_research.md has each signal's dev numbers.
+   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform), and
+   only where a head keeps less than ``question_below`` of the prompt. Where the caller says
+   the question comes after compression (``PrefillContext.question_follows``, the
+   question-agnostic protocol) the prompt's last queries are the context's, which attend the
+   text near them and the preamble, and nothing is lifted. The alternatives are the
+   observation window's attention (the last ``window`` prompt queries), summed over the GQA
+   group and max-pooled so neighbours share relevance (``attn``), weighted by the token's value
+   norm (``attn_vnorm``, the value-aware pruning idea), or the value norm alone (``vnorm``).
+   docs/atskv_research.md has each signal's dev numbers.
    Relevance is then mixed with a consensus shared by every layer and head (``consensus``): a
    fact that the question's retrieval heads single out is kept in every head, not only in those
    whose window attention happened to find it (measured on SmolLM2: without it, most heads
@@ -146,8 +148,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # attention relative to uniform (docs/atskv_research.md idea 12); both only where the
     # question is in view (not with ctx.question_follows: idea 13)
     question_boost: float = 3.0
-    # ... and only at budgets a head keeps less than this share of the prompt with (at larger
-    # ones reconstruction keeps what the question asks for, and the boost cost on dev: idea 15)
+    # ... and only where a head keeps less than this share of the prompt (with more,
+    # reconstruction keeps what the question asks for and the boost cost on dev: idea 15)
     question_below: float = 0.15
 
     paper = "this project (see src/methods/atskv.py)"
