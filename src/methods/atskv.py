@@ -84,8 +84,8 @@ from atskv.methods.pages import page_upper_bound
 from atskv.methods.scoring import ScoredSelection, pool1d, window_attention, window_scores
 
 SIGNALS = ("attn", "attn_vnorm", "vnorm", "recon")
-#: KVzip's reconstruction chunking and overlap (its defaults), for the ``recon`` signal
-RECON_CHUNK, RECON_OVERLAP = 2048, 8
+#: KVzip's reconstruction overlap (its default), for the ``recon`` signal
+RECON_OVERLAP = 8
 #: the prompt queries whose attention picks ``question_share`` of a head's tokens, and the span
 #: that what follows each of them inherits
 QUESTION_QUERIES, QUESTION_SPAN = 32, 16
@@ -151,6 +151,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # ... and only where a head keeps less than this share of the prompt (with more,
     # reconstruction keeps what the question asks for and the boost cost on dev: idea 15)
     question_below: float = 0.15
+    # with signal=recon: tokens per reconstruction pass (KVzip's default as kvpress runs it)
+    recon_chunk: int = 2048
 
     paper = "this project (see src/methods/atskv.py)"
     # four knobs, like the baselines: relevance (window, question_boost, consensus) and budgets
@@ -168,7 +170,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         super().__post_init__()
         self.check("signal", self.signal, self.signal in SIGNALS,
                    f"is unknown; choose one of {', '.join(SIGNALS)}")
-        for name in ("chunk", "page_size", "max_pages", "min_pages"):
+        for name in ("chunk", "page_size", "max_pages", "min_pages", "recon_chunk"):
             self.check(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
         if self.fit_pages is not None:
             self.check("fit_pages", self.fit_pages, self.fit_pages >= 1,
@@ -231,8 +233,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
         keep = self.prompt_keep(n)
         if self.signal != "recon" or keep >= n:
             return []
-        return reconstruction_passes(prompt, tokenizer, min(self.n_sink, keep), RECON_CHUNK,
-                                     RECON_OVERLAP)
+        return reconstruction_passes(prompt, tokenizer, min(self.n_sink, keep),
+                                     self.recon_chunk, RECON_OVERLAP)
 
     def relevance(self, q: Tensor, k: Tensor, v: Tensor, scale: float, n_sink: int,
                   recon: Tensor | None = None) -> Tensor:
