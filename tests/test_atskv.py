@@ -295,6 +295,14 @@ def test_reconstruction_signal_scores_what_reconstructing_the_context_needs(smol
     assert m.reconstruction(prompt, smollm2_tokenizer) == \
         METHODS.get("kvzip")(budget=0.2).reconstruction(prompt, smollm2_tokenizer)
     assert ATSKV(budget=0.2, signal="attn_vnorm").reconstruction(prompt, smollm2_tokenizer) == []
+    from atskv.core.types import ConfigError
+
+    chunked = ATSKV(budget=0.2, recon_chunk=100).reconstruction(prompt, smollm2_tokenizer)
+    assert chunked == METHODS.get("kvzip")(budget=0.2, chunk=100).reconstruction(
+        prompt, smollm2_tokenizer)
+    assert len(chunked) == 3  # 286 tokens after the sinks, in passes of at most 100
+    with pytest.raises(ConfigError, match="recon_chunk=0"):
+        ATSKV(recon_chunk=0)
     d, n, w = 16, 120, 8
     k, v = torch.randn(2, n, d), torch.ones(2, n, d)
     q = torch.zeros(2, w, d)

@@ -3,8 +3,8 @@
 Three components, each with an ablation switch:
 
 1. **Token relevance at prefill** (``signal``). By default (``recon``) what reconstructing the
-   context needs: KVzip's context-reconstruction attention (the engine's extra passes, several
-   prefills' time), which asks no question, so it holds when the question comes after
+   context needs: KVzip's context-reconstruction attention (the engine's extra passes of
+   ``recon_chunk`` tokens each, several prefills' time), which asks no question, so it holds when the question comes after
    compression; lifted by the question's attention where the question is in view
    (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
    :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform), and
