@@ -4,12 +4,12 @@ Three components, each with an ablation switch:
 
 1. **Token relevance at prefill** (``signal``). By default (``recon``) what reconstructing the
    context needs: KVzip's context-reconstruction attention (the engine's extra passes of
-   ``recon_chunk`` tokens each, several prefills' time), which asks no question, so it holds when the question comes after
-   compression; lifted by the question's attention where the question is in view
-   (``question_boost``: each score times ``1 + question_boost * r``, ``r`` the last
-   :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to uniform), and
-   only where a head keeps less than ``question_below`` of the prompt. Where the caller says
-   the question comes after compression (``PrefillContext.question_follows``, the
+   ``recon_chunk`` tokens each, several prefills' time), which asks no question, so it holds
+   when the question comes after compression; lifted by the question's attention where the
+   question is in view (``question_boost``: each score times ``1 + question_boost * r``, ``r``
+   the last :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to
+   uniform), and only where a head keeps less than ``question_below`` of the prompt. Where the
+   caller says the question comes after compression (``PrefillContext.question_follows``, the
    question-agnostic protocol) the prompt's last queries are the context's, which attend the
    text near them and the preamble, and nothing is lifted. The alternatives are the
    observation window's attention (the last ``window`` prompt queries), summed over the GQA
