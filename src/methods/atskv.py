@@ -98,9 +98,6 @@ class ATSKVState(State):
     #: every layer's pages fit ``max_pages``: decode attends densely everywhere (one decision
     #: per generation, so that a compiled step does not branch differently per layer)
     dense: bool = True
-    #: the budget is too small for ranking to pay (``dense_small``): no head is ranked, and the
-    #: stores hold no page summaries
-    unranked: bool = False
 
     def own_tensors(self) -> Iterator[Tensor]:
         for layer in self.pins:
@@ -286,7 +283,6 @@ class ATSKV(ScoredSelection[ATSKVState]):
         chunk_scores = [chunk_sum(r, self.chunk) for r in rel]
         n_chunks = chunk_scores[0].shape[1]
         total = int((per_head - m) / self.chunk * ctx.n_kv_heads * ctx.n_layers)
-        state.unranked = self.unranked(state.keep)
         if self.adaptive:
             counts = allocate(torch.stack(chunk_scores), total, self.min_share)
         else:
@@ -294,6 +290,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
         dev = ctx.keys[0].device
         sinks = torch.arange(sinks_n, device=dev)
         tail = torch.arange(n - w, n, device=dev)
+        # a store that is never ranked takes no pins (they would be held for nothing)
+        takes_pins = self.sparse_decode and not self.unranked(state.keep)
         keep = []
         for layer, scores in enumerate(chunk_scores):
             heads, pins = [], []
@@ -310,8 +308,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 best = tok[: self.pin_chunks * self.chunk]  # the most relevant chunks' tokens
                 pins.append(torch.searchsorted(kept, best))  # their rows in the head's segment
             keep.append(heads)
-            # a store that is never ranked takes no pins (they would be held for nothing)
-            state.pins.append(pins if self.sparse_decode and not state.unranked else None)
+            state.pins.append(pins if takes_pins else None)
         return keep
 
     def with_consensus(self, rel: Tensor) -> Tensor:
@@ -361,7 +358,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
     def make_store(self, state: ATSKVState, layer: int, keys: Tensor, values: Tensor,
                    keep: list[Tensor]) -> StaticPagedKV:
         rows = [headroom(state)] * len(keep)
-        if not self.sparse_decode or state.unranked:
+        if not self.sparse_decode or self.unranked(state.keep):
             return StaticPagedKV(keys, values, keep, rows, page=1, bounds=False)
         store = StaticPagedKV(keys, values, keep, rows, self.page_size)
         state.dense = state.dense and store.n_pages <= self.fit()
