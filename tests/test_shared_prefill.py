@@ -150,3 +150,67 @@ def test_samples_decoded_together_give_the_same_results(tmp_path, smollm2_path):
             for ra, rb in zip(rows_a, rows_b):
                 for key in COMPARED:
                     assert ra[key] == rb[key], (proto, name, key)
+
+
+def test_max_batch_bounds_the_copies_alive_and_changes_no_result(tmp_path, monkeypatch,
+                                                                 smollm2_path):
+    """hardware.max_batch rows decode together: members compress their copies as their rows
+    enter a batch, so no more than a batch plus one member's copies of one sample group exist
+    before a batch decodes, and every member gets the rows it gets with one big batch."""
+    from atskv.core.engine import Engine
+    from atskv.experiments import protocol
+
+    made, biggest = [], []
+    requests, generate = protocol.requests, Engine.generate_batch
+
+    def counting_requests(*a, **k):
+        rs = requests(*a, **k)
+        made.extend(rs)
+        biggest.append(len(rs))
+        return rs
+
+    def counting_generate(self, reqs):
+        assert len(reqs) <= 3
+        assert len(made) <= 3 + max(biggest)  # the copies made and not yet decoded
+        del made[: len(reqs)]
+        return generate(self, reqs)
+
+    methods, extra = ["full", "snapkv", "atskv"], ["benchmark.batch_size=2"]
+    big = run_group(_jobs(tmp_path / "big", (0.2,), methods, extra))
+    monkeypatch.setattr(protocol, "requests", counting_requests)
+    monkeypatch.setattr(Engine, "generate_batch", counting_generate)
+    small = run_group(_jobs(tmp_path / "small", (0.2,), methods, [*extra, "hardware.max_batch=3"]))
+    assert not made  # every copy was decoded
+    for a, b in zip(big, small, strict=True):
+        assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
+        assert a["decode_batch_size"] == 6 and b["decode_batch_size"] <= 3
+        name = f"{a['method']}_0.2"
+        for ra, rb in zip(_rows(tmp_path / "big" / name), _rows(tmp_path / "small" / name),
+                          strict=True):
+            for key in COMPARED:
+                assert ra[key] == rb[key], (name, key)
+
+
+def test_a_batch_that_fails_to_decode_fails_only_the_member_that_fails_alone(
+        tmp_path, monkeypatch, smollm2_path):
+    from atskv.core.engine import Engine
+
+    generate = Engine.generate_batch
+
+    def snapkv_breaks_decoding(self, reqs):
+        if any(r.method.name == "snapkv" for r in reqs):
+            raise RuntimeError("snapkv decode exploded")
+        return generate(self, reqs)
+
+    methods = ["full", "snapkv", "sliding_window"]
+    run_group(_jobs(tmp_path / "ref", (0.2,), methods))
+    monkeypatch.setattr(Engine, "generate_batch", snapkv_breaks_decoding)
+    res = run_group(_jobs(tmp_path / "run", (0.2,), methods, ["hardware.max_batch=2"]))
+    assert [r["status"] for r in res] == ["ok", "failed", "ok"]
+    assert "snapkv decode exploded" in res[1]["error"] and res[1]["n_samples"] == 0
+    for name in ("full_0.2", "sliding_window_0.2"):
+        rows_ref, rows = _rows(tmp_path / "ref" / name), _rows(tmp_path / "run" / name)
+        assert len(rows) == 2
+        for ra, rb in zip(rows_ref, rows, strict=True):
+            for key in COMPARED:
+                assert ra[key] == rb[key], (name, key)

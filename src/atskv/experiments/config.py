@@ -77,7 +77,8 @@ class HardwareConfig:
     compile_min_steps: int = 0
     device_map: str | None = None  # e.g. "auto" to spread a model over several GPUs
     # sequences decoded together at most (a sweep group's members x benchmark.batch_size
-    # samples x questions of a context): more are decoded in turns, each as alone
+    # samples x questions of a context): more are decoded in turns, each as alone; the members
+    # compress their copies as their rows enter a batch, so this also bounds a group's memory
     max_batch: int = 64
 
 

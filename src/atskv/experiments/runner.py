@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from atskv.benchmarks import BENCHMARKS
 from atskv.core import dynamo
-from atskv.core.engine import Engine
+from atskv.core.engine import Engine, Request
 from atskv.core.types import ConfigError, GenerationOutput, Sample
 from atskv.experiments import models, protocol, results, wandb_log
 from atskv.experiments.config import build_method, resolved_budget, run_key, validate
@@ -253,36 +253,62 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
 
 def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[list[Sample]],
             pres: list[protocol.Prefills], consume: bool) -> None:
-    """Every member's answers to a chunk of sample groups, decoded as one batch. A member whose
-    compression fails is marked failed and left out; when the batch's decoding fails, each
-    member's answers are decoded alone, so that only a member that fails alone is marked."""
-    owners, reqs = [], []
+    """Every member's answers to a chunk of sample groups, decoded ``hardware.max_batch`` rows at
+    a time. Members compress their copies in turn and a batch decodes as soon as it is full, so
+    at most a batch of compressed copies (and one member's copies of one group) live at once,
+    whatever the number of members. A member whose compression fails is marked failed and left
+    out; when a batch's decoding fails, each of its members is decoded alone, so that only a
+    member that fails alone is marked."""
+    size = alive[0].job.cfg.hardware.max_batch  # rows decoded together, at most
+    answered: dict[int, list[tuple[Sample, GenerationOutput]]] = {id(m): [] for m in alive}
+    pending: list[tuple[_Member, Sample, Request]] = []
+    again: list[_Member] = []  # members of a failed batch: decoded alone afterwards
+
+    def drop(m: _Member) -> None:
+        pending[:] = [p for p in pending if p[0] is not m]
+        answered.pop(id(m), None)
+
+    def decode(n: int) -> None:
+        batch, pending[:] = pending[:n], pending[n:]
+        try:
+            outs = engine.generate_batch([r for _, _, r in batch])
+        except Exception as e:  # noqa: BLE001 - find the member it was
+            members = list({id(m): m for m, _, _ in batch}.values())
+            if consume:
+                raise
+            if len(members) == 1 or len(alive) == 1:
+                for m in members:
+                    _fail(m, e, chunk[0][0].id)
+                    drop(m)
+                return
+            log.warning("a batch's decoding failed; decoding each of its members alone")
+            for m in members:
+                drop(m)
+                again.append(m)
+            return
+        for (m, s, _), out in zip(batch, outs, strict=True):
+            if id(m) in answered:
+                answered[id(m)].append((s, out))
+
     for m in alive:
         try:
             for group, pre in zip(chunk, pres):
+                if id(m) not in answered:  # failed, or decoded alone afterwards
+                    break
                 rs = protocol.requests(engine, group, pre, m.method, m.job.cfg.protocol, consume)
-                owners += [(m, s) for s in group]
-                reqs += rs
+                pending += [(m, s, r) for s, r in zip(group, rs, strict=True)]
+                while len(pending) >= size:
+                    decode(size)
         except Exception as e:  # noqa: BLE001 - this member fails, the others go on
             _fail(m, e, chunk[0][0].id)
-            reqs = [r for r, (o, _) in zip(reqs, owners) if o is not m]
-            owners = [o for o in owners if o[0] is not m]
-    try:
-        size = alive[0].job.cfg.hardware.max_batch  # rows decoded together, at most
-        outs = [o for at in range(0, len(reqs), size)
-                for o in engine.generate_batch(reqs[at : at + size])]
-    except Exception:  # noqa: BLE001 - find the member it was
-        if len({id(m) for m, _ in owners}) == 1 or consume:
-            raise
-        log.warning("a batch's decoding failed; decoding each member alone to find which")
-        for m in {id(m): m for m, _ in owners}.values():
-            try:
-                _answer([m], engine, benchmark, chunk, pres, False)
-            except Exception as e:  # noqa: BLE001 - this member fails, the others go on
-                _fail(m, e, chunk[0][0].id)
-        return
-    for (m, s), out in zip(owners, outs, strict=True):
-        m.rows.append(sample_row(s, out, benchmark))
+            drop(m)
+    while pending:
+        decode(size)
+    for m in alive:
+        for s, out in answered.get(id(m), ()):
+            m.rows.append(sample_row(s, out, benchmark))
+    for m in again:
+        _answer([m], engine, benchmark, chunk, pres, False)
 
 
 def _fail(m: _Member, e: Exception, where: str) -> None:
