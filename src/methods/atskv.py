@@ -29,7 +29,8 @@ Three components, each with an ablation switch:
    ``chunk`` consecutive tokens (facts span several tokens: SmolLM2 writes every digit as its own
    token), not single tokens. One global budget - the shared ``budget`` of every layer and head
    together - is spread over all (layer, KV head) pairs by relevance: each head's scores are
-   normalised to a distribution, every head keeps a floor of ``min_share`` of the uniform share,
+   normalised to a distribution, every head keeps a floor of ``min_share`` of the uniform share
+   (none by default: the floor cost at 4096 tokens on dev, docs/atskv_research.md idea 16),
    and the rest goes to the globally most relevant chunks, so concentrated heads keep few tokens
    and diffuse ones many. Sinks and the observation window are always kept. Storage is ragged
    per head (no padding, no masks). A budget too small for ranking to pay (``dense_small``:
