@@ -46,6 +46,30 @@ def test_peak_rss_sees_an_allocation_inside_the_region():
     assert grown >= 200 * 1024 * 1024
 
 
+TRIM_PROBE = """
+import torch
+from atskv.metrics import current_bytes, trim_heap
+held = [torch.ones(15 * 1024) for _ in range(4096)]  # 60 KiB each: heap chunks, 240 MiB
+pin = torch.ones(16)  # above them in the heap: their pages cannot go back by shrinking its top
+del held
+before = current_bytes("cpu")
+print(int(trim_heap()), before - current_bytes("cpu"))
+"""
+
+
+def test_trim_heap_gives_freed_heap_pages_back():
+    """In a fresh process: tensors freed below a live one keep their pages in the process until
+    the heap is trimmed."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out[0] != "1":
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert int(out[1]) >= 128 * 1024 * 1024
+
+
 @pytest.mark.gpu
 def test_cuda_peak_is_the_allocator_peak():
     with PeakMemory("cuda") as m:

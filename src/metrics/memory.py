@@ -1,10 +1,14 @@
 """Peak memory over a region: the CUDA allocator's peak on GPU, the process's peak resident set
 size on CPU (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Each figure says which
-kind it is; a figure that cannot be measured is ``None``, never 0."""
+kind it is; a figure that cannot be measured is ``None``, never 0. And :func:`trim_heap`, which
+hands the freed pages of the C heap back to the system."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,3 +76,23 @@ class PeakMemory:
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         else:
             self.peak_bytes = _read_hwm()
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``). The CPU tensors a
+    sweep group frees after a batch of samples otherwise stay in the process, scattered among
+    live ones; the next batch's tensors do not all fit into them, and the process's RSS grows
+    batch by batch (docs/sweeps.md). False where the C library has no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

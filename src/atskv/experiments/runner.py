@@ -27,7 +27,7 @@ from atskv.core.engine import Engine, Request
 from atskv.core.types import ConfigError, GenerationOutput, Sample
 from atskv.experiments import models, protocol, results, wandb_log
 from atskv.experiments.config import build_method, resolved_budget, run_key, validate
-from atskv.metrics import PeakMemory
+from atskv.metrics import PeakMemory, trim_heap
 from atskv.metrics.needles import needle_recall
 
 log = logging.getLogger("atskv")
@@ -244,6 +244,7 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         consume = len(alive) == 1
         _answer(alive, engine, benchmark, chunk, pres, consume)
         del pres
+        trim_heap()  # or the freed tensors' pages stay, and the peak grows chunk by chunk
         bar.update(sum(len(g) for g in chunk))
         if len(members) == 1 and members[0].rows:
             rows = members[0].rows
