@@ -78,7 +78,7 @@ class HardwareConfig:
     device_map: str | None = None  # e.g. "auto" to spread a model over several GPUs
     # sequences decoded together at most (a sweep group's members x benchmark.batch_size
     # samples x questions of a context): more are decoded in turns, each as alone; the members
-    # compress their copies as their rows enter a batch, so this also bounds a group's memory
+    # compress their copies as their rows enter a batch, so this also bounds the copies held
     max_batch: int = 64
 
 

@@ -277,7 +277,7 @@ def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[li
             members = list({id(m): m for m, _, _ in batch}.values())
             if consume:
                 raise
-            if len(members) == 1 or len(alive) == 1:
+            if len(members) == 1:
                 for m in members:
                     _fail(m, e, chunk[0][0].id)
                     drop(m)
@@ -288,8 +288,7 @@ def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[li
                 again.append(m)
             return
         for (m, s, _), out in zip(batch, outs, strict=True):
-            if id(m) in answered:
-                answered[id(m)].append((s, out))
+            answered[id(m)].append((s, out))
 
     for m in alive:
         try:
