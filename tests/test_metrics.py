@@ -31,14 +31,19 @@ print(m.kind, int(bool(m.since_reset)), m.peak_bytes - base.peak_bytes)
 """
 
 
-def test_peak_rss_sees_an_allocation_inside_the_region():
-    """In a fresh process: after a long test session the allocator may serve the allocation from
-    memory the process already holds, which no RSS measure can see."""
+def _in_fresh_process(code: str) -> list[str]:
+    """What ``code`` prints, run in a new Python process, split into words."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", PEAK_RSS_PROBE], capture_output=True, text=True,
-                         check=True).stdout.split()
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_peak_rss_sees_an_allocation_inside_the_region():
+    """In a fresh process: after a long test session the allocator may serve the allocation from
+    memory the process already holds, which no RSS measure can see."""
+    out = _in_fresh_process(PEAK_RSS_PROBE)
     kind, since_reset, grown = out[0], out[1] == "1", int(out[2])
     assert kind == "process_peak_rss"
     if not since_reset:
@@ -60,11 +65,7 @@ print(int(trim_heap()), before - current_bytes("cpu"))
 def test_trim_heap_gives_freed_heap_pages_back():
     """In a fresh process: tensors freed below a live one keep their pages in the process until
     the heap is trimmed."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = _in_fresh_process(TRIM_PROBE)
     if out[0] != "1":
         pytest.skip("the C library has no malloc_trim (not glibc)")
     assert int(out[1]) >= 128 * 1024 * 1024
