@@ -140,6 +140,44 @@ def test_a_small_budget_caps_no_head():
     assert sum(sizes) <= layers * heads * m.prompt_keep(n)
 
 
+def test_summaries_are_paid_per_page_a_head_owns():
+    """One summary slot per page of the buffers: a short head beside a long one pays for its own
+    pages, not for the long head's (a per-head ``(H, P)`` layout padded to the longest would
+    hold 3 x 60 slots here, not 60 + 2 + 2)."""
+    keys = torch.randn(3, 240, 8)
+    store = StaticPagedKV(keys, keys.clone(), [torch.arange(240), torch.arange(5),
+                                               torch.arange(7)], [0, 0, 0], page=4)
+    assert store.capacities == [240, 8, 8]
+    assert store.summary_bytes() == (60 + 2 + 2) * 3 * 8 * 4
+    assert store.kmin.shape == (3, 60, 8)  # the per-head view, for the ranking
+
+
+def test_a_skewed_allocation_stores_within_the_budget():
+    """When the global allocation gives one head most of a layer's budget, the page summaries of
+    the heads beside it cost only their own pages: the stored bytes (keys, values, summaries,
+    pinned flags, index tensors) stay within budget x the prompt's K and V."""
+    from atskv.core.method import PrefillContext
+
+    torch.manual_seed(3)
+    d, n, layers, heads, budget = 16, 2000, 2, 3, 0.2
+    keys = [torch.randn(heads, n, d) for _ in range(layers)]
+    values = [torch.randn(heads, n, d) for _ in range(layers)]
+    queries = [torch.randn(2 * heads, 8, d) for _ in range(layers)]
+    recon = [torch.rand(heads, n) * 1e-3 for _ in range(layers)]
+    for layer in range(layers):
+        recon[layer][0, 100:1100] += 1.0  # one head per layer wants half of the context
+    m = ATSKV(budget=budget, signal="recon", window=8, chunk=1, span=0, min_share=0.0,
+              consensus=0.0, question_boost=0.0, page_size=16, fit_pages=4, dense_small=False)
+    state = m.begin(n, 0)
+    keep = m.select(state, PrefillContext(keys, values, queries, n, 0, d**-0.5,
+                                          reconstruction=recon))
+    sizes = [[int(k.numel()) for k in layer] for layer in keep]
+    assert all(layer[0] > 4 * sum(layer[1:]) for layer in sizes)  # skewed: one head holds most
+    state.stores = [m.make_store(state, i, keys[i], values[i], keep[i]) for i in range(layers)]
+    full = layers * heads * n * 2 * d * 4
+    assert state.nbytes() <= budget * full * 1.01, state.nbytes() / full
+
+
 def test_consensus_of_the_top_heads_keeps_what_few_heads_single_out():
     """consensus(top=k): a token that one head attends sharply outweighs tokens that every head
     attends a little (a shared preamble), which the mean over every head favours."""

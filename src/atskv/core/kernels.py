@@ -226,7 +226,8 @@ def paged_decode(q: Tensor, knew: Tensor, vnew: Tensor, k: Tensor, v: Tensor, su
                  min_pages: int, mass: float, scale: float) -> Tensor:
     """One layer's decode step over atskv's store (:meth:`StaticPagedKV.decode_ranked`), in
     place: head ``h``'s new ``knew``, ``vnew`` ``(H, d)`` go to row ``index[0, h] + index[1, h]``
-    of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(H, P, 3, d)``), and
+    of ``k``, ``v`` and into that page's key min, max and sum (``summary`` ``(N / page, 3, d)``,
+    head ``h``'s pages from slot ``index[0, h] / page``), and
     its length ``index[1, h]`` grows by one; then :func:`rank_pages` and :func:`paged_attention`
     over the pages it chose. ``(H, g, d)``."""
     return torch.ops.atskv.paged_decode(q, knew, vnew, k, v, summary, index, pinned, page,

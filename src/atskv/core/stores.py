@@ -353,7 +353,8 @@ class StaticPagedKV:
     Head ``h`` owns ``capacity[h]`` rows (its kept tokens plus decode headroom, rounded up to whole
     pages: at most ``page - 1`` spare rows per head) of the flat ``(N, d)`` buffers; heads stay
     ragged. Each page keeps its keys' elementwise min, max and sum (for decode-time page
-    selection), unless ``bounds=False``. :meth:`append` writes through device index tensors and updates the page bounds
+    selection), unless ``bounds=False``: one summary slot per page of the buffers, so a head
+    pays for the pages it owns, not for the longest head's. :meth:`append` writes through device index tensors and updates the page bounds
     without host synchronisation or data-dependent shapes, so a decode step that uses it can be
     captured once in a CUDA graph and replayed.
     """
@@ -384,21 +385,21 @@ class StaticPagedKV:
         #: ``caps`` are its rows): one tensor, so that a compiled step takes one input, not three
         self.index = torch.tensor([starts, lengths, caps], device=dev)
         self.capacities = caps
-        self._heads = torch.arange(n_heads, device=dev)
         self.kernel = kernels.usable(self.k)  # decided (and built) here, never inside a step
         #: pages a method wants attended at every step (set after construction); its shape is
         #: also where the number of page slots is read from (a tensor size, so that a compiled
         #: step treats it as a dimension, not as a constant)
         self.pinned = dynamic(torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev), 1)
         dynamic(self.k, 0), dynamic(self.v, 0)  # rows and pages differ between generations
-        #: (H, n_pages, 3, d): each page slot's key min, max and sum (``kmin``, ``kmax``,
-        #: ``ksum`` are its parts), one tensor for the same reason as ``index``, a page's three
-        #: side by side (one stream of memory for a ranking to read)
+        #: (N / page, 3, d): the key min, max and sum of every page of the buffers (head ``h``'s
+        #: page ``p`` is slot ``offsets[h] / page + p``; ``kmin``, ``kmax``, ``ksum`` view them
+        #: per head), one tensor for the same reason as ``index``, a page's three side by side
+        #: (one stream of memory for a ranking to read)
         self.summary = None
         if not bounds:
             return
-        self.summary = dynamic(keys.new_zeros((n_heads, n_pages, 3, d)), 1)
-        self.summary[:, :, 0], self.summary[:, :, 1] = float("inf"), float("-inf")  # no key yet
+        self.summary = dynamic(keys.new_zeros((sum(caps) // page, 3, d)), 0)
+        self.summary[:, 0], self.summary[:, 1] = float("inf"), float("-inf")  # no key yet
         for h in range(n_heads):
             self._summarise(h, lengths[h])
 
@@ -409,9 +410,20 @@ class StaticPagedKV:
         seg = self.k[start : start + n]
         n_used = -(-n // self.page)
         if n_used:
-            self.kmin[h, :n_used], self.kmax[h, :n_used] = page_minmax(seg, self.page)
-            self.ksum[h, :n_used] = F.pad(seg, (0, 0, 0, -n % self.page)).view(
-                n_used, self.page, d).sum(1)
+            own = self.summary[start // self.page : start // self.page + n_used]
+            own[:, 0], own[:, 1] = page_minmax(seg, self.page)
+            own[:, 2] = F.pad(seg, (0, 0, 0, -n % self.page)).view(n_used, self.page, d).sum(1)
+
+    def page_slots(self) -> Tensor:
+        """``(H, n_pages)``: the summary slot of each head's page slot (a slot past a head's
+        capacity repeats its last page's: :meth:`page_counts` says it holds no token)."""
+        first = self.offsets // self.page
+        last = first + self.caps // self.page - 1
+        pages = torch.arange(self.n_pages, device=first.device)
+        return torch.minimum(first[:, None] + pages, last[:, None])
+
+    def _per_head(self, part: int) -> Tensor | None:
+        return None if self.summary is None else self.summary[self.page_slots(), part]
 
     @property
     def offsets(self) -> Tensor:
@@ -432,15 +444,16 @@ class StaticPagedKV:
 
     @property
     def kmin(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[:, :, 0]
+        """``(H, n_pages, d)``: each head's page slots' key min (a copy)."""
+        return self._per_head(0)
 
     @property
     def kmax(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[:, :, 1]
+        return self._per_head(1)
 
     @property
     def ksum(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[:, :, 2]
+        return self._per_head(2)
 
     @property
     def n_heads(self) -> int:
@@ -464,11 +477,11 @@ class StaticPagedKV:
         self.index[1] += 1
 
     def _update_bounds(self, k: Tensor) -> None:
-        page = self.lens // self.page
+        slot = (self.offsets + self.lens) // self.page
         fresh = (self.lens % self.page == 0)[:, None]
-        lo, hi, total = self.summary[self._heads, page].unbind(1)  # each (H, d)
+        lo, hi, total = self.summary[slot].unbind(1)  # each (H, d)
         now = torch.stack([torch.minimum(lo, k), torch.maximum(hi, k), total + k], dim=1)
-        self.summary[self._heads, page] = torch.where(fresh[..., None], k[:, None], now)
+        self.summary[slot] = torch.where(fresh[..., None], k[:, None], now)
 
     def page_counts(self) -> Tensor:
         """Tokens held by each page slot ``(H, n_pages)`` (0 for unused slots)."""
@@ -534,15 +547,15 @@ class StaticPagedKV:
         self.initial -= sum(drop)
         self.reserved += sum(drop)  # free rows again, for tokens appended later
         if self.summary is not None:  # every page's summary again, from the rows it holds now
-            self.summary[:, :, 0], self.summary[:, :, 1] = float("inf"), float("-inf")
-            self.summary[:, :, 2] = 0
+            self.summary[:, 0], self.summary[:, 1] = float("inf"), float("-inf")
+            self.summary[:, 2] = 0
             for h, n in enumerate(lens):
                 self._summarise(h, n)
 
     def spare_bytes(self) -> int:
         """Bytes of the headroom rows reserved for generated tokens not appended (yet), and of
         the page metadata (summaries, pinned flags) of headroom pages that hold no token yet;
-        page rounding, and the metadata slots that pad a head to the longest head's pages, are
+        page rounding, and the pinned flags that pad a head to the longest head's pages, are
         not spare (they are paid for)."""
         lens = self.lens.tolist()  # a host sync: never inside a decode step
         appended = sum(lens) - self.initial
@@ -559,7 +572,7 @@ class StaticPagedKV:
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the store holds: keys, values, page summaries, pinned pages and the index
         tensors."""
-        return tuple(t for t in (self.k, self.v, self.index, self._heads, self.summary,
+        return tuple(t for t in (self.k, self.v, self.index, self.summary,
                                  self.pinned) if t is not None)
 
     def token_bytes(self) -> int:

@@ -39,12 +39,14 @@ inline int64_t page_slots(int64_t max_pages, int64_t fit_pages, int64_t P) {
 }
 
 // The ranking itself, on raw pointers: contiguous float32 q (H, g, d); page slot p of head h has
-// its key min, max and sum at lop, hip, sump + (h * P + p) * stride (stride d for three (H, P, d)
-// arrays, 3 d for atskv's packed (H, P, 3, d) store); int64 lens, bool pinned (H, P). Writes the
+// its key min, max and sum at lop, hip, sump + (first[h] + p) * stride (first[h] = h * P and
+// stride d for three (H, P, d) arrays; atskv's store packs every page's three in a row, stride
+// 3 d, head h's pages from its first row / page); int64 lens, bool pinned (H, P). Writes the
 // K = min(max(max_pages, fit_pages), P) page slots per head to op (H, K) and which of them are
 // chosen to cp (H, K).
 void rank_pages_into(const float* qp, const float* lop, const float* hip, const float* sump,
-                     int64_t stride, const int64_t* lenp, const bool* pinp, int64_t H, int64_t G,
+                     int64_t stride, const int64_t* first, const int64_t* lenp, const bool* pinp,
+                     int64_t H, int64_t G,
                      int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t fit_pages,
                      int64_t min_pages, double mass, double scale, int64_t* op, bool* cp) {
   const int64_t K = page_slots(max_pages, fit_pages, P);
@@ -88,7 +90,7 @@ void rank_pages_into(const float* qp, const float* lop, const float* hip, const 
         qsplit[G * D + i] = std::min(qh[i], 0.f);
       }
       for (int64_t p = 0; p < P; ++p) {
-        const int64_t at = (h * P + p) * stride;
+        const int64_t at = (first[h] + p) * stride;
         const int64_t c = count(h, p);
         if (!c) {
           for (int64_t g = 0; g < G; ++g) logit[g * P + p] = neg_inf;
@@ -177,16 +179,20 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   const auto pin_b = pinned.to(at::kBool).contiguous();
   auto order = at::empty({H, K}, q.options().dtype(at::kLong));
   auto chosen = at::empty({H, K}, q.options().dtype(at::kBool));
+  std::vector<int64_t> first(H);
+  for (int64_t h = 0; h < H; ++h) first[h] = h * P;
   rank_pages_into(qc.data_ptr<float>(), lo_c.data_ptr<float>(), hi_c.data_ptr<float>(),
-                  sum_c.data_ptr<float>(), D, lens_l.data_ptr<int64_t>(), pin_b.data_ptr<bool>(),
+                  sum_c.data_ptr<float>(), D, first.data(), lens_l.data_ptr<int64_t>(),
+                  pin_b.data_ptr<bool>(),
                   H, G, D, P, page, max_pages, fit_pages, min_pages, mass, scale,
                   order.data_ptr<int64_t>(), chosen.data_ptr<bool>());
   return {order, chosen};
 }
 
 // atskv::paged_decode: one layer's decode step over atskv's store (StaticPagedKV) in one call. The
-// store: k, v (N, d); summary (H, P, 3, d), each page slot's key min, max and sum; index (3, H)
-// int64, each head's first row, token count and rows owned. First the append: for every head h,
+// store: k, v (N, d); summary (N / page, 3, d), each page's key min, max and sum (head h's page p
+// at index[0, h] / page + p); index (3, H) int64, each head's first row, token count and rows
+// owned (whole pages); pinned (H, P), P the most pages a head owns. First the append: for every head h,
 // the new key and value (knew, vnew (H, d)) go to row index[0, h] + index[1, h], the min, max and
 // sum of the page that row falls in take the key in (a page's first token replaces them) and
 // index[1, h] grows by one. Then rank_pages_into, and attend_pages over the pages it chose: on raw
@@ -197,11 +203,16 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
                             at::Tensor& k, at::Tensor& v, at::Tensor& summary, at::Tensor& index,
                             const at::Tensor& pinned, int64_t page, int64_t max_pages,
                             int64_t fit_pages, int64_t min_pages, double mass, double scale) {
-  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && summary.dim() == 4 &&
-                  summary.size(2) == 3 && index.dim() == 2 && index.size(0) == 3,
-              "atskv::paged_decode: k, v must be (N, d), summary (H, P, 3, d) and index (3, H); "
-              "got ",
-              k.sizes(), ", ", v.sizes(), ", ", summary.sizes(), ", ", index.sizes());
+  TORCH_CHECK(page >= 1 && max_pages >= 1 && fit_pages >= 1,
+              "atskv::paged_decode: page, max_pages and fit_pages must be >= 1, got ", page, ", ",
+              max_pages, ", ", fit_pages);
+  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes() && summary.dim() == 3 &&
+                  summary.size(0) * page == k.size(0) && summary.size(1) == 3 &&
+                  index.dim() == 2 && index.size(0) == 3 && pinned.dim() == 2,
+              "atskv::paged_decode: k, v must be (N, d), summary (N / page, 3, d), index (3, H) "
+              "and pinned (H, P); got ",
+              k.sizes(), ", ", v.sizes(), ", ", summary.sizes(), ", ", index.sizes(), ", ",
+              pinned.sizes(), " at page ", page);
   for (const at::Tensor* t :
        std::initializer_list<const at::Tensor*>{&q, &k, &v, &summary, &knew, &vnew})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "atskv::paged_decode: float32 only, got ",
@@ -211,40 +222,43 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
     TORCH_CHECK(t->is_contiguous(), "atskv::paged_decode: the store's tensors must be contiguous");
   TORCH_CHECK(index.scalar_type() == at::kLong && pinned.scalar_type() == at::kBool,
               "atskv::paged_decode: index must be int64 and pinned bool");
-  const int64_t H = summary.size(0), P = summary.size(1), D = summary.size(3), N = k.size(0);
+  const int64_t H = index.size(1), P = pinned.size(1), D = summary.size(2), N = k.size(0);
   const int64_t G = q.size(1);
   TORCH_CHECK(k.size(1) == D && q.dim() == 3 && q.size(0) == H && q.size(2) == D &&
                   knew.sizes() == at::IntArrayRef({H, D}) && vnew.sizes() == knew.sizes() &&
-                  index.size(1) == H && pinned.sizes() == at::IntArrayRef({H, P}),
+                  pinned.size(0) == H,
               "atskv::paged_decode: q must be (", H, ", g, ", D, "), the new keys and values (",
               H, ", ", D, ") and pinned (", H, ", ", P, "); got ", q.sizes(), ", ", knew.sizes(),
               ", ", vnew.sizes(), ", ", pinned.sizes());
-  TORCH_CHECK(page >= 1 && max_pages >= 1 && fit_pages >= 1,
-              "atskv::paged_decode: page, max_pages and fit_pages must be >= 1, got ", page, ", ",
-              max_pages, ", ", fit_pages);
   int64_t* offp = index.data_ptr<int64_t>();  // its rows: offsets, lens, caps
   int64_t* lenp = offp + H;
   const int64_t* capp = offp + 2 * H;
   float* kp = k.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  float* lop = summary.data_ptr<float>();  // page slot (h, p): its min, max, sum in a row
+  float* lop = summary.data_ptr<float>();  // page (h, p): its min, max, sum in a row
   float* hip = lop + D;
   float* sump = lop + 2 * D;
   const auto qc = q.contiguous(), kn = knew.contiguous(), vn = vnew.contiguous();  // no copy if so
   const float* knp = kn.data_ptr<float>();
   const float* vnp = vn.data_ptr<float>();
+  std::vector<int64_t> first(H);  // each head's first page
   for (int64_t h = 0; h < H; ++h) {  // every head checked before any is written
     const int64_t n = lenp[h];
-    TORCH_CHECK(n >= 0 && n < capp[h] && offp[h] + capp[h] <= N && n / page < P,
-                "atskv::paged_decode: head ", h,
+    TORCH_CHECK(offp[h] >= 0 && offp[h] % page == 0 && capp[h] % page == 0 &&
+                    offp[h] + capp[h] <= N && capp[h] / page <= P,
+                "atskv::paged_decode: head ", h, "'s rows ", offp[h], " + ", capp[h],
+                " are not whole pages of ", page, " within the store's ", N, " rows and ", P,
+                " page slots");
+    TORCH_CHECK(n >= 0 && n < capp[h], "atskv::paged_decode: head ", h,
                 " is full (its capacity was sized for fewer generated tokens)");
+    first[h] = offp[h] / page;
   }
   for (int64_t h = 0; h < H; ++h) {
     const int64_t n = lenp[h], row = offp[h] + n, p = n / page;
     const float* kr = knp + h * D;
     std::copy(kr, kr + D, kp + row * D);
     std::copy(vnp + h * D, vnp + (h + 1) * D, vp + row * D);
-    float* lo = lop + (h * P + p) * 3 * D;
+    float* lo = lop + (first[h] + p) * 3 * D;
     float* hi = lo + D;
     float* sm = lo + 2 * D;
     if (n % page == 0) {  // the page's first token
@@ -264,7 +278,8 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
   std::vector<int64_t> pages(H * K);
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
-  rank_pages_into(qp, lop, hip, sump, 3 * D, lenp, pinned.data_ptr<bool>(), H, G, D, P, page,
+  rank_pages_into(qp, lop, hip, sump, 3 * D, first.data(), lenp, pinned.data_ptr<bool>(), H, G,
+                  D, P, page,
                   max_pages, fit_pages, min_pages, mass, scale, pages.data(), chosen.get());
   auto out = at::empty({H, G, D}, q.options());
   attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
