@@ -427,3 +427,21 @@ def test_the_question_is_asked_only_at_small_budgets():
     assert same_selection(question_select(budget=0.2, question_boost=1.0), plain)
     assert not same_selection(question_select(budget=0.2, question_boost=1.0,
                                               question_below=0.25), plain)
+
+
+def test_the_question_alone_scores_from_its_share():
+    """``question_alone_from``: where the question is in view and a head keeps that share of the
+    prompt or more, the question's attention (token 50) replaces reconstruction (tokens 200-299)
+    as the relevance; below the share, or with the question after compression, the selection is
+    reconstruction's, token for token."""
+    plain = question_select(budget=0.2)
+    alone = question_select(budget=0.2, question_alone_from=0.15)
+    def in_recon(selection):
+        return sum(int(((t >= 200) & (t < 300)).sum()) for layer in selection for t in layer)
+
+    assert all(50 in t.tolist() for layer in alone for t in layer)
+    assert in_recon(plain) >= 0.6 * sum(t.numel() for layer in plain for t in layer)
+    assert in_recon(alone) < in_recon(plain) / 2
+    assert same_selection(question_select(budget=0.2, question_alone_from=0.25), plain)
+    assert same_selection(question_select(budget=0.2, question_alone_from=0.15,
+                                          question_follows=True), plain)

@@ -149,6 +149,10 @@ class ATSKV(ScoredSelection[ATSKVState]):
     # ... and only where a head keeps less than this share of the prompt (with more,
     # reconstruction keeps what the question asks for and the boost cost on dev: idea 15)
     question_below: float = 0.15
+    # where the question is in view and a head keeps at least this share of the prompt, the
+    # question's attention alone is the relevance, in place of ``signal``'s (1: never;
+    # docs/atskv_research.md idea 18)
+    question_alone_from: float = 1.0
     # with signal=recon: tokens per reconstruction pass (KVzip's default as kvpress runs it)
     recon_chunk: int = 2048
 
@@ -176,7 +180,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
                      "question_below"):
             self.check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
         for name, lo, hi in (("min_share", 0.0, 1.0), ("consensus", 0.0, 1.0), ("mass", 1e-9, 1.0),
-                             ("question_share", 0.0, 1.0)):
+                             ("question_share", 0.0, 1.0), ("question_alone_from", 0.0, 1.0)):
             value = getattr(self, name)
             self.check(name, value, lo <= value <= hi, f"must be in [{lo:g}, {hi:g}]")
 
@@ -184,7 +188,8 @@ class ATSKV(ScoredSelection[ATSKVState]):
         return self.static
 
     def queries_needed(self) -> int:
-        return max(self.window, QUESTION_QUERIES if self.asks() else 0)
+        question = self.asks() or self.question_alone_from < 1
+        return max(self.window, QUESTION_QUERIES if question else 0)
 
     def fit(self) -> int:
         """The most pages a head may hold and attend all of them, unranked (``fit_pages``, or by
@@ -267,13 +272,17 @@ class ATSKV(ScoredSelection[ATSKVState]):
         per_head = max(0, tokens - w - sinks_n)  # middle tokens
         if middle <= 0:
             return None
-        recon = ctx.reconstruction or [None] * len(ctx.keys)
-        rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n, r)
-                           for q, k, v, r in zip(ctx.queries, ctx.keys, ctx.values, recon)])
-        rel = self.with_consensus(rel)
-        if self.span:
-            rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
-        asks = self.question_relevance(ctx, sinks_n, w) if self.asks(ctx) else None
+        if self.question_alone(ctx):
+            rel = self.question_relevance(ctx, sinks_n, w)
+            asks = None
+        else:
+            recon = ctx.reconstruction or [None] * len(ctx.keys)
+            rel = torch.stack([self.relevance(q[:, -w:], k, v, ctx.scale, sinks_n, r)
+                               for q, k, v, r in zip(ctx.queries, ctx.keys, ctx.values, recon)])
+            rel = self.with_consensus(rel)
+            if self.span:
+                rel = spread_forward(rel.flatten(0, 1), self.span).view_as(rel)
+            asks = self.question_relevance(ctx, sinks_n, w) if self.asks(ctx) else None
         if asks is not None and self.question_boost:
             rel = rel * (1 + self.question_boost * asks * asks.shape[-1])
         asked = self.question_picks(asks, per_head)  # (N, H, m)
@@ -329,6 +338,13 @@ class ATSKV(ScoredSelection[ATSKVState]):
                                 >= self.question_below * ctx.prompt_len):
             return False
         return self.signal == "recon" and bool(self.question_share or self.question_boost)
+
+    def question_alone(self, ctx: PrefillContext) -> bool:
+        """Whether the question's attention alone scores the middle tokens
+        (``question_alone_from``): the question is in view and a head keeps that share of the
+        prompt or more."""
+        return (not ctx.question_follows
+                and self.prompt_keep(ctx.prompt_len) >= self.question_alone_from * ctx.prompt_len)
 
     def question_picks(self, asks: Tensor | None, per_head: int) -> Tensor | None:
         """``(N, H, m)`` middle-token indices (best first) that the question's attention
