@@ -445,3 +445,11 @@ def test_the_question_alone_scores_from_its_share():
     assert same_selection(question_select(budget=0.2, question_alone_from=0.25), plain)
     assert same_selection(question_select(budget=0.2, question_alone_from=0.15,
                                           question_follows=True), plain)
+
+
+def test_no_reconstruction_passes_where_the_question_scores_alone(smollm2_tokenizer):
+    prompt = list(range(10, 300))
+    m = ATSKV(budget=0.2, question_alone_from=0.15)
+    assert m.reconstruction(prompt, smollm2_tokenizer) == []
+    assert m.reconstruction(prompt, smollm2_tokenizer, question_follows=True) == \
+        ATSKV(budget=0.2).reconstruction(prompt, smollm2_tokenizer) != []

@@ -229,11 +229,13 @@ class ATSKV(ScoredSelection[ATSKVState]):
                 and 2 * keep <= self.fit() * self.page_size)
 
     # -- prefill: relevance and allocation ----------------------------------------------------
-    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
-        """KVzip's context-reconstruction passes, for the ``recon`` signal (none otherwise)."""
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any,
+                       question_follows: bool = False) -> list[Reconstruction]:
+        """KVzip's context-reconstruction passes, for the ``recon`` signal where the question
+        does not score alone (none otherwise)."""
         n = len(prompt)
         keep = self.prompt_keep(n)
-        if self.signal != "recon" or keep >= n:
+        if self.signal != "recon" or keep >= n or self.question_alone(n, question_follows):
             return []
         return reconstruction_passes(prompt, tokenizer, min(self.n_sink, keep),
                                      self.recon_chunk, RECON_OVERLAP)
@@ -272,7 +274,7 @@ class ATSKV(ScoredSelection[ATSKVState]):
         per_head = max(0, tokens - w - sinks_n)  # middle tokens
         if middle <= 0:
             return None
-        if self.question_alone(ctx):
+        if self.question_alone(n, ctx.question_follows):
             rel = self.question_relevance(ctx, sinks_n, w)
             asks = None
         else:
@@ -339,12 +341,12 @@ class ATSKV(ScoredSelection[ATSKVState]):
             return False
         return self.signal == "recon" and bool(self.question_share or self.question_boost)
 
-    def question_alone(self, ctx: PrefillContext) -> bool:
+    def question_alone(self, prompt_len: int, question_follows: bool) -> bool:
         """Whether the question's attention alone scores the middle tokens
-        (``question_alone_from``): the question is in view and a head keeps that share of the
-        prompt or more."""
-        return (not ctx.question_follows
-                and self.prompt_keep(ctx.prompt_len) >= self.question_alone_from * ctx.prompt_len)
+        (``question_alone_from``): the question is in view (not ``question_follows``) and a head
+        keeps that share of the prompt or more."""
+        return (not question_follows
+                and self.prompt_keep(prompt_len) >= self.question_alone_from * prompt_len)
 
     def question_picks(self, asks: Tensor | None, per_head: int) -> Tensor | None:
         """``(N, H, m)`` middle-token indices (best first) that the question's attention

@@ -75,7 +75,8 @@ class KVzip(Method[State]):
         self.check("allocation", self.allocation, self.allocation in ALLOCATIONS,
                    f"is unknown; choose one of {', '.join(ALLOCATIONS)}")
 
-    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any,
+                       question_follows: bool = False) -> list[Reconstruction]:
         n = len(prompt)
         keep = self.prompt_keep(n)
         if keep >= n:

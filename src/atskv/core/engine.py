@@ -324,7 +324,7 @@ class Engine:
                                  max_new_tokens, pre.scale, *(rope or (None, 1.0)),
                                  question_follows=question_follows,
                                  memo=pre.memo.setdefault(tuple(others), {}))
-            passes = tuple(method.reconstruction(pre.input_ids, self.tokenizer))
+            passes = tuple(method.reconstruction(pre.input_ids, self.tokenizer, question_follows))
             if passes:  # part of compressing, run once per prefill for the same passes
                 scores = ctx.shared(("reconstruction", passes), lambda: reconstruction_scores(
                     self.model, keys, values, pre.prompt_len, passes))  # type: ignore[arg-type]

@@ -275,10 +275,11 @@ class Method(Generic[S]):
                 and cls.before_append is Method.before_append and cls.attend is Method.attend
                 and all(getattr(s, "summary", None) is None for s in state.stores))
 
-    def reconstruction(self, prompt: Sequence[int], tokenizer: Any) -> list[Reconstruction]:
+    def reconstruction(self, prompt: Sequence[int], tokenizer: Any,
+                       question_follows: bool = False) -> list[Reconstruction]:
         """Forward passes the engine runs after prefill, before :meth:`select`, whose scores
         reach it as ``PrefillContext.reconstruction`` (default: none). ``tokenizer`` may be None
-        (tests without one)."""
+        (tests without one); ``question_follows`` is the :class:`PrefillContext`'s."""
         return []
 
     # -- per generation ---------------------------------------------------------------------
