@@ -91,12 +91,12 @@ def test_eviction_keeps_original_positions_and_ragged_heads(tiny_model):
     for step, logits in enumerate(out.stats["logits"]):
         torch.testing.assert_close(logits, ref[len(PROMPT) - 1 + step], atol=1e-4, rtol=1e-4)
     # ragged storage: K/V bytes are exactly the kept tokens (+ the 4 generated tokens fed back)
-    # per head, no padding; plus 4 int64 index tensors (offsets, lengths, capacities, heads)
+    # per head, no padding; plus the (3, heads) int64 index (offsets, lengths, capacities)
     # and the pinned-page mask (bool, heads x page slots; one-token pages here), whose slots for
     # the generated tokens are reserved, not stored, until those tokens come
     d = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
     n_layers = tiny_model.config.num_hidden_layers
-    index = 4 * len(subsets) * 8
+    index = 3 * len(subsets) * 8
     pinned = len(subsets) * max(len(s) + 4 for s in subsets)
     per_layer = sum(len(s) + 4 for s in subsets) * 2 * d * 4 + index + pinned
     assert out.kv_bytes_peak == n_layers * per_layer

@@ -8,7 +8,8 @@ Three components, each with an ablation switch:
    when the question comes after compression; lifted by the question's attention where the
    question is in view (``question_boost``: each score times ``1 + question_boost * r``, ``r``
    the last :data:`QUESTION_QUERIES` prompt queries' attention to the token relative to
-   uniform), and only where a head keeps less than ``question_below`` of the prompt. Where the
+   uniform), and only where a head keeps less than ``question_below`` of the prompt (from
+   ``question_alone_from``, off by default, the question's attention alone). Where the
    caller says the question comes after compression (``PrefillContext.question_follows``, the
    question-agnostic protocol) the prompt's last queries are the context's, which attend the
    text near them and the preamble, and nothing is lifted. The alternatives are the
