@@ -445,8 +445,9 @@ class ATSKV(ScoredSelection[ATSKVState]):
         """
         counts = store.page_counts()  # (H, P)
         live = counts > 0
-        upper = page_upper_bound(q, store.kmin, store.kmax)  # (H, g, P)
-        mean_key = store.ksum / counts.clamp_min(1)[..., None].to(store.ksum.dtype)
+        kmin, kmax, ksum = store.page_summaries().unbind(2)  # each (H, P, d)
+        upper = page_upper_bound(q, kmin, kmax)  # (H, g, P)
+        mean_key = ksum / counts.clamp_min(1)[..., None].to(ksum.dtype)
         lower = (q.float()[:, :, None] * mean_key.float()[:, None]).sum(-1)  # (H, g, P), fused
         logit = (upper + lower) * (scale / 2) + counts.clamp_min(1).log()[:, None]
         logit = logit.masked_fill(~live[:, None], float("-inf"))

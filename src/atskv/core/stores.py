@@ -422,8 +422,9 @@ class StaticPagedKV:
         pages = torch.arange(self.n_pages, device=first.device)
         return torch.minimum(first[:, None] + pages, last[:, None])
 
-    def _per_head(self, part: int) -> Tensor | None:
-        return None if self.summary is None else self.summary[self.page_slots(), part]
+    def page_summaries(self) -> Tensor | None:
+        """``(H, n_pages, 3, d)``: each head's page slots' key min, max and sum (a copy)."""
+        return None if self.summary is None else self.summary[self.page_slots()]
 
     @property
     def offsets(self) -> Tensor:
@@ -444,16 +445,17 @@ class StaticPagedKV:
 
     @property
     def kmin(self) -> Tensor | None:
-        """``(H, n_pages, d)``: each head's page slots' key min (a copy)."""
-        return self._per_head(0)
+        """``(H, n_pages, d)``: each head's page slots' key min (a copy; so are ``kmax`` and
+        ``ksum``: :meth:`page_summaries` gathers all three at once)."""
+        return None if self.summary is None else self.summary[self.page_slots(), 0]
 
     @property
     def kmax(self) -> Tensor | None:
-        return self._per_head(1)
+        return None if self.summary is None else self.summary[self.page_slots(), 1]
 
     @property
     def ksum(self) -> Tensor | None:
-        return self._per_head(2)
+        return None if self.summary is None else self.summary[self.page_slots(), 2]
 
     @property
     def n_heads(self) -> int:
