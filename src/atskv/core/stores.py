@@ -354,9 +354,10 @@ class StaticPagedKV:
     pages: at most ``page - 1`` spare rows per head) of the flat ``(N, d)`` buffers; heads stay
     ragged. Each page keeps its keys' elementwise min, max and sum (for decode-time page
     selection), unless ``bounds=False``: one summary slot per page of the buffers, so a head
-    pays for the pages it owns, not for the longest head's. :meth:`append` writes through device index tensors and updates the page bounds
-    without host synchronisation or data-dependent shapes, so a decode step that uses it can be
-    captured once in a CUDA graph and replayed.
+    pays for the pages it owns, not for the longest head's. :meth:`append` writes through
+    device index tensors and updates the page bounds without host synchronisation or
+    data-dependent shapes, so a decode step that uses it can be captured once in a CUDA graph
+    and replayed.
     """
 
     static = True
@@ -392,7 +393,7 @@ class StaticPagedKV:
         self.pinned = dynamic(torch.zeros(n_heads, n_pages, dtype=torch.bool, device=dev), 1)
         dynamic(self.k, 0), dynamic(self.v, 0)  # rows and pages differ between generations
         #: (N / page, 3, d): the key min, max and sum of every page of the buffers (head ``h``'s
-        #: page ``p`` is slot ``offsets[h] / page + p``; ``kmin``, ``kmax``, ``ksum`` view them
+        #: page ``p`` is slot ``offsets[h] / page + p``; :meth:`page_summaries` gathers them
         #: per head), one tensor for the same reason as ``index``, a page's three side by side
         #: (one stream of memory for a ranking to read)
         self.summary = None

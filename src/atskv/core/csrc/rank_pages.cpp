@@ -46,9 +46,9 @@ inline int64_t page_slots(int64_t max_pages, int64_t fit_pages, int64_t P) {
 // chosen to cp (H, K).
 void rank_pages_into(const float* qp, const float* lop, const float* hip, const float* sump,
                      int64_t stride, const int64_t* first, const int64_t* lenp, const bool* pinp,
-                     int64_t H, int64_t G,
-                     int64_t D, int64_t P, int64_t page, int64_t max_pages, int64_t fit_pages,
-                     int64_t min_pages, double mass, double scale, int64_t* op, bool* cp) {
+                     int64_t H, int64_t G, int64_t D, int64_t P, int64_t page, int64_t max_pages,
+                     int64_t fit_pages, int64_t min_pages, double mass, double scale,
+                     int64_t* op, bool* cp) {
   const int64_t K = page_slots(max_pages, fit_pages, P);
   const float half = static_cast<float>(scale) / 2.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -183,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
   for (int64_t h = 0; h < H; ++h) first[h] = h * P;
   rank_pages_into(qc.data_ptr<float>(), lo_c.data_ptr<float>(), hi_c.data_ptr<float>(),
                   sum_c.data_ptr<float>(), D, first.data(), lens_l.data_ptr<int64_t>(),
-                  pin_b.data_ptr<bool>(),
-                  H, G, D, P, page, max_pages, fit_pages, min_pages, mass, scale,
+                  pin_b.data_ptr<bool>(), H, G, D, P, page, max_pages, fit_pages, min_pages, mass,
+                  scale,
                   order.data_ptr<int64_t>(), chosen.data_ptr<bool>());
   return {order, chosen};
 }
@@ -192,13 +192,13 @@ std::tuple<at::Tensor, at::Tensor> rank_pages_cpu(const at::Tensor& q, const at:
 // atskv::paged_decode: one layer's decode step over atskv's store (StaticPagedKV) in one call. The
 // store: k, v (N, d); summary (N / page, 3, d), each page's key min, max and sum (head h's page p
 // at index[0, h] / page + p); index (3, H) int64, each head's first row, token count and rows
-// owned (whole pages); pinned (H, P), P the most pages a head owns. First the append: for every head h,
-// the new key and value (knew, vnew (H, d)) go to row index[0, h] + index[1, h], the min, max and
-// sum of the page that row falls in take the key in (a page's first token replaces them) and
-// index[1, h] grows by one. Then rank_pages_into, and attend_pages over the pages it chose: on raw
-// pointers, with no tensor between them. (Compiled PyTorch ran the summaries' read-modify-write as
-// single-threaded regions, each ending in a barrier of the step's threads, and the ranking and
-// the attention as two calls with tensors between them.)
+// owned (whole pages); pinned (H, P), P the most pages a head owns. First the append: for every
+// head h, the new key and value (knew, vnew (H, d)) go to row index[0, h] + index[1, h], the
+// min, max and sum of the page that row falls in take the key in (a page's first token replaces
+// them) and index[1, h] grows by one. Then rank_pages_into, and attend_pages over the pages it
+// chose: on raw pointers, with no tensor between them. (Compiled PyTorch ran the summaries'
+// read-modify-write as single-threaded regions, each ending in a barrier of the step's threads,
+// and the ranking and the attention as two calls with tensors between them.)
 at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const at::Tensor& vnew,
                             at::Tensor& k, at::Tensor& v, at::Tensor& summary, at::Tensor& index,
                             const at::Tensor& pinned, int64_t page, int64_t max_pages,
@@ -279,8 +279,8 @@ at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& knew, const a
   std::unique_ptr<bool[]> chosen(new bool[H * K]);
   const float* qp = qc.data_ptr<float>();
   rank_pages_into(qp, lop, hip, sump, 3 * D, first.data(), lenp, pinned.data_ptr<bool>(), H, G,
-                  D, P, page,
-                  max_pages, fit_pages, min_pages, mass, scale, pages.data(), chosen.get());
+                  D, P, page, max_pages, fit_pages, min_pages, mass, scale, pages.data(),
+                  chosen.get());
   auto out = at::empty({H, G, D}, q.options());
   attend_pages(qp, kp, vp, offp, lenp, pages.data(), chosen.get(), H, G, D, K, page,
                static_cast<float>(scale), out.data_ptr<float>());
