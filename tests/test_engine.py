@@ -112,6 +112,37 @@ def test_prefill_tensors_are_released(tiny_model):
     assert SEEN_KEYS and all(ref() is None for ref in SEEN_KEYS)
 
 
+@pytest.mark.parametrize("method", ["full", "snapkv"])
+def test_a_generation_leaves_no_reference_cycles(tiny_model, method):
+    """What a prefill, a question's extension and decoding built (the sessions, the rows'
+    compressed states and their stores) is freed as soon as it is dropped, without Python's
+    cyclic collector (which may leave a cycle alive for many batches of a sweep group)."""
+    from atskv.core.engine import Request
+
+    m = METHODS.get(method)() if method == "full" else METHODS.get(method)(budget=0.5)
+    eng = Engine(tiny_model, None)
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        pre = eng.prefill(PROMPT[:40], m.queries_needed())
+        aware = eng.prefill(PROMPT[40:], m.queries_needed(), base=pre)
+        comps = [eng.compress(pre, m, 20 + 4, question_follows=True), eng.compress(aware, m, 4)]
+        reqs = [Request(pre, m, 4, stop_at_eos=False, question=PROMPT[40:], compressed=comps[0]),
+                Request(aware, m, 4, stop_at_eos=False, compressed=comps[1])]
+        outs = eng.generate_batch(reqs)
+        assert [len(o.token_ids) for o in outs] == [4, 4]
+        refs = [weakref.ref(x) for c in comps
+                for x in (c.state, *c.state.stores, *c.state.tensors())]
+        refs += [weakref.ref(t) for p in (pre, aware) for t in (*p.keys, *p.values, *p.queries)]
+        del pre, aware, comps, reqs, outs
+        alive = sum(r() is not None for r in refs)
+        assert alive == 0, f"{alive} of {len(refs)} objects wait for the cyclic collector"
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_sliding_window_keeps_sinks_and_recent_and_stays_in_budget(tiny_model):
     prompt = list(range(100, 300))  # 200 tokens + 10 new; budget 0.25 of the prompt -> 50 tokens
     method = METHODS.get("sliding_window")(budget=0.25, n_sink=4)

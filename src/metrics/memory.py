@@ -87,10 +87,9 @@ def _malloc_trim() -> Any:
 
 
 def trim_heap() -> bool:
-    """Return the C heap's free pages to the system (glibc's ``malloc_trim``). The CPU tensors a
-    sweep group frees after a batch of samples otherwise stay in the process, scattered among
-    live ones; the next batch's tensors do not all fit into them, and the process's RSS grows
-    batch by batch (docs/sweeps.md). False where the C library has no ``malloc_trim``."""
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``): the CPU tensors
+    a sweep group frees after a batch of samples otherwise stay in the process's RSS, scattered
+    among live ones (docs/sweeps.md). False where the C library has no ``malloc_trim``."""
     trim = _malloc_trim()
     if trim is None:
         return False

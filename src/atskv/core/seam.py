@@ -82,13 +82,16 @@ AttentionInterface.register(ATTN_NAME, _attention)
 
 
 class _Layer(CacheLayerMixin):
-    """Forwards ``update`` to the session; stores nothing itself."""
+    """Forwards ``update`` to the session; stores nothing itself. It holds the session, not
+    its :class:`SessionCache`: a reference back to the cache would be a cycle (cache -> layer ->
+    cache) holding the session's KV, freed only by Python's cyclic collector, whose full
+    collections are rare in a big process."""
 
     is_compileable = False
 
-    def __init__(self, cache: SessionCache, idx: int):
+    def __init__(self, session: Session, idx: int):
         super().__init__()
-        self._cache = cache
+        self._session = session
         self._idx = idx
         self.is_initialized = True
 
@@ -96,10 +99,10 @@ class _Layer(CacheLayerMixin):
         pass
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
-        return self._cache.session.update(self._idx, key_states, value_states)
+        return self._session.update(self._idx, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self._cache.session.seen_tokens()
+        return self._session.seen_tokens()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -111,7 +114,7 @@ class _Layer(CacheLayerMixin):
 class SessionCache(Cache):
     def __init__(self, session: Session, n_layers: int):
         self.session = session
-        super().__init__(layers=[_Layer(self, i) for i in range(n_layers)])
+        super().__init__(layers=[_Layer(session, i) for i in range(n_layers)])
 
 
 def text_config(model: Any) -> Any:

@@ -244,7 +244,7 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         consume = len(alive) == 1
         _answer(alive, engine, benchmark, chunk, pres, consume)
         del pres
-        trim_heap()  # or the freed tensors' pages stay, and the peak grows chunk by chunk
+        trim_heap()  # the freed tensors' pages back to the system
         bar.update(sum(len(g) for g in chunk))
         if len(members) == 1 and members[0].rows:
             rows = members[0].rows
