@@ -114,6 +114,10 @@ def test_small_budget_decodes_densely_and_spends_no_bytes_on_pages(tiny_model):
     paged_kept = sum(n for layer in paged.stats["kept_tokens"] for n in layer)
     assert paged.kv_bytes_after_compression / paged_kept > per_token
     assert not ATSKV(budget=0.9, dense_small=True, page_size=8, fit_pages=30).unranked(540)
+    # the boundary: an average head of fit() pages is attended whole, one more token ranks
+    assert ATSKV(page_size=8, fit_pages=30).unranked(240)
+    assert not ATSKV(page_size=8, fit_pages=30).unranked(241)
+    assert not ATSKV(page_size=8, fit_pages=30, dense_small=False).unranked(8)
 
 
 def test_a_small_budget_caps_no_head():
@@ -131,7 +135,7 @@ def test_a_small_budget_caps_no_head():
     recon[0][0, 100:300] += 1.0  # one head needs 200 tokens
     m = ATSKV(budget=0.1, signal="recon", window=8, chunk=1, span=0, min_share=0.0,
               consensus=0.0, question_boost=0.0, page_size=8, fit_pages=10)
-    assert m.unranked(m.prompt_keep(n))  # 40 tokens a head, at most half of 10 pages of 8
+    assert m.unranked(m.prompt_keep(n))  # 40 tokens a head, at most 10 pages of 8
     state = m.begin(n, 4)
     keep = m.select(state, PrefillContext(keys, values, queries, n, 4, d**-0.5,
                                           reconstruction=recon))

@@ -34,10 +34,10 @@ Three components, each with an ablation switch:
    (none by default: the floor cost at 4096 tokens on dev, docs/atskv_research.md idea 16),
    and the rest goes to the globally most relevant chunks, so concentrated heads keep few tokens
    and diffuse ones many. Sinks and the observation window are always kept. Storage is ragged
-   per head (no padding, no masks). A budget too small for ranking to pay (``dense_small``:
-   the average head holds at most half of :meth:`ATSKV.fit`'s pages) decodes densely and
-   stores neither page summaries nor page rounding: their bytes (about 1/6 of the budget at 512
-   tokens and budget 0.2) hold tokens. No head is capped there: the global allocation may give
+   per head (no padding, no masks). A budget whose average head holds at most
+   :meth:`ATSKV.fit`'s pages (``dense_small``) decodes densely and stores neither page
+   summaries nor page rounding: their bytes (about 1/6 of the budget at 512 tokens and budget
+   0.2) hold tokens. No head is capped there: the global allocation may give
    one head most of its context (capping heads at ``fit()`` pages cost 6-23 points without the
    question at 2048 and 4096 tokens on dev, docs/atskv_research.md idea 14); a dense step then
    reads every kept token, the budget's bytes.
@@ -222,12 +222,13 @@ class ATSKV(ScoredSelection[ATSKVState]):
         return max(0, int(keep * p / (p + 1.5) - (p - 1) / 2))
 
     def unranked(self, keep: int) -> bool:
-        """Whether a budget of ``keep`` tokens per head is too small for ranking to pay
-        (``dense_small``): the average head holds at most half of :meth:`fit`'s pages, so no head
-        is ranked (the decode is dense), and neither page summaries nor page rounding are stored
-        (their bytes go to tokens instead)."""
+        """Whether a budget of ``keep`` tokens per head decodes densely (``dense_small``): the
+        average head holds at most :meth:`fit`'s pages, so no head is ranked, and neither page
+        summaries nor page rounding are stored (their bytes go to tokens instead). Chosen on
+        dev (docs/atskv_research.md idea 20): at 4096 tokens and budget 0.2 (51 pages a head on
+        average) the ranking's skipped pages cost 11 points with the question in view."""
         return (self.dense_small and self.sparse_decode
-                and 2 * keep <= self.fit() * self.page_size)
+                and keep <= self.fit() * self.page_size)
 
     # -- prefill: relevance and allocation ----------------------------------------------------
     def reconstruction(self, prompt: Sequence[int], tokenizer: Any,
