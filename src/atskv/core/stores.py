@@ -523,9 +523,10 @@ class StaticPagedKV:
         return out, read
 
     def read_bytes(self, pages: Tensor | None = None) -> int:
-        """Bytes :meth:`attend` reads: every row of ``pages`` (default: every page slot)."""
-        slots = self.n_heads * self.n_pages if pages is None else pages.numel()
-        return slots * self.page * self.token_bytes()
+        """Bytes :meth:`attend` reads: every row of ``pages`` (default: every row the heads own,
+        their tokens and the room left for generated ones)."""
+        rows = self.k.shape[0] if pages is None else pages.numel() * self.page
+        return rows * self.token_bytes()
 
     def decode_ranked(self, q: Tensor, k: Tensor, v: Tensor, scale: float, max_pages: int,
                       fit_pages: int, min_pages: int, mass: float) -> tuple[Tensor, int]:
