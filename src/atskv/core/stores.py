@@ -448,15 +448,18 @@ class StaticPagedKV:
     def kmin(self) -> Tensor | None:
         """``(H, n_pages, d)``: each head's page slots' key min (a copy; so are ``kmax`` and
         ``ksum``: :meth:`page_summaries` gathers all three at once)."""
-        return None if self.summary is None else self.summary[self.page_slots(), 0]
+        return self._per_head(0)
 
     @property
     def kmax(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[self.page_slots(), 1]
+        return self._per_head(1)
 
     @property
     def ksum(self) -> Tensor | None:
-        return None if self.summary is None else self.summary[self.page_slots(), 2]
+        return self._per_head(2)
+
+    def _per_head(self, part: int) -> Tensor | None:
+        return None if self.summary is None else self.summary[self.page_slots(), part]
 
     @property
     def n_heads(self) -> int:
