@@ -8,7 +8,7 @@ METHOD ?=
 TRIALS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep tune tune-all results test test-fast lint report bench gpu-check clean
+.PHONY: help install run sweep tune tune-all results test test-fast lint report goal bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ results: $(STAMP) ## the reference matrix on the test split (paper + tuned) -> r
 
 report: $(STAMP) ## tables and plots from every outputs/**/result.json
 	$(PY) -m atskv.analysis.report --results outputs $(ARGS)
+
+goal: $(STAMP) ## atskv vs the best tuned baseline, cell by cell (ARGS=results/<date>/matrix.yaml)
+	$(PY) -m atskv.analysis.goal $(ARGS)
 
 bench: $(STAMP) ## the performance protocol (ratios to full in the same run)
 	$(PY) -m atskv.bench $(ARGS)
