@@ -58,15 +58,27 @@ def test_the_best_tuned_baseline_is_paired_and_paper_defaults_are_not_the_bar(tm
     assert goal.verdict(row) in table and "Cells: 1;" in table
 
 
+def _row(low, n=64, budget=0.2, ctx=512):
+    iv = stats.Interval(1.0, low, 5.0, 0.95, n, False, 2000)
+    return goal.Row(("synthetic", "all", ctx, budget, "question_aware"), n, 60.0, iv, "kvzip",
+                    60.0, 10, iv)
+
+
 def test_verdicts_follow_the_lower_end_of_the_interval():
-    def row(low, n=64):
-        iv = stats.Interval(0.0, low, 5.0, 0.95, n, False, 2000)
-        return goal.Row(("synthetic", "all", 512, 0.2, "question_aware"), n, 60.0, iv, "kvzip",
-                        60.0, 10, iv)
-    assert goal.verdict(row(0.5)) == "ahead (all above 0)"
-    assert goal.verdict(row(-1.9)) == "level (above -2)"
-    assert goal.verdict(row(-2.0)) == "missed (below -2)"
-    assert goal.verdict(row(0.5, n=stats.MIN_N - 1)).startswith("not judged")
+    assert goal.verdict(_row(0.5)) == "ahead (all above 0)"
+    assert goal.verdict(_row(-1.9)) == "level (above -2)"
+    assert goal.verdict(_row(-2.0)) == "missed (below -2)"
+    assert goal.verdict(_row(0.5, n=stats.MIN_N - 1)).startswith("not judged")
+
+
+def test_the_grid_has_one_column_per_budget_and_marks_each_verdict():
+    rows = [_row(0.5, budget=0.1), _row(-1.9, budget=0.2), _row(-3.0, budget=0.5),
+            _row(0.5, n=8, budget=0.1, ctx=4096)]
+    lines = goal.grid([("s", rows)]).splitlines()
+    assert lines[0] == "| task | tokens | protocol | budget 0.1 | budget 0.2 | budget 0.5 |"
+    assert lines[2] == ("| synthetic | 512 | aware | **+1.0 [+0.5, +5.0]** | +1.0 [-1.9, +5.0] "
+                        "| +1.0 [-3.0, +5.0] (-) |")
+    assert lines[3] == "| synthetic | 4096 | aware | _+1.0 [+0.5, +5.0]_ n=8 |  |  |"
 
 
 def test_different_samples_in_a_cell_are_an_error(tmp_path):

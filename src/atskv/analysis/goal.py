@@ -1,6 +1,6 @@
 """atskv against the best tuned baseline of each cell of a results matrix (the goal table).
 
-    python -m atskv.analysis.goal results/<date>/matrix.yaml [--out FILE]
+    python -m atskv.analysis.goal results/<date>/matrix.yaml [--grid] [--out FILE]
 
 The manifest names, per slice of the matrix, the folders holding atskv's runs and those holding
 the baselines' runs (paths relative to the manifest, glob patterns allowed)::
@@ -214,12 +214,46 @@ def render(slices: list[tuple[str, list[Row]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARK = {"ahead": "**", "level": "", "missed": "", "not": "_"}
+
+
+def grid(slices: list[tuple[str, list[Row]]]) -> str:
+    """The differences alone, one row per task, context length and protocol and one column per
+    budget: bold where the whole interval is above 0, ``(-)`` where its lower end is at or
+    below -2, italic where the cell is not judged."""
+    rows = [r for _, rs in slices for r in rs]
+    budgets = sorted({r.cell[3] for r in rows})
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        bench, task, ctx, budget, proto = r.cell
+        name = "synthetic" if task == "all" else task
+        lines.setdefault((name, ctx, proto), {})[budget] = r
+    out = ["| task | tokens | protocol | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+           "|---|---|---|" + "---|" * len(budgets)]
+    for (name, ctx, proto), cells in lines.items():
+        parts = []
+        for b in budgets:
+            r = cells.get(b)
+            if r is None:
+                parts.append("")
+                continue
+            m = MARK[verdict(r).split()[0]]
+            text = f"{m}{_signed(r.diff)}{m}" + (" (-)" if r.judged and not r.above_bar else "")
+            parts.append(text + ("" if r.judged else f" n={r.n}"))
+        out.append(f"| {name} | {ctx} | {proto.removeprefix('question_')} | "
+                   + " | ".join(parts) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", type=Path, help="matrix.yaml naming the slices' folders")
     p.add_argument("--out", type=Path, help="write the table here (default: print it)")
+    p.add_argument("--grid", action="store_true",
+                   help="only the differences, one column per budget")
     a = p.parse_args(argv)
-    text = render(load(a.manifest))
+    slices = load(a.manifest)
+    text = grid(slices) if a.grid else render(slices)
     if a.out:
         a.out.write_text(text)
     else:
