@@ -36,6 +36,13 @@ def _manifest(root: Path, text: str) -> Path:
 MANIFEST = "slices:\n  - name: s\n    atskv: [mine]\n    baselines: [base]\n"
 
 
+def _cell(root: Path, snap_n: int = 6) -> None:
+    """atskv, full and a tuned snapkv in one cell (snapkv on ``snap_n`` samples per task)."""
+    _run(root / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
+    _run(root / "base", "full", "full", {"single_needle": 6, "multi_key": 6})
+    _run(root / "base", "snap", "snapkv", {"single_needle": 4, "multi_key": 3}, n=snap_n)
+
+
 def test_the_best_tuned_baseline_is_paired_and_paper_defaults_are_not_the_bar(tmp_path):
     _run(tmp_path / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
     _run(tmp_path / "base", "full", "full", {"single_needle": 6, "multi_key": 6})
@@ -82,18 +89,14 @@ def test_the_grid_has_one_column_per_budget_and_marks_each_verdict():
 
 
 def test_different_samples_in_a_cell_are_an_error(tmp_path):
-    _run(tmp_path / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
-    _run(tmp_path / "base", "full", "full", {"single_needle": 6, "multi_key": 6})
-    _run(tmp_path / "base", "snap", "snapkv", {"single_needle": 4, "multi_key": 3}, n=5)
+    _cell(tmp_path, snap_n=5)
     with pytest.raises(goal.ManifestError, match="different samples"):
         goal.load(_manifest(tmp_path, MANIFEST))
 
 
 def test_full_runs_repeated_by_budget_sweeps_are_one_run_unless_they_differ(tmp_path):
-    _run(tmp_path / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
-    _run(tmp_path / "base", "full", "full", {"single_needle": 6, "multi_key": 6})
+    _cell(tmp_path)
     _run(tmp_path / "base", "full_again", "full", {"single_needle": 6, "multi_key": 6})
-    _run(tmp_path / "base", "snap", "snapkv", {"single_needle": 4, "multi_key": 3})
     [(_, [row])] = goal.load(_manifest(tmp_path, MANIFEST))
     assert row.full == 100.0
     _run(tmp_path / "base", "full_other", "full", {"single_needle": 6, "multi_key": 6},
@@ -103,10 +106,8 @@ def test_full_runs_repeated_by_budget_sweeps_are_one_run_unless_they_differ(tmp_
 
 
 def test_two_atskv_runs_of_one_cell_are_an_error(tmp_path):
-    _run(tmp_path / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
+    _cell(tmp_path)
     _run(tmp_path / "mine", "b", "atskv", {"single_needle": 4, "multi_key": 4})
-    _run(tmp_path / "base", "full", "full", {"single_needle": 6, "multi_key": 6})
-    _run(tmp_path / "base", "snap", "snapkv", {"single_needle": 4, "multi_key": 3})
     with pytest.raises(goal.ManifestError, match="two atskv runs"):
         goal.load(_manifest(tmp_path, MANIFEST))
 
