@@ -114,6 +114,7 @@ def test_two_atskv_runs_of_one_cell_are_an_error(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("slices: []\n", "non-empty list"),
+    ("slices:\n  - runs_512\n", "a slice is a mapping"),
     ("slices:\n  - name: s\n    atskv: [mine]\n", r"lacks \['baselines'\]"),
     ("slices:\n  - name: s\n    atskv: [nowhere*]\n    baselines: [base]\n", "no folder matches"),
     ("slices:\n  - name: s\n    atskv: [mine]\n    baselines: [absent]\n", "does not exist"),
@@ -129,3 +130,16 @@ def test_a_cell_without_full_or_a_tuned_baseline_is_an_error(tmp_path):
     _run(tmp_path / "base", "snap", "snapkv", {"single_needle": 4, "multi_key": 3})
     with pytest.raises(goal.ManifestError, match="no full run"):
         goal.load(_manifest(tmp_path, MANIFEST))
+
+
+def test_the_command_line_names_a_bad_manifest_and_exits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        goal.main([str(_manifest(tmp_path, "slices: []\n"))])
+    assert e.value.code == 2 and "non-empty list" in capsys.readouterr().err
+
+
+def test_the_command_line_writes_the_table(tmp_path):
+    _cell(tmp_path)
+    out = tmp_path / "goal.md"
+    goal.main([str(_manifest(tmp_path, MANIFEST)), "--out", str(out)])
+    assert out.read_text().startswith("### s\n") and "Cells: 1;" in out.read_text()

@@ -154,6 +154,9 @@ def load(manifest: Path) -> list[tuple[str, list[Row]]]:
         raise ManifestError(f"{manifest}: expected a non-empty list under 'slices'")
     out = []
     for s in slices:
+        if not isinstance(s, dict):
+            raise ManifestError(f"{manifest}: a slice is a mapping with name, atskv and "
+                                f"baselines, not {s!r}")
         missing = {"name", ATSKV, "baselines"} - set(s)
         if missing:
             raise ManifestError(f"{manifest}: slice {s.get('name', s)} lacks {sorted(missing)}")
@@ -197,7 +200,7 @@ def render(slices: list[tuple[str, list[Row]]]) -> str:
                   "(of k) | atskv minus it [95% CI] | bar |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            bench, task, ctx, budget, proto = r.cell
+            _, task, ctx, budget, proto = r.cell
             what = f"{ctx} / {budget}" if task == "all" else f"{task} {ctx} / {budget}"
             ratio = r.atskv.estimate / r.full if r.full > 0 else math.nan
             lines.append(
@@ -214,9 +217,6 @@ def render(slices: list[tuple[str, list[Row]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARK = {"ahead": "**", "level": "", "missed": "", "not": "_"}
-
-
 def grid(slices: list[tuple[str, list[Row]]]) -> str:
     """The differences alone, one row per task, context length and protocol and one column per
     budget: bold where the whole interval is above 0, ``(-)`` where its lower end is at or
@@ -225,7 +225,7 @@ def grid(slices: list[tuple[str, list[Row]]]) -> str:
     budgets = sorted({r.cell[3] for r in rows})
     lines: dict[tuple, dict] = {}
     for r in rows:
-        bench, task, ctx, budget, proto = r.cell
+        _, task, ctx, budget, proto = r.cell
         name = "synthetic" if task == "all" else task
         lines.setdefault((name, ctx, proto), {})[budget] = r
     out = ["| task | tokens | protocol | " + " | ".join(f"budget {b}" for b in budgets) + " |",
@@ -237,7 +237,7 @@ def grid(slices: list[tuple[str, list[Row]]]) -> str:
             if r is None:
                 parts.append("")
                 continue
-            m = MARK[verdict(r).split()[0]]
+            m = "**" if r.above_zero else "" if r.judged else "_"
             text = f"{m}{_signed(r.diff)}{m}" + (" (-)" if r.judged and not r.above_bar else "")
             parts.append(text + ("" if r.judged else f" n={r.n}"))
         out.append(f"| {name} | {ctx} | {proto.removeprefix('question_')} | "
@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", action="store_true",
                    help="only the differences, one column per budget")
     a = p.parse_args(argv)
-    slices = load(a.manifest)
+    try:
+        slices = load(a.manifest)
+    except (ManifestError, OSError, yaml.YAMLError) as e:
+        p.error(str(e))
     text = grid(slices) if a.grid else render(slices)
     if a.out:
         a.out.write_text(text)
