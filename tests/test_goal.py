@@ -143,3 +143,10 @@ def test_the_command_line_writes_the_table(tmp_path):
     out = tmp_path / "goal.md"
     goal.main([str(_manifest(tmp_path, MANIFEST)), "--out", str(out)])
     assert out.read_text().startswith("### s\n") and "Cells: 1;" in out.read_text()
+
+
+def test_a_run_without_its_samples_is_an_error(tmp_path):
+    _cell(tmp_path)
+    (tmp_path / "base" / "snap" / "samples.jsonl").unlink()
+    with pytest.raises(goal.ManifestError, match="no `.*samples.jsonl`"):
+        goal.load(_manifest(tmp_path, MANIFEST))

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from atskv.analysis import stats
+from atskv.analysis.data import load_samples
 
 ATSKV, FULL = "atskv", "full"
 BAR = -2.0  # the lower end of atskv minus the best baseline must lie above this
@@ -79,13 +80,17 @@ def _runs(folder: Path) -> list[tuple[tuple, Run]]:
         raise ManifestError(f"results folder {folder} does not exist")
     out = []
     for f in sorted(folder.rglob("result.json")):
-        rec = json.loads(f.read_text())
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"`{f}` is unreadable ({e})") from e
         if rec.get("status") != "ok":
             continue
         if rec["method"] not in (ATSKV, FULL) and not rec.get("tuned"):
             continue  # paper defaults are not the bar
-        rows = [json.loads(line) for line in (f.parent / "samples.jsonl").read_text().splitlines()
-                if line.strip()]
+        rows, why = load_samples(str(f))
+        if rows is None:
+            raise ManifestError(why)
         tasks = ["all"] if rec["benchmark"] == "synthetic" else sorted({r["task"] for r in rows})
         for t in tasks:
             sel = [r for r in rows if t == "all" or r["task"] == t]
