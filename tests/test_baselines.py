@@ -267,22 +267,41 @@ def test_expected_attention_without_rope_model_fails_clearly(monkeypatch):
         generate(model, METHODS.get("expected_attention")(budget=0.2), list(range(40)), 2)
 
 
-def test_subsampled_max_attention_matches_naive():
-    from atskv.core.reconstruct import subsampled_max_attention
+@pytest.mark.parametrize("start,end,spike", [(2, 11, 0.0), (4, 9, 0.0), (4, 9, 60.0)],
+                         ids=["whole", "subsampled", "subsampled-far-below"])
+def test_scored_attention_matches_naive(start, end, spike):
+    """One set of logits, two results: the model's causal attention output over every key, and
+    per key in [start, end) the largest probability under KVzip's subsampled softmax (the first
+    ``sink`` keys, the range and the fed tokens), both against a float64 loop; ``spike`` puts a
+    key outside the subsample 60 logits above the rest, where the subsampled sum is taken from
+    its own logits (float32 exponentials relative to the spike would underflow)."""
+    from atskv.core import reconstruct
 
     torch.manual_seed(4)
-    sink, n, t, d = 2, 6, 5, 8
-    q, keys = torch.randn(4, t, d), torch.randn(2, sink + n + t, d)
-    got = subsampled_max_attention(q, keys, sink, n, 0.3)
-    want = torch.zeros(2, n, dtype=torch.float64)
+    sink, prompt, t, d = 2, 11, 37, 8  # 37 fed tokens: blocks of 32 and a partial one
+    q, keys, values = torch.randn(4, t, d), torch.randn(2, prompt + t, d), torch.randn(2, prompt + t, d)
+    if spike:
+        keys[:, prompt - 1] = q.mean(dim=(0, 1)) / q.mean(dim=(0, 1)).norm() * spike / 0.3 ** 0.5
+    scale = 0.3
+    out, got = reconstruct.scored_attention(q, keys, values, scale, sink, start, end)
+    want_out = torch.zeros(4, t, d, dtype=torch.float64)
+    want = torch.zeros(2, end - start, dtype=torch.float64)
     for hq in range(4):
+        kv = hq // 2
         for i in range(t):
-            visible = list(range(sink + n)) + [sink + n + j for j in range(i + 1)]
-            logits = torch.tensor([0.3 * float(q[hq, i] @ keys[hq // 2, j]) for j in visible],
+            visible = list(range(prompt + i + 1))
+            logits = torch.tensor([scale * float(q[hq, i] @ keys[kv, j]) for j in visible],
                                   dtype=torch.float64)
-            p = torch.softmax(logits, 0)[sink : sink + n]
-            want[hq // 2] = torch.maximum(want[hq // 2], p)
+            want_out[hq, i] = torch.softmax(logits, 0) @ values[kv, visible].double()
+            sub = list(range(sink)) + list(range(start, end)) + list(range(prompt, prompt + i + 1))
+            p = torch.softmax(logits[sub], 0)[sink : sink + end - start]
+            want[kv] = torch.maximum(want[kv], p)
+    # float32 logits of 8-term dot products and sums of at most 48 exponentials: relative
+    # error a few ulps times the terms, far inside 1e-5
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    if spike:  # the spike takes nearly all of the full softmax's mass
+        assert float(want.max()) > 0.01
 
 
 def test_reconstruction_pass_scores_the_attention_the_model_pays(make_tiny_model):

@@ -17,6 +17,12 @@ from atskv.core.method import Reconstruction
 
 #: fed tokens whose scoring logits are materialised at once (bounds the pass's extra memory)
 QUERY_BLOCK = 128
+#: the same on CPU, where 32 keeps a block's logits in a core's L2 cache at a few thousand keys
+CPU_QUERY_BLOCK = 32
+#: below this share of a query's exponentials (each relative to its largest logit) the
+#: subsampled softmax's sum is taken again from its own logits: terms that underflowed would
+#: otherwise count (at 1e-20 the lost terms weigh below e^-41 of the sum)
+SUB_MASS_FLOOR = 1e-20
 
 
 class _ReconstructSession:
@@ -46,42 +52,68 @@ class _ReconstructSession:
         slides. Only layers holding the whole prompt are scored (a sliding layer that kept only
         its window is not compressed by the method); their scores' softmax spans every held key."""
         t, total = q.shape[2], k.shape[1]
+        r = self.recon
+        if total - t == self.prompt_len and (window is None or window >= total):
+            out, best = scored_attention(q[0], k, v, scale, r.sink, r.start, r.end)
+            self.scores[layer][:, r.start : r.end] = best
+            return out[None]
         qpos = torch.arange(total - t, total, device=q.device)[:, None]
         kpos = torch.arange(total, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
-        r = self.recon
         if total - t == self.prompt_len:
-            sub = torch.cat([k[:, : r.sink], k[:, r.start : r.end], k[:, total - t :]], dim=1)
-            best = subsampled_max_attention(q[0], sub, r.sink, r.end - r.start, scale)
+            _, best = scored_attention(q[0], k, v, scale, r.sink, r.start, r.end)
             self.scores[layer][:, r.start : r.end] = best
         return F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=scale,
                                               enable_gqa=True)
 
 
-def subsampled_max_attention(q: Tensor, keys: Tensor, sink: int, n: int, scale: float) -> Tensor:
-    """``(H_kv, n)``: for each of the ``n`` keys after the first ``sink`` of ``keys`` ``(H_kv,
-    sink + n + t, d)``, the largest softmax probability any query of ``q`` ``(H_q, t, d)`` gives
-    it over the GQA group, the softmax over all of ``keys``; query ``i`` sees the last ``t``
-    keys (its own tokens) causally, up to its own. Computed as ``exp(max_i (l_ij - lse_i))``
-    (one exponential per logit, inside the log-sum-exp)."""
+def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink: int,
+                     start: int, end: int) -> tuple[Tensor, Tensor]:
+    """One pass of ``t`` fed tokens' queries ``q`` ``(H_q, t, d)`` over the ``T`` prompt keys
+    and their own ``(H_kv, T + t, d)`` (``values`` alike), query ``i`` seeing every prompt key
+    and its own tokens causally, up to itself; the logits are computed once for two results:
+
+    * the attention output ``(H_q, t, d)`` (in ``q``'s dtype), what the model's attention gives;
+    * ``(H_kv, end - start)``: for each prompt key in ``[start, end)`` the largest probability
+      any query of the GQA group gives it under KVzip's subsampled softmax, which spans only the
+      first ``sink`` keys, ``[start, end)`` and the fed tokens (``exp(max_i (l_ij - lse_i))``,
+      the log-sum-exp over those keys).
+
+    Queries go in blocks of :data:`QUERY_BLOCK` (:data:`CPU_QUERY_BLOCK` on CPU)."""
     h_q, t, d = q.shape
     h_kv, total, _ = keys.shape
-    g = h_q // h_kv
-    qg = q.view(h_kv, g, t, d).float()
-    kt = keys.float().transpose(1, 2).contiguous()  # (H_kv, d, S)
+    g, prompt, n = h_q // h_kv, total - t, end - start
+    qg = q.reshape(h_kv, g, t, d).float()
+    kt = keys.float().transpose(1, 2).contiguous()  # (H_kv, d, T + t)
+    vf = values.float()
+    whole = start == sink and end == prompt  # the subsampled softmax spans every key
     own = torch.arange(t, device=q.device)
+    out = torch.empty(h_kv, g, t, d, device=q.device)
     best = torch.full((h_kv, n), float("-inf"), device=q.device)
-    for a in range(0, t, QUERY_BLOCK):
-        b = min(a + QUERY_BLOCK, t)
+    block = QUERY_BLOCK if q.is_cuda else CPU_QUERY_BLOCK
+    for a in range(0, t, block):
+        b = min(a + block, t)
         logits = torch.bmm(qg[:, :, a:b].reshape(h_kv, g * (b - a), d), kt).mul_(scale)
         logits = logits.view(h_kv, g, b - a, total)
         future = own[None, :] > own[a:b, None]  # (b - a, t): a fed token after the query
-        logits[..., sink + n :].masked_fill_(future, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        best = torch.maximum(best, (logits[..., sink : sink + n] - lse).amax(dim=(1, 2)))
-    return best.exp()
+        logits[..., prompt:].masked_fill_(future, float("-inf"))
+        top = logits.amax(dim=-1, keepdim=True)
+        p = (logits - top).exp_()
+        mass = p.sum(dim=-1, keepdim=True)
+        out[:, :, a:b] = torch.bmm(p.view(h_kv, g * (b - a), total), vf).view(
+            h_kv, g, b - a, d).div_(mass)
+        sub = mass if whole else (p[..., :sink].sum(dim=-1, keepdim=True)
+                                  + p[..., start:end].sum(dim=-1, keepdim=True)
+                                  + p[..., prompt:].sum(dim=-1, keepdim=True))
+        if (sub >= SUB_MASS_FLOOR).all():
+            lse = top + sub.log()
+        else:  # the subsampled keys lie far below the block's largest logit: exactly
+            lse = torch.logsumexp(torch.cat([logits[..., :sink], logits[..., start:end],
+                                             logits[..., prompt:]], dim=-1), dim=-1, keepdim=True)
+        best = torch.maximum(best, (logits[..., start:end] - lse).amax(dim=(1, 2)))
+    return out.view(h_q, t, d).to(q.dtype), best.exp()
 
 
 @torch.inference_mode()
