@@ -300,8 +300,8 @@ def test_scored_attention_matches_naive(start, end, spike):
     # error a few ulps times the terms, far inside 1e-5
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
-    if spike:  # the spike takes nearly all of the full softmax's mass
-        assert float(want.max()) > 0.01
+    if spike:  # the subsampled softmax still gives its keys real mass, which the spike's
+        assert float(want.max()) > 0.01  # float32 exponentials alone would have lost
 
 
 def test_reconstruction_pass_scores_the_attention_the_model_pays(make_tiny_model):
