@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from atskv.experiments import runner
 from atskv.experiments.compose import compose_run_config
 from atskv.experiments.runner import Job, run_group
 from atskv.methods import METHODS
@@ -102,6 +103,51 @@ def test_resume_reruns_only_missing_or_failed_members(tmp_path, smollm2_path):
     assert again[1]["status"] == "ok"
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert run_group(_jobs(tmp_path, budgets=(0.2,), methods=["full", "snapkv"])) == [None, None]
+
+
+def test_an_interrupted_run_resumes_at_its_first_unanswered_sample(tmp_path, monkeypatch,
+                                                                   smollm2_path):
+    def jobs(root: Path) -> list[Job]:
+        return [Job(compose_run_config([*TINY, f"method={m}", "budget=0.2",
+                                        "benchmark.n_samples=3"]), root / m)
+                for m in ("full", "snapkv")]
+
+    reference = run_group(jobs(tmp_path / "ref"))
+    assert [r["n_samples"] for r in reference] == [3, 3]
+    real = runner.protocol.requests
+    asked: list[str] = []
+    interrupt = [True]
+
+    def requests(engine, group, pre, method, *a, **k):
+        if method.name == "snapkv":
+            asked.extend(s.id for s in group)
+            if interrupt and len(asked) == 2:  # snapkv's run stops on its second sample
+                raise RuntimeError("interrupted")
+        return real(engine, group, pre, method, *a, **k)
+
+    monkeypatch.setattr(runner.protocol, "requests", requests)
+    first = run_group(jobs(tmp_path / "run"))
+    assert first[0]["status"] == "ok" and first[1]["status"] == "failed"
+    folder = tmp_path / "run" / "snapkv"
+    partial = (folder / "samples.partial.jsonl").read_text()
+    assert len(partial.splitlines()) == 1
+    assert not (tmp_path / "run" / "full" / "samples.partial.jsonl").exists()
+    with (folder / "samples.partial.jsonl").open("a") as f:
+        f.write('{"id": "cut short", "sco')  # a line the interruption cut
+    asked.clear()
+    interrupt.clear()
+    again = run_group(jobs(tmp_path / "run"))
+    assert again[0] is None and again[1]["status"] == "ok"
+    ids = [r["id"] for r in _rows(tmp_path / "ref" / "snapkv")]
+    assert asked == ids[1:]  # the answered sample is not answered again
+    rows = _rows(folder)
+    assert rows[0] == json.loads(partial)  # kept as it was, timings included
+    for got, want in zip(rows, _rows(tmp_path / "ref" / "snapkv"), strict=True):
+        for key in COMPARED:
+            assert got[key] == want[key], key
+    assert again[1]["n_samples"] == 3 and again[1]["accuracy"] == reference[1]["accuracy"]
+    assert [seg["rows_before"] for seg in again[1]["segments"]] == [0, 1]
+    assert not (folder / "samples.partial.jsonl").exists() and not (folder / "progress.json").exists()
 
 
 def test_jobs_that_cannot_share_are_refused(tmp_path, smollm2_path):

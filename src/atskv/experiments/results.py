@@ -1,5 +1,7 @@
 """Result files: ``result.json`` and ``samples.jsonl`` per run, written atomically, plus
-provenance (versions, git commit, device, date)."""
+provenance (versions, git commit, device, date). While a run is under way its answered samples
+are appended to ``samples.partial.jsonl`` and its segments listed in ``progress.json``, so that
+an interrupted run resumes where it stopped; both go once ``result.json`` says ``ok``."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 
 RESULT = "result.json"
 SAMPLES = "samples.jsonl"
+PARTIAL = "samples.partial.jsonl"
+PROGRESS = "progress.json"
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "datasets", "wandb", "lm-eval",
             "atskv")
 
@@ -58,6 +62,42 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+
+
+def append_samples(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append complete lines to a run's partial samples file and flush them to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write("".join(json.dumps(_clean(r)) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_partial(folder: Path) -> list[dict[str, Any]]:
+    """The rows an interrupted run of ``folder`` had answered ([] when none); a line cut short by
+    the interruption is left out."""
+    try:
+        text = (folder / PARTIAL).read_text()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "id" in row:
+            rows.append(row)
+    return rows
+
+
+def read_segments(folder: Path) -> list[dict[str, Any]]:
+    """The segments (start, commit, samples answered before) of an interrupted run of
+    ``folder`` ([] when none)."""
+    try:
+        return list(json.loads((folder / PROGRESS).read_text())["segments"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
 
 
 def read_result(folder: Path) -> dict[str, Any] | None:

@@ -66,6 +66,8 @@ class _Member:
     benchmark: Any = None
     method: Any = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: ids of the samples answered (by an interrupted earlier segment of the run, or this one)
+    done: set[str] = field(default_factory=set)
     error: str | None = None
     traceback: str | None = None
     t_start: float = field(default_factory=time.perf_counter)
@@ -141,12 +143,34 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         _jobs_in_process += len(members)
         for m in members.values():
             m.benchmark = shared[0]
+            _resume(m)
         _run_members(list(members.values()), *shared, fresh=fresh)
         for i, m in members.items():
             out[i] = _finish(m)
     if bad:
         raise bad[0]
     return out
+
+
+def _resume(m: _Member) -> None:
+    """Take up the samples an interrupted run of the member's folder answered (they are not
+    answered again) and record this segment of the run in its ``progress.json``."""
+    folder = m.job.out_dir
+    rows = list({r["id"]: r for r in results.read_partial(folder)}.values())  # the last of an id
+    segments = [*results.read_segments(folder),
+                {"started_at": m.base["started_at"],
+                 "git_commit": m.base["provenance"]["git_commit"], "rows_before": len(rows)}]
+    results.write_samples(folder / results.PARTIAL, rows)  # drops a line cut short
+    results.write_json(folder / results.PROGRESS, {"segments": segments})
+    m.rows, m.done = rows, {r["id"] for r in rows}
+    if len(segments) > 1:
+        # duration_s and the peak memory are this segment's; each row keeps its own timings
+        m.base["segments"] = segments
+        log.info("resuming %s: %d samples answered by an earlier segment", folder, len(rows))
+        commits = {seg["git_commit"] for seg in segments}
+        if len(commits) > 1:
+            log.warning("%s: the run's segments ran different commits: %s", folder,
+                        sorted(map(str, commits)))
 
 
 def _base_record(job: Job, group_size: int) -> dict[str, Any]:
@@ -230,9 +254,17 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
     groups = list(protocol.context_groups(samples))
     size = cfg.benchmark.batch_size
     for chunk in (groups[i : i + size] for i in range(0, len(groups), size)):
-        alive = [m for m in members if m.error is None]
-        if not alive:
+        if all(m.error is not None for m in members):
             break
+        ids = {s.id for group in chunk for s in group}
+        alive = [m for m in members if m.error is None and not ids <= m.done]
+        if not alive:  # answered by an earlier segment of every member's run
+            bar.update(len(ids))
+            continue
+        before = {}
+        for m in alive:  # a chunk is answered whole
+            m.rows = [r for r in m.rows if r["id"] not in ids]
+            before[id(m)] = len(m.rows)
         protocols = {m.job.cfg.protocol for m in alive}
         queries = max(m.method.queries_needed() for m in alive)
         pres = []
@@ -244,12 +276,24 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         consume = len(alive) == 1
         _answer(alive, engine, benchmark, chunk, pres, consume)
         del pres
+        for m in alive:
+            new = m.rows[before[id(m)]:]
+            if new:
+                results.append_samples(m.job.out_dir / results.PARTIAL, new)
+                m.done.update(r["id"] for r in new)
         trim_heap()  # the freed tensors' pages back to the system
         bar.update(sum(len(g) for g in chunk))
         if len(members) == 1 and members[0].rows:
             rows = members[0].rows
             bar.set_postfix(acc=f"{sum(r['score'] for r in rows) / len(rows):.1f}")
     bar.close()
+    order = {s.id: i for i, s in enumerate(samples)}
+    for m in members:
+        stale = [r["id"] for r in m.rows if r["id"] not in order]
+        if stale:
+            log.warning("%s: leaving out %d answered samples that this run does not have: %s",
+                        m.job.out_dir, len(stale), stale[:3])
+        m.rows = sorted((r for r in m.rows if r["id"] in order), key=lambda r: order[r["id"]])
 
 
 def _answer(alive: list[_Member], engine: Engine, benchmark: Any, chunk: list[list[Sample]],
@@ -333,6 +377,9 @@ def _finish(m: _Member) -> dict[str, Any]:
     result["provenance"].update(results.run_facts())
     results.write_samples(m.job.out_dir / results.SAMPLES, m.rows)
     results.write_json(m.job.out_dir / results.RESULT, result)
+    if m.error is None:  # complete: nothing left to resume
+        for name in (results.PARTIAL, results.PROGRESS):
+            (m.job.out_dir / name).unlink(missing_ok=True)
     where = wandb_log.log_run(result, m.rows, m.job.out_dir, cfg.wandb)
     if where:
         result["wandb"] = where
