@@ -26,7 +26,8 @@ setting share each sample's prefill).
 The LongBench and ZeroSCROLLS parts need their data (``../shared/data`` beside the repository by
 default; ``--data ROOT`` points elsewhere) and are skipped with a note when it is missing.
 Results go to ``results/<date>/runs`` (result.json and samples.jsonl per run; finished runs are
-skipped, so the matrix can be completed in parts), the report to ``results/<date>/report``, and
+skipped and an interrupted run resumes at its first unanswered sample, so the matrix can be
+completed in parts), the report to ``results/<date>/report``, and
 ``docs/results.md`` (the report's tables and figures, with n, wall time and machine; a
 ``results/<date>/NOTES.md``, when present, is quoted under its header).
 """
