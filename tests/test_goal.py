@@ -118,11 +118,23 @@ def test_two_atskv_runs_of_one_cell_are_an_error(tmp_path):
     ("slices:\n  - name: s\n    atskv: [mine]\n", r"lacks \['baselines'\]"),
     ("slices:\n  - name: s\n    atskv: [nowhere*]\n    baselines: [base]\n", "no folder matches"),
     ("slices:\n  - name: s\n    atskv: [mine]\n    baselines: [absent]\n", "does not exist"),
+    (MANIFEST + "    protocols: [aware]\n", r"protocols must be a non-empty list of .*'aware'"),
 ])
 def test_bad_manifests_name_what_is_wrong(tmp_path, text, match):
     _run(tmp_path / "mine", "a", "atskv", {"single_needle": 5, "multi_key": 4})
     with pytest.raises(goal.ManifestError, match=match):
         goal.load(_manifest(tmp_path, text))
+
+
+def test_a_slice_can_keep_one_protocol(tmp_path):
+    _cell(tmp_path)
+    for name, method, hits in (("a2", "atskv", 1), ("full2", "full", 6), ("snap2", "snapkv", 6)):
+        _run(tmp_path / ("mine" if method == "atskv" else "base"), name, method,
+             {"single_needle": hits, "multi_key": hits}, protocol="question_agnostic")
+    assert {r.cell[4] for r in goal.load(_manifest(tmp_path, MANIFEST))[0][1]} == {
+        "question_aware", "question_agnostic"}
+    [(_, rows)] = goal.load(_manifest(tmp_path, MANIFEST + "    protocols: [question_agnostic]\n"))
+    assert [(r.cell[4], r.best_acc) for r in rows] == [("question_agnostic", 100.0)]
 
 
 def test_a_cell_without_full_or_a_tuned_baseline_is_an_error(tmp_path):

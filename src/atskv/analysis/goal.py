@@ -9,6 +9,7 @@ the baselines' runs (paths relative to the manifest, glob patterns allowed)::
       - name: synthetic, 512 tokens
         atskv: [runs_512_n16_atskv]
         baselines: [runs_512_n16, ../2026-12-05/runs_512_n16]
+        protocols: [question_aware]   # optional: only these protocols' cells (default: all)
 
 A cell is a benchmark's task (every synthetic task together), context length, budget and
 protocol. In it atskv's run is paired by sample id with ``full`` (any budget) and with every
@@ -35,6 +36,7 @@ from atskv.analysis import stats
 from atskv.analysis.data import load_samples
 
 ATSKV, FULL = "atskv", "full"
+PROTOCOLS = ("question_aware", "question_agnostic")
 BAR = -2.0  # the lower end of atskv minus the best baseline must lie above this
 
 
@@ -108,12 +110,13 @@ def _answers(run: Run) -> dict:
     return {r["id"]: r["prediction"] for r in run.rows}
 
 
-def slice_rows(atskv_dirs: list[Path], baseline_dirs: list[Path]) -> list[Row]:
-    """The goal table's rows of one slice."""
+def slice_rows(atskv_dirs: list[Path], baseline_dirs: list[Path],
+               protocols: tuple[str, ...] = PROTOCOLS) -> list[Row]:
+    """The goal table's rows of one slice (its cells of ``protocols`` only)."""
     mine: dict[tuple, Run] = {}
     for d in atskv_dirs:
         for cell, run in _runs(d):
-            if run.method != ATSKV:
+            if run.method != ATSKV or cell[4] not in protocols:
                 continue
             if cell in mine:
                 raise ManifestError(f"two atskv runs for cell {cell}: {mine[cell].path} and "
@@ -122,7 +125,7 @@ def slice_rows(atskv_dirs: list[Path], baseline_dirs: list[Path]) -> list[Row]:
     others: dict[tuple, dict[str, Run]] = {}
     for d in baseline_dirs:
         for cell, run in _runs(d):
-            if run.method == ATSKV:
+            if run.method == ATSKV or cell[4] not in protocols:
                 continue
             have = others.setdefault(cell, {})
             if run.method in have and _answers(have[run.method]) == _answers(run):
@@ -165,8 +168,14 @@ def load(manifest: Path) -> list[tuple[str, list[Row]]]:
         missing = {"name", ATSKV, "baselines"} - set(s)
         if missing:
             raise ManifestError(f"{manifest}: slice {s.get('name', s)} lacks {sorted(missing)}")
+        protocols = s.get("protocols", list(PROTOCOLS))
+        if (not isinstance(protocols, list) or not protocols
+                or any(p not in PROTOCOLS for p in protocols)):
+            raise ManifestError(f"{manifest}: slice {s['name']}: protocols must be a non-empty "
+                                f"list of {list(PROTOCOLS)}, not {protocols!r}")
         out.append((s["name"], slice_rows(_paths(manifest.parent, s[ATSKV]),
-                                          _paths(manifest.parent, s["baselines"]))))
+                                          _paths(manifest.parent, s["baselines"]),
+                                          tuple(protocols))))
     return out
 
 
