@@ -4,6 +4,7 @@ isolation and resume per member (the launcher tests in test_sweeps.py run groupe
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,9 +108,9 @@ def test_resume_reruns_only_missing_or_failed_members(tmp_path, smollm2_path):
 
 def test_an_interrupted_run_resumes_at_its_first_unanswered_sample(tmp_path, monkeypatch,
                                                                    smollm2_path):
-    def jobs(root: Path) -> list[Job]:
+    def jobs(root: Path, *extra: str) -> list[Job]:
         return [Job(compose_run_config([*TINY, f"method={m}", "budget=0.2",
-                                        "benchmark.n_samples=3"]), root / m)
+                                        "benchmark.n_samples=3", *extra]), root / m)
                 for m in ("full", "snapkv")]
 
     reference = run_group(jobs(tmp_path / "ref"))
@@ -134,11 +135,15 @@ def test_an_interrupted_run_resumes_at_its_first_unanswered_sample(tmp_path, mon
     assert not (tmp_path / "run" / "full" / "samples.partial.jsonl").exists()
     with (folder / "samples.partial.jsonl").open("a") as f:
         f.write('{"id": "cut short", "sco')  # a line the interruption cut
-    asked.clear()
     interrupt.clear()
+    shutil.copytree(tmp_path / "run", tmp_path / "afresh")
+    asked.clear()
+    afresh = run_group(jobs(tmp_path / "afresh", "overwrite=true"))[1]
+    ids = [r["id"] for r in _rows(tmp_path / "ref" / "snapkv")]
+    assert asked == ids and "segments" not in afresh  # overwrite=true answers everything again
+    asked.clear()
     again = run_group(jobs(tmp_path / "run"))
     assert again[0] is None and again[1]["status"] == "ok"
-    ids = [r["id"] for r in _rows(tmp_path / "ref" / "snapkv")]
     assert asked == ids[1:]  # the answered sample is not answered again
     rows = _rows(folder)
     assert rows[0] == json.loads(partial)  # kept as it was, timings included

@@ -154,10 +154,13 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
 
 def _resume(m: _Member) -> None:
     """Take up the samples an interrupted run of the member's folder answered (they are not
-    answered again) and record this segment of the run in its ``progress.json``."""
+    answered again; ``overwrite=true`` starts afresh) and record this segment of the run in its
+    ``progress.json``."""
     folder = m.job.out_dir
-    rows = list({r["id"]: r for r in results.read_partial(folder)}.values())  # the last of an id
-    segments = [*results.read_segments(folder),
+    earlier = not m.job.cfg.overwrite
+    # the last row of an id (a chunk answered again after a change of benchmark.batch_size)
+    rows = list({r["id"]: r for r in results.read_partial(folder)}.values()) if earlier else []
+    segments = [*(results.read_segments(folder) if earlier else []),
                 {"started_at": m.base["started_at"],
                  "git_commit": m.base["provenance"]["git_commit"], "rows_before": len(rows)}]
     results.write_samples(folder / results.PARTIAL, rows)  # drops a line cut short
