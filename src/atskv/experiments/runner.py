@@ -66,8 +66,6 @@ class _Member:
     benchmark: Any = None
     method: Any = None
     rows: list[dict[str, Any]] = field(default_factory=list)
-    #: ids of the samples answered (by an interrupted earlier segment of the run, or this one)
-    done: set[str] = field(default_factory=set)
     error: str | None = None
     traceback: str | None = None
     t_start: float = field(default_factory=time.perf_counter)
@@ -165,7 +163,7 @@ def _resume(m: _Member) -> None:
                  "git_commit": m.base["provenance"]["git_commit"], "rows_before": len(rows)}]
     results.write_samples(folder / results.PARTIAL, rows)  # drops a line cut short
     results.write_json(folder / results.PROGRESS, {"segments": segments})
-    m.rows, m.done = rows, {r["id"] for r in rows}
+    m.rows = rows
     if len(segments) > 1:
         # duration_s and the peak memory are this segment's; each row keeps its own timings
         m.base["segments"] = segments
@@ -249,7 +247,9 @@ def _run_members(members: list[_Member], benchmark: Any, tokenizer: Any, path: P
 def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[Sample]) -> None:
     """``benchmark.batch_size`` samples (groups of samples sharing a context) at a time: each
     prefilled once, then every member still running compresses its own copy, and all of them
-    decode together (:meth:`Engine.generate_batch`; each gets what it gets alone)."""
+    decode together (:meth:`Engine.generate_batch`; each gets what it gets alone). A chunk that
+    a member's rows already answer (an earlier segment of its run) is left out for it; each
+    chunk's new rows are appended to the member's partial samples file."""
     cfg = members[0].job.cfg
     name = members[0].method.name if len(members) == 1 else f"{len(members)} jobs"
     bar = tqdm(total=len(samples), desc=f"{name} {cfg.benchmark.name} ctx{cfg.context_len}",
@@ -260,7 +260,8 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         if all(m.error is not None for m in members):
             break
         ids = {s.id for group in chunk for s in group}
-        alive = [m for m in members if m.error is None and not ids <= m.done]
+        alive = [m for m in members
+                 if m.error is None and not ids <= {r["id"] for r in m.rows}]
         if not alive:  # answered by an earlier segment of every member's run
             bar.update(len(ids))
             continue
@@ -280,10 +281,8 @@ def _loop(members: list[_Member], engine: Engine, benchmark: Any, samples: list[
         _answer(alive, engine, benchmark, chunk, pres, consume)
         del pres
         for m in alive:
-            new = m.rows[before[id(m)]:]
-            if new:
-                results.append_samples(m.job.out_dir / results.PARTIAL, new)
-                m.done.update(r["id"] for r in new)
+            if len(m.rows) > before[id(m)]:
+                results.append_samples(m.job.out_dir / results.PARTIAL, m.rows[before[id(m)]:])
         trim_heap()  # the freed tensors' pages back to the system
         bar.update(sum(len(g) for g in chunk))
         if len(members) == 1 and members[0].rows:
