@@ -302,6 +302,10 @@ def test_scored_attention_matches_naive(start, end, spike):
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
     if spike:  # the subsampled softmax still gives its keys real mass, which the spike's
         assert float(want.max()) > 0.01  # float32 exponentials alone would have lost
+    # without the output (a sliding layer's pass): the same logits, so the same scores
+    none, alone = reconstruct.scored_attention(q, keys, values, scale, sink, start, end,
+                                               output=False)
+    assert none is None and torch.equal(alone, got)
 
 
 def test_reconstruction_pass_scores_the_attention_the_model_pays(make_tiny_model):

@@ -63,19 +63,20 @@ class _ReconstructSession:
         if window is not None:
             mask &= kpos > qpos - window
         if total - t == self.prompt_len:
-            _, best = scored_attention(q[0], k, v, scale, r.sink, r.start, r.end)
+            _, best = scored_attention(q[0], k, v, scale, r.sink, r.start, r.end, output=False)
             self.scores[layer][:, r.start : r.end] = best
         return F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=scale,
                                               enable_gqa=True)
 
 
 def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink: int,
-                     start: int, end: int) -> tuple[Tensor, Tensor]:
+                     start: int, end: int, output: bool = True) -> tuple[Tensor | None, Tensor]:
     """One pass of ``t`` fed tokens' queries ``q`` ``(H_q, t, d)`` over the ``T`` prompt keys
     and their own ``(H_kv, T + t, d)`` (``values`` alike), query ``i`` seeing every prompt key
     and its own tokens causally, up to itself; the logits are computed once for two results:
 
-    * the attention output ``(H_q, t, d)`` (in ``q``'s dtype), what the model's attention gives;
+    * the attention output ``(H_q, t, d)`` (in ``q``'s dtype), what the model's attention gives
+      (None with ``output=False``: a sliding layer's output is masked to its window elsewhere);
     * ``(H_kv, end - start)``: for each prompt key in ``[start, end)`` the largest probability
       any query of the GQA group gives it under KVzip's subsampled softmax, which spans only the
       first ``sink`` keys, ``[start, end)`` and the fed tokens (``exp(max_i (l_ij - lse_i))``,
@@ -87,10 +88,10 @@ def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink
     g, prompt, n = h_q // h_kv, total - t, end - start
     qg = q.reshape(h_kv, g, t, d).float()
     kt = keys.float().transpose(1, 2).contiguous()  # (H_kv, d, T + t)
-    vf = values.float()
     whole = start == sink and end == prompt  # the subsampled softmax spans every key
     own = torch.arange(t, device=q.device)
-    out = torch.empty(h_kv, g, t, d, device=q.device)
+    vf = values.float()
+    out = torch.empty(h_kv, g, t, d, device=q.device) if output else None
     best = torch.full((h_kv, n), float("-inf"), device=q.device)
     block = QUERY_BLOCK if q.is_cuda else CPU_QUERY_BLOCK
     for a in range(0, t, block):
@@ -102,8 +103,9 @@ def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink
         top = logits.amax(dim=-1, keepdim=True)
         p = (logits - top).exp_()
         mass = p.sum(dim=-1, keepdim=True)
-        out[:, :, a:b] = torch.bmm(p.view(h_kv, g * (b - a), total), vf).view(
-            h_kv, g, b - a, d).div_(mass)
+        if out is not None:
+            out[:, :, a:b] = torch.bmm(p.view(h_kv, g * (b - a), total), vf).view(
+                h_kv, g, b - a, d).div_(mass)
         sub = mass if whole else (p[..., :sink].sum(dim=-1, keepdim=True)
                                   + p[..., start:end].sum(dim=-1, keepdim=True)
                                   + p[..., prompt:].sum(dim=-1, keepdim=True))
@@ -113,7 +115,7 @@ def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink
             lse = torch.logsumexp(torch.cat([logits[..., :sink], logits[..., start:end],
                                              logits[..., prompt:]], dim=-1), dim=-1, keepdim=True)
         best = torch.maximum(best, (logits[..., start:end] - lse).amax(dim=(1, 2)))
-    return out.view(h_q, t, d).to(q.dtype), best.exp()
+    return (None if out is None else out.view(h_q, t, d).to(q.dtype)), best.exp()
 
 
 @torch.inference_mode()
