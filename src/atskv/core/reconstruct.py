@@ -90,7 +90,7 @@ def scored_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sink
     kt = keys.float().transpose(1, 2).contiguous()  # (H_kv, d, T + t)
     whole = start == sink and end == prompt  # the subsampled softmax spans every key
     own = torch.arange(t, device=q.device)
-    vf = values.float()
+    vf = values.float() if output else None
     out = torch.empty(h_kv, g, t, d, device=q.device) if output else None
     best = torch.full((h_kv, n), float("-inf"), device=q.device)
     block = QUERY_BLOCK if q.is_cuda else CPU_QUERY_BLOCK

@@ -60,15 +60,19 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
 
 
+def _lines(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(_clean(r)) + "\n" for r in rows)
+
+
 def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    atomic_write_text(path, _lines(rows))
 
 
 def append_samples(path: Path, rows: list[dict[str, Any]]) -> None:
     """Append complete lines to a run's partial samples file and flush them to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write("".join(json.dumps(_clean(r)) + "\n" for r in rows))
+        f.write(_lines(rows))
         f.flush()
         os.fsync(f.fileno())
 
